@@ -1,0 +1,248 @@
+"""django-mailer: queue outgoing email in the database, send it later.
+
+The functions here mirror ``django.core.mail``'s but put the message on the
+queue (inside the caller's transaction) instead of sending it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__version__ = "3.0.0"
+
+__all__ = [
+    "get_priority",
+    "mail_admins",
+    "mail_managers",
+    "send_html_mail",
+    "send_mail",
+    "send_mass_mail",
+]
+
+
+def get_priority(priority: int | str | None) -> int:
+    """The priority number for ``priority`` (``None``: medium).
+
+    The labels ``"high"``, ``"medium"``, ``"low"`` and ``"deferred"`` still
+    work but are deprecated; pass ``mailer.models.PRIORITY_*``.
+    """
+    from mailer.models import PRIORITY_MAPPING, PRIORITY_MEDIUM
+
+    if priority is None:
+        return PRIORITY_MEDIUM
+    if isinstance(priority, str) and priority in PRIORITY_MAPPING:
+        warnings.warn(
+            f"Pass one of the mailer.models.PRIORITY_* constants, not {priority!r}.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return PRIORITY_MAPPING[priority]
+    if priority not in PRIORITY_MAPPING.values() or isinstance(priority, bool):
+        raise ValueError(
+            f"Invalid priority {priority!r}: use one of mailer.models.PRIORITY_HIGH, "
+            "PRIORITY_MEDIUM, PRIORITY_LOW or PRIORITY_DEFERRED."
+        )
+    return int(priority)
+
+
+def _deliver(
+    emails: Sequence[Any],
+    priority: int | str | None,
+    *,
+    using: str | None = None,
+    connection: Any = None,
+) -> int:
+    """Queue ``emails``, or hand them to the mailer the caller named."""
+    from mailer.backend import DbBackend
+    from mailer.models import queue_emails
+
+    priority = get_priority(priority)
+    if using is not None:
+        from django.core.mail import mailers  # Django 6.1+
+
+        connection = mailers[using]
+    if connection is not None and not isinstance(connection, DbBackend):
+        # The caller asked for this mailer explicitly: send through it.
+        return connection.send_messages(list(emails)) or 0
+    batch_size = connection.batch_size if connection is not None else None
+    return queue_emails(emails, priority=priority, batch_size=batch_size)
+
+
+def _make_email(
+    subject: Any,
+    message: Any,
+    from_email: str | None,
+    recipient_list: Iterable[str] | None,
+    *,
+    html_message: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Any:
+    from django.core.mail import EmailMessage, EmailMultiAlternatives
+    from django.utils.encoding import force_str
+
+    # Lazy (translated) strings become plain strings now.
+    kwargs = {
+        "subject": force_str(subject),
+        "body": force_str(message),
+        "from_email": from_email,
+        "to": list(recipient_list or []),
+        "headers": dict(headers) if headers else None,
+    }
+    if html_message is None:
+        return EmailMessage(**kwargs)
+    email = EmailMultiAlternatives(**kwargs)
+    email.attach_alternative(force_str(html_message), "text/html")
+    return email
+
+
+def send_mail(
+    subject: Any,
+    message: Any,
+    from_email: str | None,
+    recipient_list: Iterable[str],
+    priority: int | str | None = None,
+    fail_silently: bool = False,
+    auth_user: str | None = None,
+    auth_password: str | None = None,
+    *,
+    html_message: str | None = None,
+    connection: Any = None,
+    using: str | None = None,
+) -> int:
+    """Queue one message (with an optional HTML alternative); return 1.
+
+    ``fail_silently``, ``auth_user`` and ``auth_password`` are accepted for
+    compatibility and ignored: nothing is sent now.
+    """
+    email = _make_email(subject, message, from_email, recipient_list, html_message=html_message)
+    _deliver([email], priority, using=using, connection=connection)
+    return 1
+
+
+def send_html_mail(
+    subject: Any,
+    message: Any,
+    message_html: Any,
+    from_email: str | None,
+    recipient_list: Iterable[str],
+    priority: int | str | None = None,
+    fail_silently: bool = False,
+    auth_user: str | None = None,
+    auth_password: str | None = None,
+    headers: dict[str, str] | None = None,
+    *,
+    connection: Any = None,
+    using: str | None = None,
+) -> int:
+    """Queue a text message with a ``text/html`` alternative; return 1."""
+    email = _make_email(
+        subject, message, from_email, recipient_list, html_message=message_html, headers=headers
+    )
+    _deliver([email], priority, using=using, connection=connection)
+    return 1
+
+
+def send_mass_mail(
+    datatuple: Iterable[tuple[Any, Any, str | None, Iterable[str]]],
+    fail_silently: bool = False,
+    auth_user: str | None = None,
+    auth_password: str | None = None,
+    connection: Any = None,
+    *,
+    priority: int | str | None = None,
+    using: str | None = None,
+) -> int:
+    """Queue one message per ``(subject, message, sender, recipients)``.
+
+    All of them go in one bulk insert. Returns how many were queued.
+    """
+    emails = [_make_email(s, m, f, r) for s, m, f, r in datatuple]
+    return _deliver(emails, priority, using=using, connection=connection)
+
+
+def _mail_server_people(
+    setting_name: str,
+    subject: Any,
+    message: Any,
+    *,
+    connection: Any,
+    priority: int | str | None,
+    html_message: str | None,
+    using: str | None,
+) -> int:
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+    from django.utils.encoding import force_str
+
+    people = getattr(settings, setting_name)
+    if not people:
+        return 0
+    addresses = []
+    for entry in people:
+        if isinstance(entry, (list, tuple)) and len(entry) == 2:
+            addresses.append(entry[1])  # (name, address), Django < 6.0 style
+        elif (
+            isinstance(entry, str)
+            or hasattr(entry, "__html__")
+            or not isinstance(entry, (list, tuple))
+        ):
+            addresses.append(force_str(entry))
+        else:
+            raise ImproperlyConfigured(
+                f"{setting_name} must be a list of email addresses (or of "
+                f"(name, address) pairs); found {entry!r}."
+            )
+    email = _make_email(
+        f"{settings.EMAIL_SUBJECT_PREFIX}{force_str(subject)}",
+        message,
+        settings.SERVER_EMAIL,
+        addresses,
+        html_message=html_message,
+    )
+    return _deliver([email], priority, using=using, connection=connection)
+
+
+def mail_admins(
+    subject: Any,
+    message: Any,
+    fail_silently: bool = False,
+    connection: Any = None,
+    priority: int | str | None = None,
+    *,
+    html_message: str | None = None,
+    using: str | None = None,
+) -> int:
+    """Queue a message to ``ADMINS`` (addresses or (name, address) pairs)."""
+    return _mail_server_people(
+        "ADMINS",
+        subject,
+        message,
+        connection=connection,
+        priority=priority,
+        html_message=html_message,
+        using=using,
+    )
+
+
+def mail_managers(
+    subject: Any,
+    message: Any,
+    fail_silently: bool = False,
+    connection: Any = None,
+    priority: int | str | None = None,
+    *,
+    html_message: str | None = None,
+    using: str | None = None,
+) -> int:
+    """Queue a message to ``MANAGERS`` (addresses or (name, address) pairs)."""
+    return _mail_server_people(
+        "MANAGERS",
+        subject,
+        message,
+        connection=connection,
+        priority=priority,
+        html_message=html_message,
+        using=using,
+    )

@@ -1,0 +1,56 @@
+"""``DbBackend``: an email backend that puts messages on the queue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.core.mail import EmailMessage
+from django.core.mail.backends.base import BaseEmailBackend
+
+from mailer.compat import HAS_MAILERS
+
+
+class DbBackend(BaseEmailBackend):
+    """Queue every message instead of sending it.
+
+    Use it as ``EMAIL_BACKEND = "mailer.backend.DbBackend"`` or, on Django
+    6.1+, as a ``MAILERS`` entry. Options (``OPTIONS`` in ``MAILERS``, or
+    keyword arguments): ``batch_size`` (bulk insert batch size, default
+    ``MAILER_MESSAGES_BATCH_SIZE``) and ``priority`` (``1``-``4`` or a label,
+    default medium).
+    """
+
+    def __init__(
+        self,
+        fail_silently: bool = False,
+        *,
+        batch_size: int | None = None,
+        priority: int | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if HAS_MAILERS:
+            # Django 6.1 deprecates fail_silently in the base class: we keep
+            # our own; ``alias`` and anything unknown go to the base class,
+            # which reports unknown MAILERS options.
+            super().__init__(**kwargs)
+        else:
+            super().__init__(fail_silently=fail_silently, **kwargs)
+            self.alias = kwargs.get("alias")
+        self.fail_silently = fail_silently
+        self.batch_size = batch_size
+        from mailer import get_priority
+
+        self.priority = get_priority(priority)
+
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        """Store the messages on the queue; return how many were stored."""
+        from mailer.models import queue_emails
+
+        if not email_messages:
+            return 0
+        return queue_emails(
+            email_messages,
+            priority=self.priority,
+            batch_size=self.batch_size,
+        )

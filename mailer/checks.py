@@ -1,0 +1,129 @@
+"""System checks for the ``MAILER_*`` settings (ids ``mailer.E0xx``/``W0xx``)."""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any
+
+from django.conf import settings
+from django.core import checks
+from django.utils.module_loading import import_string
+
+from mailer.compat import legacy_email_backend, mailers_configured
+from mailer.conf import DB_BACKEND, NUMERIC_SETTINGS, conf
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+@checks.register("mailer")
+def check_numeric_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    errors = []
+    for name, allow_none, minimum in NUMERIC_SETTINGS:
+        value = getattr(conf, name)
+        if value is None and allow_none:
+            continue
+        if not _is_number(value) or value < minimum:
+            wanted = "a number" if minimum == float("-inf") else f"a number ≥ {minimum:g}"
+            if allow_none:
+                wanted += " or None"
+            errors.append(
+                checks.Error(
+                    f"MAILER_{name} must be {wanted}; it is {value!r}.",
+                    hint=f"Fix or remove MAILER_{name} in your settings.",
+                    id="mailer.E001",
+                )
+            )
+    return errors
+
+
+@checks.register("mailer")
+def check_error_handler(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    path = conf.ERROR_HANDLER
+    try:
+        handler = import_string(path)
+    except ImportError as err:
+        return [
+            checks.Error(
+                f"MAILER_ERROR_HANDLER {path!r} can't be imported: {err}.",
+                hint="Set it to the dotted path of a function "
+                "(connection, message, exc) -> (connection_or_None, 'sent'|'deferred').",
+                id="mailer.E002",
+            )
+        ]
+    if not callable(handler):
+        return [
+            checks.Error(
+                f"MAILER_ERROR_HANDLER {path!r} is not callable.",
+                hint="Point it at a function.",
+                id="mailer.E002",
+            )
+        ]
+    return []
+
+
+@checks.register("mailer")
+def check_backends(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    errors = []
+    if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
+        mailers = settings.MAILERS
+        alias = conf.USING
+        if not alias or alias not in mailers:
+            queue_aliases = sorted(a for a, c in mailers.items() if c.get("BACKEND") == DB_BACKEND)
+            real = sorted(a for a, c in mailers.items() if c.get("BACKEND") != DB_BACKEND)
+            suggestion = repr(real[0]) if real else "'smtp'"
+            hint = (
+                f"Add MAILER_USING = {suggestion} to your settings"
+                + (
+                    ""
+                    if real
+                    else f", and a MAILERS[{suggestion}] entry with the backend that "
+                    "really sends, e.g. {'BACKEND': 'django.core.mail.backends.smtp.EmailBackend'}"
+                )
+                + "."
+            )
+            what = "is not set" if not alias else f"is {alias!r}, which is not in MAILERS"
+            errors.append(
+                checks.Error(
+                    f"MAILERS is defined, so django-mailer delivers through the MAILERS alias "
+                    f"named by MAILER_USING, but MAILER_USING {what}."
+                    + (f" (Queue aliases: {', '.join(queue_aliases)}.)" if queue_aliases else ""),
+                    hint=hint,
+                    id="mailer.E004",
+                )
+            )
+        elif mailers[alias].get("BACKEND") == DB_BACKEND:
+            errors.append(_loop_error(f"MAILERS[{alias!r}]['BACKEND']"))
+        return errors
+    sending = conf.EMAIL_BACKEND
+    if sending == DB_BACKEND:
+        both = legacy_email_backend() == DB_BACKEND
+        errors.append(
+            _loop_error(
+                "EMAIL_BACKEND and MAILER_EMAIL_BACKEND are both"
+                if both
+                else "MAILER_EMAIL_BACKEND"
+            )
+        )
+    else:
+        try:
+            import_string(sending)
+        except ImportError as err:
+            errors.append(
+                checks.Error(
+                    f"MAILER_EMAIL_BACKEND {sending!r} can't be imported: {err}.",
+                    hint="Set it to the dotted path of an email backend class.",
+                    id="mailer.E005",
+                )
+            )
+    return errors
+
+
+def _loop_error(what: str) -> checks.Error:
+    return checks.Error(
+        f"{what} {DB_BACKEND!r}: the worker would put every message back on the queue.",
+        hint="The sending side must be the backend that really sends, e.g. "
+        "'django.core.mail.backends.smtp.EmailBackend'.",
+        id="mailer.E003",
+    )

@@ -1,0 +1,169 @@
+"""What differs between the Django versions we support (4.2, 5.2, 6.x).
+
+Everything version-dependent lives here so the rest of the package reads the
+same on every Django: which backend really sends, how an address is checked,
+and how a message pickled by an older Django is repaired after unpickling.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import django
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.mail import EmailMessage
+from django.core.mail.backends.base import BaseEmailBackend
+from django.utils.module_loading import import_string
+
+from mailer.conf import DB_BACKEND, conf
+
+DJANGO_VERSION = django.VERSION[:2]
+HAS_MAILERS = DJANGO_VERSION >= (6, 1)
+
+
+def mailers_configured() -> bool:
+    """True when the project uses Django 6.1's ``MAILERS`` setting."""
+    return HAS_MAILERS and hasattr(settings, "MAILERS")
+
+
+def legacy_email_backend() -> str | None:
+    """``settings.EMAIL_BACKEND`` without the warning Django 6.1 gives on read.
+
+    ``None`` when ``MAILERS`` is defined (reading it would raise).
+    """
+    if mailers_configured():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(settings, "EMAIL_BACKEND", None)
+
+
+def sending_backend_path() -> str:
+    """Dotted path of the backend the worker delivers through."""
+    if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
+        alias = conf.USING
+        mailers = settings.MAILERS
+        if not alias or alias not in mailers:
+            raise ImproperlyConfigured(
+                "MAILERS is defined, so django-mailer needs MAILER_USING to name the "
+                f"MAILERS alias to deliver through (got {alias!r}; aliases: "
+                f"{', '.join(sorted(mailers)) or 'none'})."
+            )
+        return mailers[alias].get("BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+    return conf.EMAIL_BACKEND
+
+
+def require_no_backend_loop() -> None:
+    """Refuse to deliver through the queue itself (it would re-queue forever)."""
+    if sending_backend_path() == DB_BACKEND:
+        where = "MAILERS[MAILER_USING]" if mailers_configured() else "MAILER_EMAIL_BACKEND"
+        raise ImproperlyConfigured(
+            f"{where} is {DB_BACKEND!r}: the worker would put every message back on "
+            "the queue. Set it to the backend that really sends, e.g. "
+            "'django.core.mail.backends.smtp.EmailBackend'."
+        )
+
+
+def get_sending_backend() -> BaseEmailBackend:
+    """A new instance of the backend that really sends."""
+    require_no_backend_loop()
+    if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
+        from django.core.mail import mailers
+
+        return mailers[conf.USING]
+    backend_class = import_string(conf.EMAIL_BACKEND)
+    if HAS_MAILERS:
+        # MAILER_EMAIL_BACKEND names a class, which we create as we always
+        # have. Django 6.1 frowns on that (checks.py suggests MAILER_USING);
+        # its warnings about the EMAIL_* settings themselves still show.
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="Directly creating", category=PendingDeprecationWarning
+            )
+            return backend_class()
+    return backend_class()
+
+
+# --- addresses ------------------------------------------------------------
+
+if DJANGO_VERSION >= (6, 0):
+    from django.core.mail.backends.smtp import EmailBackend as _SMTPBackend
+
+    _prep = _SMTPBackend.__new__(_SMTPBackend)
+
+    def check_address(address: str, encoding: str) -> None:
+        _prep.prep_address(address)
+
+else:
+    from django.core.mail.message import sanitize_address
+
+    def check_address(address: str, encoding: str) -> None:
+        sanitize_address(address, encoding)
+
+
+def validate_email(email: EmailMessage) -> None:
+    """Raise ``ValueError`` for a message Django would refuse to send.
+
+    Renders the message (catches newlines in headers and bad header values)
+    and checks every address the SMTP backend would check.
+    """
+    encoding = email.encoding or settings.DEFAULT_CHARSET
+    try:
+        email.message()
+        for address in [email.from_email, *email.recipients()]:
+            check_address(address, encoding)
+    except ValueError as err:
+        raise ValueError(f"django-mailer refused to queue this message: {err}") from err
+
+
+# --- repairing messages pickled by an older Django -----------------------
+
+if DJANGO_VERSION >= (5, 2):
+    from django.core.mail.message import EmailAlternative, EmailAttachment
+else:  # pragma: no cover - depends on the Django version
+    EmailAlternative = EmailAttachment = None
+
+
+def repair_email(email: Any) -> Any:
+    """Bring an unpickled message up to the running Django's expectations.
+
+    * Django < 5.2 stored alternatives and attachments as plain tuples; 5.2+
+      reads ``.content``/``.mimetype`` from named tuples.
+    * Django < 6.1 kept the connection in ``connection``; 6.1 reads
+      ``_connection`` (and a stored connection is never wanted anyway).
+    """
+    state = getattr(email, "__dict__", None)
+    if state is None:
+        return email
+    # Never resurrect a pickled connection: the worker provides its own.
+    if HAS_MAILERS:
+        state.pop("connection", None)
+        state["_connection"] = None
+    else:
+        state["connection"] = None
+    if EmailAlternative is not None:
+        alternatives = state.get("alternatives")
+        if alternatives:
+            state["alternatives"] = [
+                a if isinstance(a, EmailAlternative) else EmailAlternative(*a) for a in alternatives
+            ]
+        attachments = state.get("attachments")
+        if attachments:
+            state["attachments"] = [
+                EmailAttachment(*a)
+                if isinstance(a, tuple) and not isinstance(a, EmailAttachment)
+                else a
+                for a in attachments
+            ]
+    return email
+
+
+def strip_connection(email: EmailMessage) -> dict[str, Any] | None:
+    """Detach the connection before pickling; return what to restore."""
+    state = email.__dict__
+    saved = {k: state[k] for k in ("connection", "_connection") if state.get(k) is not None}
+    for key in saved:
+        state[key] = None
+    return saved or None

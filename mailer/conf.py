@@ -1,0 +1,106 @@
+"""Every ``MAILER_*`` setting, read when used.
+
+``from mailer.conf import conf`` and read ``conf.EMAIL_MAX_BATCH`` etc. Nothing
+is cached, so ``override_settings`` takes effect at once. The defaults stand
+beside each property; ``docs/settings.rst`` is the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+DB_BACKEND = "mailer.backend.DbBackend"
+DEFAULT_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+DEFAULT_ERROR_HANDLER = "mailer.engine.handle_delivery_exception"
+
+
+def _get(name: str, default: Any) -> Any:
+    return getattr(settings, "MAILER_" + name, default)
+
+
+class MailerSettings:
+    """Typed, lazy access to the ``MAILER_*`` settings."""
+
+    @property
+    def EMAIL_BACKEND(self) -> str:
+        """Dotted path of the backend that really sends (the old way)."""
+        return _get("EMAIL_BACKEND", DEFAULT_EMAIL_BACKEND)
+
+    @property
+    def EMAIL_BACKEND_IS_SET(self) -> bool:
+        return hasattr(settings, "MAILER_EMAIL_BACKEND")
+
+    @property
+    def USING(self) -> str | None:
+        """``MAILERS`` alias the worker sends through (Django 6.1+)."""
+        return _get("USING", None)
+
+    @property
+    def USE_FILE_LOCK(self) -> bool:
+        return bool(_get("USE_FILE_LOCK", True))
+
+    @property
+    def LOCK_PATH(self) -> str | None:
+        return _get("LOCK_PATH", None)
+
+    @property
+    def LOCK_WAIT_TIMEOUT(self) -> float:
+        return _get("LOCK_WAIT_TIMEOUT", -1)
+
+    @property
+    def EMPTY_QUEUE_SLEEP(self) -> float:
+        return _get("EMPTY_QUEUE_SLEEP", 30)
+
+    @property
+    def EMAIL_MAX_BATCH(self) -> int | None:
+        return _get("EMAIL_MAX_BATCH", None)
+
+    @property
+    def EMAIL_MAX_DEFERRED(self) -> int | None:
+        return _get("EMAIL_MAX_DEFERRED", None)
+
+    @property
+    def EMAIL_THROTTLE(self) -> float:
+        return _get("EMAIL_THROTTLE", 0)
+
+    @property
+    def ERROR_HANDLER(self) -> str:
+        return _get("ERROR_HANDLER", DEFAULT_ERROR_HANDLER)
+
+    @property
+    def MESSAGES_BATCH_SIZE(self) -> int | None:
+        return _get("MESSAGES_BATCH_SIZE", None)
+
+    @property
+    def EMAIL_MAX_RETRIES(self) -> int | None:
+        return _get("EMAIL_MAX_RETRIES", None)
+
+    @property
+    def EMAIL_LOG_MESSAGE_DATA(self) -> bool:
+        return bool(_get("EMAIL_LOG_MESSAGE_DATA", True))
+
+    @property
+    def PAUSE_SEND(self) -> bool:
+        return bool(_get("PAUSE_SEND", False))
+
+    @property
+    def PURGE_BATCH_SIZE(self) -> int:
+        """Rows deleted per statement by ``purge_mail_log``."""
+        return _get("PURGE_BATCH_SIZE", 10_000)
+
+
+conf = MailerSettings()
+
+# (setting name, allow None, minimum) for the numeric settings, used by checks.
+NUMERIC_SETTINGS: list[tuple[str, bool, float]] = [
+    ("LOCK_WAIT_TIMEOUT", False, float("-inf")),
+    ("EMPTY_QUEUE_SLEEP", False, 0),
+    ("EMAIL_MAX_BATCH", True, 0),
+    ("EMAIL_MAX_DEFERRED", True, 0),
+    ("EMAIL_THROTTLE", False, 0),
+    ("MESSAGES_BATCH_SIZE", True, 1),
+    ("EMAIL_MAX_RETRIES", True, 0),
+    ("PURGE_BATCH_SIZE", False, 1),
+]

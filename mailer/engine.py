@@ -1,0 +1,369 @@
+"""Delivery: one pass over the queue (``send_all``) and the loop (``send_loop``).
+
+Guarantees (see docs/delivery.rst):
+
+* at-least-once: a message leaves the queue only in the transaction that logs
+  its result, committed after the backend accepted it. A worker killed in the
+  middle re-sends at most the one message it had in flight, with the same
+  Message-ID;
+* one committed transaction per message, never one across a whole pass;
+* on PostgreSQL and MySQL/MariaDB the message is claimed with ``SELECT ... FOR
+  UPDATE SKIP LOCKED`` inside that transaction, so workers on any number of
+  machines share a queue and never send a message twice;
+* on SQLite no transaction is open while the SMTP server is talking; workers
+  are kept apart by the file lock;
+* the pass walks the queue in sending order one message at a time, so memory
+  does not grow with the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import make_msgid
+from typing import Any
+
+from django.core.mail import EmailMessage
+from django.core.mail.utils import DNS_NAME
+from django.db import connections, router, transaction
+from django.utils.module_loading import import_string
+
+from mailer import locking
+from mailer.compat import get_sending_backend, require_no_backend_loop
+from mailer.conf import conf
+from mailer.models import (
+    PRIORITY_DEFERRED,
+    RESULT_DONT_SEND,
+    RESULT_FAILURE,
+    RESULT_SUCCESS,
+    Message,
+    MessageLog,
+    MessageQuerySet,
+    decode_error,
+    get_message_id,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PassResult",
+    "acquire_lock",
+    "ensure_message_id",
+    "handle_delivery_exception",
+    "prioritize",
+    "release_lock",
+    "send_all",
+    "send_loop",
+]
+
+DEFERRABLE_ERRORS = (
+    smtplib.SMTPAuthenticationError,
+    smtplib.SMTPDataError,
+    smtplib.SMTPRecipientsRefused,
+    smtplib.SMTPSenderRefused,
+    socket.error,
+)
+
+
+@dataclass
+class PassResult:
+    """What one ``send_all`` pass did."""
+
+    sent: int = 0
+    deferred: int = 0
+    failed: int = 0
+    dont_send: int = 0
+    seconds: float = 0.0
+    locked_out: bool = False
+
+    @property
+    def attempted(self) -> int:
+        return self.sent + self.deferred + self.failed + self.dont_send
+
+    def __str__(self) -> str:
+        if self.locked_out:
+            return "lock held elsewhere, nothing sent"
+        text = f"sent {self.sent}, deferred {self.deferred}, failed {self.failed}"
+        if self.dont_send:
+            text += f", don't send {self.dont_send}"
+        return f"{text} in {self.seconds:.2f}s"
+
+
+# --- compat helpers ------------------------------------------------------------
+
+
+def prioritize(queryset: MessageQuerySet | None = None) -> MessageQuerySet:
+    """The sendable messages in sending order: priority, then age."""
+    if queryset is None:
+        queryset = Message.objects.all()
+    return queryset.non_deferred().in_sending_order()
+
+
+def ensure_message_id(email: EmailMessage, message: Message | None = None) -> str:
+    """Give ``email`` a Message-ID if it has none; return it.
+
+    Messages queued by this package carry one from queue time. For older rows
+    (queued by django-mailer 2.3.2) the id is derived from the row, so every
+    retry of that row sends the same Message-ID.
+    """
+    msg_id = get_message_id(email)
+    if msg_id is None:
+        if message is not None and message.pk is not None:
+            stamp = message.when_added.strftime("%Y%m%d%H%M%S%f") if message.when_added else "0"
+            msg_id = f"<{stamp}.{message.pk}.django-mailer@{DNS_NAME}>"
+        else:
+            msg_id = make_msgid(domain=str(DNS_NAME))
+        email.extra_headers = {**email.extra_headers, "Message-ID": msg_id}
+    return msg_id
+
+
+def acquire_lock() -> tuple[bool, Any]:
+    """Take the ``send_mail`` file lock: ``(acquired, lock)``."""
+    return locking.acquire(conf.LOCK_PATH, conf.LOCK_WAIT_TIMEOUT)
+
+
+def release_lock(lock: Any) -> None:
+    locking.release(lock)
+
+
+def handle_delivery_exception(
+    connection: Any, message: Message, exc: BaseException
+) -> tuple[Any, str]:
+    """Default ``MAILER_ERROR_HANDLER``: defer on SMTP/socket errors, else raise."""
+    if isinstance(exc, DEFERRABLE_ERRORS):
+        logger.warning("Message %s deferred: %s: %s", message.pk, type(exc).__name__, exc)
+        message.defer()
+        MessageLog.objects.log(message, RESULT_FAILURE, log_message=str(exc))
+        return None, "deferred"
+    raise exc
+
+
+# --- the pass ------------------------------------------------------------------
+
+
+class _Sender:
+    """The sending backend for one pass, opened lazily and reused."""
+
+    def __init__(self) -> None:
+        self.backend: Any = None
+
+    def get(self) -> Any:
+        if self.backend is None:
+            self.backend = get_sending_backend()
+            self.backend.open()
+        return self.backend
+
+    def replace(self, backend: Any) -> None:
+        if backend is not self.backend:
+            self.close()
+            self.backend = backend
+
+    def close(self) -> None:
+        if self.backend is not None:
+            try:
+                self.backend.close()
+            except Exception:
+                logger.debug("Closing the email backend failed", exc_info=True)
+            self.backend = None
+
+
+def _claims_with_row_locks(db_alias: str) -> bool:
+    features = connections[db_alias].features
+    return connections[db_alias].vendor != "sqlite" and features.has_select_for_update
+
+
+def _next_message(
+    queryset: MessageQuerySet, after: tuple[int, Any, int] | None, lock_rows: bool, db: str
+) -> Message | None:
+    """The next sendable message after ``after`` in sending order.
+
+    With ``lock_rows`` it is locked ``FOR UPDATE SKIP LOCKED`` (inside the
+    caller's transaction), so rows other workers hold are passed over.
+    """
+    qs = queryset.filter(priority__lt=PRIORITY_DEFERRED)
+    if after is not None:
+        quote = connections[db].ops.quote_name
+        table = quote(Message._meta.db_table)
+        cols = ", ".join(f"{table}.{quote(c)}" for c in ("priority", "when_added", "id"))
+        priority, when_added, pk = after
+        when_added = connections[db].ops.adapt_datetimefield_value(when_added)
+        qs = qs.extra(where=[f"({cols}) > (%s, %s, %s)"], params=[priority, when_added, pk])
+    qs = qs.order_by("priority", "when_added", "id")
+    if lock_rows:
+        skip = connections[db].features.has_select_for_update_skip_locked
+        qs = qs.select_for_update(skip_locked=skip)
+    rows = list(qs[:1])
+    return rows[0] if rows else None
+
+
+def _record_undecodable(message: Message, result: PassResult) -> None:
+    reason = decode_error(message.message_data) or "message data could not be decoded"
+    logger.error(
+        "Message %s can't be decoded (%s); moved to the log as a failure with its data kept.",
+        message.pk,
+        reason,
+    )
+    with transaction.atomic(using=message._state.db, savepoint=False):
+        MessageLog.objects.log(
+            message,
+            RESULT_FAILURE,
+            f"Could not decode the stored message: {reason}",
+            keep_data=True,
+        )
+        Message.objects.filter(pk=message.pk).delete()
+    result.failed += 1
+
+
+def _record_success(message: Message, email: EmailMessage, code: str, note: str = "") -> None:
+    with transaction.atomic(using=message._state.db, savepoint=False):
+        MessageLog.from_message(message, code, note, email=email).save(force_insert=True)
+        deleted, _ = Message.objects.filter(pk=message.pk).delete()
+    if not deleted:
+        logger.warning(
+            "Message %s was removed from the queue by someone else while this worker sent it.",
+            message.pk,
+        )
+
+
+def _record_unhandled(message: Message, exc: BaseException) -> None:
+    """The error handler raised: defer the message so later passes move on."""
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    logger.error("Message %s failed with an unexpected error; deferred: %s", message.pk, text)
+    with transaction.atomic(using=message._state.db):
+        message.defer()
+        MessageLog.objects.log(message, RESULT_FAILURE, f"Unexpected error: {text}")
+
+
+def _deliver_one(
+    message: Message,
+    sender: _Sender,
+    error_handler: Callable[..., tuple[Any, str]],
+    result: PassResult,
+) -> BaseException | None:
+    """Send one claimed message and record the outcome.
+
+    Returns an exception to re-raise after the caller's transaction commits.
+    """
+    email = message.email
+    if email is None:
+        _record_undecodable(message, result)
+        return None
+    if not email.recipients():
+        _record_success(message, email, RESULT_DONT_SEND, "no recipients")
+        result.dont_send += 1
+        return None
+    ensure_message_id(email, message)
+    try:
+        backend = sender.get()
+        backend.send_messages([email])
+    except Exception as exc:
+        try:
+            with transaction.atomic(using=message._state.db):
+                new_connection, action = error_handler(sender.backend, message, exc)
+        except Exception as handler_exc:
+            sender.close()
+            _record_unhandled(message, handler_exc)
+            result.failed += 1
+            return handler_exc
+        sender.replace(new_connection)
+        if action == "sent":
+            result.sent += 1
+        else:
+            result.deferred += 1
+        return None
+    _record_success(message, email, RESULT_SUCCESS)
+    logger.debug("Sent message %s %s", message.pk, get_message_id(email))
+    result.sent += 1
+    return None
+
+
+def _limits_reached(result: PassResult) -> bool:
+    max_batch = conf.EMAIL_MAX_BATCH
+    if max_batch is not None and result.sent >= max_batch:
+        logger.info("MAILER_EMAIL_MAX_BATCH (%s) reached; stopping this pass.", max_batch)
+        return True
+    max_deferred = conf.EMAIL_MAX_DEFERRED
+    if max_deferred is not None and result.deferred >= max_deferred:
+        logger.info("MAILER_EMAIL_MAX_DEFERRED (%s) reached; stopping this pass.", max_deferred)
+        return True
+    return False
+
+
+def send_all(
+    queryset: MessageQuerySet | None = None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    sleep: Callable[[float], Any] = time.sleep,
+) -> PassResult:
+    """One pass over the queue (or over ``queryset``); see the module doc.
+
+    ``should_stop`` is asked between messages (a worker's shutdown flag);
+    ``sleep`` is used for ``MAILER_EMAIL_THROTTLE``.
+    """
+    require_no_backend_loop()
+    error_handler = import_string(conf.ERROR_HANDLER)
+    result = PassResult()
+    lock = None
+    if conf.USE_FILE_LOCK:
+        acquired, lock = acquire_lock()
+        if not acquired:
+            result.locked_out = True
+            return result
+    start = time.monotonic()
+    sender = _Sender()
+    pending: BaseException | None = None
+    try:
+        if queryset is None:
+            queryset = Message.objects.all()
+        db = queryset.db if queryset._db else router.db_for_write(Message)
+        lock_rows = _claims_with_row_locks(db)
+        after = None
+        while pending is None:
+            if should_stop is not None and should_stop():
+                logger.info("Stopping the pass on request.")
+                break
+            if _limits_reached(result):
+                break
+            if lock_rows:
+                with transaction.atomic(using=db):
+                    message = _next_message(queryset, after, True, db)
+                    if message is None:
+                        break
+                    after = (message.priority, message.when_added, message.pk)
+                    sent_before = result.sent
+                    pending = _deliver_one(message, sender, error_handler, result)
+            else:
+                message = _next_message(queryset, after, False, db)
+                if message is None:
+                    break
+                after = (message.priority, message.when_added, message.pk)
+                sent_before = result.sent
+                pending = _deliver_one(message, sender, error_handler, result)
+            throttle = conf.EMAIL_THROTTLE
+            if throttle and result.sent > sent_before:
+                sleep(throttle)
+    finally:
+        sender.close()
+        if lock is not None:
+            release_lock(lock)
+        result.seconds = time.monotonic() - start
+    logger.info("Pass done: %s", result)
+    if pending is not None:
+        raise pending
+    return result
+
+
+def has_sendable(queryset: MessageQuerySet | None = None) -> bool:
+    return prioritize(queryset).exists()
+
+
+def send_loop() -> None:
+    """Forever: wait while the queue is empty, then ``send_all()``."""
+    from mailer.worker import Worker
+
+    Worker(install_signal_handlers=False).run()

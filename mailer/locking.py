@@ -1,0 +1,141 @@
+"""The ``send_mail`` file lock, with take-over of locks left by dead workers.
+
+The lock is ``lockfile.FileLock`` (a hard link to a per-process file on POSIX)
+at ``MAILER_LOCK_PATH + ".lock"``, as in django-mailer 2.3.2. On top of it we
+write the owner's host and pid into the lock file once we hold it. When the
+lock is held and that owner is a process on this host that no longer exists
+(it was killed with SIGKILL, the machine lost power...), the lock is stale: we
+remove it, with a warning, and try once more. Removal happens under an
+``flock`` on a side file so two workers never both "break" a lock one of them
+has just taken. A lock we can't attribute (written by django-mailer 2.3.2,
+another host, or too new to carry its owner yet) is always respected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from typing import Any
+
+import lockfile
+
+logger = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+
+def lock_path(configured: str | None) -> str:
+    """The path given to ``FileLock`` (``.lock`` is appended by it)."""
+    return configured or "send_mail"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_owner(lock_file: str) -> tuple[str, int] | None:
+    """``(host, pid)`` written into a held lock, or ``None`` if unknown."""
+    try:
+        with open(lock_file, encoding="utf-8") as fh:
+            text = fh.read(200)
+    except OSError:
+        return None
+    parts = text.split()
+    if len(parts) != 2 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def _write_owner(lock: Any) -> None:
+    with contextlib.suppress(OSError), open(lock.lock_file, "w", encoding="utf-8") as fh:
+        fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+
+
+def _stale_owner(lock_file: str) -> tuple[str, int] | None:
+    owner = read_owner(lock_file)
+    if owner is None:
+        return None
+    host, pid = owner
+    if host != socket.gethostname() or pid == os.getpid() or _pid_alive(pid):
+        return None
+    return owner
+
+
+def break_if_stale(lock: Any) -> bool:
+    """Remove ``lock``'s lock file if its owner is dead; True if removed."""
+    if fcntl is None:  # pragma: no cover
+        return False
+    guard_path = lock.lock_file + ".guard"
+    with open(guard_path, "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            owner = _stale_owner(lock.lock_file)
+            if owner is None:
+                return False
+            stale_ino = os.stat(lock.lock_file).st_ino
+            # The per-process file the lock links to is named after the dead
+            # owner: remove it as well so it doesn't pile up.
+            directory = os.path.dirname(lock.lock_file) or "."
+            for name in os.listdir(directory):
+                full = os.path.join(directory, name)
+                if full != lock.lock_file:
+                    with contextlib.suppress(OSError):
+                        if os.stat(full).st_ino == stale_ino:
+                            os.unlink(full)
+            os.unlink(lock.lock_file)
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+    logger.warning(
+        "Took over the lock %s: its owner (pid %s on %s) is gone.",
+        lock.lock_file,
+        owner[1],
+        owner[0],
+    )
+    return True
+
+
+def acquire(path: str | None, timeout: float) -> tuple[bool, Any]:
+    """Take the file lock. Returns ``(acquired, lock)``."""
+    lock = lockfile.FileLock(lock_path(path))
+    for attempt in (1, 2):
+        try:
+            lock.acquire(timeout)
+        except lockfile.AlreadyLocked:
+            if attempt == 1 and break_if_stale(lock):
+                continue
+            owner = read_owner(lock.lock_file)
+            logger.info(
+                "Lock %s is held by %s; not sending now.",
+                lock.lock_file,
+                f"pid {owner[1]} on {owner[0]}" if owner else "another process",
+            )
+            return False, lock
+        except lockfile.LockTimeout:
+            if attempt == 1 and break_if_stale(lock):
+                continue
+            logger.info("Waited %ss for lock %s; not sending now.", timeout, lock.lock_file)
+            return False, lock
+        _write_owner(lock)
+        return True, lock
+    return False, lock  # pragma: no cover
+
+
+def release(lock: Any) -> None:
+    """Release a lock taken by :func:`acquire`."""
+    try:
+        lock.release()
+    except lockfile.NotLocked:
+        logger.warning("Lock %s was already released.", lock.lock_file)
+    except lockfile.NotMyLock:
+        logger.warning("Lock %s was taken over by another process.", lock.lock_file)

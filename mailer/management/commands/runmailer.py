@@ -1,0 +1,23 @@
+from typing import Any
+
+from django.core.management.base import CommandParser
+
+from mailer.compat import require_no_backend_loop
+from mailer.management.base import MailerCommand
+from mailer.worker import Worker
+
+
+class Command(MailerCommand):
+    help = "Send mail forever: a pass whenever the queue has mail (SIGTERM/SIGINT stop it)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--debug", action="store_true", help="Log at DEBUG level.")
+        parser.add_argument(
+            "--max-passes", type=int, default=None, help="Stop after this many passes."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        self.setup_logging(options, debug=options["debug"])
+        require_no_backend_loop()
+        passes = Worker(max_passes=options["max_passes"]).run()
+        self.say(options, f"runmailer: stopped after {passes} pass(es)")

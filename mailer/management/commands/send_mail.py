@@ -1,0 +1,18 @@
+from typing import Any
+
+from mailer.conf import conf
+from mailer.engine import send_all
+from mailer.management.base import MailerCommand
+
+
+class Command(MailerCommand):
+    help = "Do one pass over the mail queue: send what can be sent (for cron)."
+    accepts_cron = True
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        self.setup_logging(options)
+        if conf.PAUSE_SEND:
+            self.say(options, "MAILER_PAUSE_SEND is set: not sending.")
+            return
+        result = send_all()
+        self.say(options, f"send_mail: {result}")

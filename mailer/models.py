@@ -1,0 +1,544 @@
+"""The queue (``Message``), the log (``MessageLog``) and the don't-send list."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import logging
+import pickle
+from collections.abc import Iterable
+from datetime import timedelta
+from email.utils import make_msgid
+from typing import Any
+
+from django.core.mail import EmailMessage
+from django.core.mail.utils import DNS_NAME
+from django.db import models, transaction
+from django.db.models.functions import Lower
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from mailer.compat import repair_email, strip_connection, validate_email
+from mailer.conf import conf
+
+logger = logging.getLogger(__name__)
+
+PRIORITY_HIGH = 1
+PRIORITY_MEDIUM = 2
+PRIORITY_LOW = 3
+PRIORITY_DEFERRED = 4
+
+PRIORITIES = [
+    (PRIORITY_HIGH, "high"),
+    (PRIORITY_MEDIUM, "medium"),
+    (PRIORITY_LOW, "low"),
+    (PRIORITY_DEFERRED, "deferred"),
+]
+PRIORITY_MAPPING = {label: number for number, label in PRIORITIES}
+
+RESULT_SUCCESS = "1"
+RESULT_DONT_SEND = "2"
+RESULT_FAILURE = "3"
+
+RESULT_CODES = (
+    (RESULT_SUCCESS, "success"),
+    (RESULT_DONT_SEND, "don't send"),
+    (RESULT_FAILURE, "failure"),
+)
+
+# Labels shown in forms and the admin (the stored choices keep 2.3.2's words).
+PRIORITY_LABELS = {
+    PRIORITY_HIGH: _("high"),
+    PRIORITY_MEDIUM: _("medium"),
+    PRIORITY_LOW: _("low"),
+    PRIORITY_DEFERRED: _("deferred"),
+}
+RESULT_LABELS = {
+    RESULT_SUCCESS: _("success"),
+    RESULT_DONT_SEND: _("don't send"),
+    RESULT_FAILURE: _("failure"),
+}
+
+
+# --- stored form of a message ---------------------------------------------
+
+
+def email_to_db(email: EmailMessage) -> str:
+    """Serialize a message: ASCII text of base64 of its pickle.
+
+    A connection held by the message (an SMTP connection can't be pickled, and
+    a stored one would never be wanted) is left out.
+    """
+    saved = strip_connection(email)
+    try:
+        return base64.encodebytes(pickle.dumps(email)).decode("ascii")
+    finally:
+        if saved:
+            email.__dict__.update(saved)
+
+
+def db_to_email(data: str | bytes | None) -> EmailMessage | None:
+    """Decode ``message_data``; ``None`` (never an exception) when it can't be."""
+    if not data:
+        return None
+    raw = data.encode("ascii", "surrogateescape") if isinstance(data, str) else data
+    try:
+        email = pickle.loads(base64.decodebytes(raw))
+    except Exception:
+        try:
+            # The oldest django-mailer stored the raw pickle string.
+            email = pickle.loads(data.encode("latin-1") if isinstance(data, str) else data)
+        except Exception:
+            return None
+    return repair_email(email)
+
+
+def decode_error(data: str | None) -> str | None:
+    """Why ``data`` can't be decoded, or ``None`` when it can."""
+    if not data:
+        return "empty message data"
+    raw = data.encode("ascii", "surrogateescape")
+    try:
+        pickle.loads(base64.decodebytes(raw))
+    except (binascii.Error, ValueError) as err:
+        return f"not base64: {err}"
+    except Exception as err:
+        return f"unpickling failed: {type(err).__name__}: {err}"
+    return None
+
+
+def get_message_id(email: EmailMessage | None) -> str | None:
+    """The ``Message-ID`` from the message's extra headers (any case), or None."""
+    if email is None:
+        return None
+    for name, value in getattr(email, "extra_headers", {}).items():
+        if name.lower() == "message-id":
+            return value
+    return None
+
+
+def _email_to_addresses(email: EmailMessage | None) -> list[str]:
+    if email is None:
+        return []
+    if email.to:
+        return list(email.to)
+    # Like 2.3.2: a message to nobody but Bcc shows its Bcc.
+    return list(email.bcc or [])
+
+
+class _EmailProperties:
+    """``email``, ``to_addresses`` and ``subject`` over ``message_data``."""
+
+    message_data: str | None
+
+    @property
+    def email(self) -> EmailMessage | None:
+        data = self.message_data
+        cached = self.__dict__.get("_email_cache")
+        if cached is not None and cached[0] is data:
+            return cached[1]
+        email = db_to_email(data)
+        self.__dict__["_email_cache"] = (data, email)
+        return email
+
+    @email.setter
+    def email(self, value: EmailMessage) -> None:
+        self.message_data = email_to_db(value)
+        self.__dict__["_email_cache"] = (self.message_data, value)
+
+    @property
+    def to_addresses(self) -> list[str]:
+        return _email_to_addresses(self.email)
+
+    @property
+    def subject(self) -> str:
+        email = self.email
+        return email.subject if email is not None else ""
+
+
+# --- Message ---------------------------------------------------------------
+
+
+class MessageQuerySet(models.QuerySet):
+    def high_priority(self) -> MessageQuerySet:
+        return self.filter(priority=PRIORITY_HIGH)
+
+    def medium_priority(self) -> MessageQuerySet:
+        return self.filter(priority=PRIORITY_MEDIUM)
+
+    def low_priority(self) -> MessageQuerySet:
+        return self.filter(priority=PRIORITY_LOW)
+
+    def non_deferred(self) -> MessageQuerySet:
+        return self.exclude(priority=PRIORITY_DEFERRED)
+
+    def deferred(self) -> MessageQuerySet:
+        return self.filter(priority=PRIORITY_DEFERRED)
+
+    def in_sending_order(self) -> MessageQuerySet:
+        return self.order_by("priority", "when_added", "id")
+
+    def retry_deferred(self, new_priority: int = PRIORITY_MEDIUM) -> int:
+        """Put deferred messages back on the queue; return how many moved.
+
+        Each moved message's ``retry_count`` goes up by one. With
+        ``MAILER_EMAIL_MAX_RETRIES`` set, messages that have used up their
+        retries stay deferred.
+        """
+        qs = self.deferred()
+        max_retries = conf.EMAIL_MAX_RETRIES
+        if max_retries is not None:
+            qs = qs.filter(retry_count__lt=max_retries)
+        return qs.update(priority=new_priority, retry_count=models.F("retry_count") + 1)
+
+
+MessageManager = models.Manager.from_queryset(MessageQuerySet)
+
+
+class Message(_EmailProperties, models.Model):
+    """An email waiting to be sent."""
+
+    message_data = models.TextField()
+    when_added = models.DateTimeField(default=timezone.now)
+    priority = models.PositiveSmallIntegerField(choices=PRIORITIES, default=PRIORITY_MEDIUM)
+    retry_count = models.IntegerField(default=0)
+    # Denormalised at queue time so the admin can search without unpickling.
+    message_id = models.TextField(null=True, blank=True, editable=False, db_index=False)
+    recipients = models.TextField(null=True, blank=True, editable=False)
+    subject_text = models.TextField(null=True, blank=True, editable=False)
+
+    objects = MessageManager()
+
+    class Meta:
+        verbose_name = _("message")
+        verbose_name_plural = _("messages")
+        indexes = [
+            models.Index(fields=["priority", "when_added", "id"], name="mailer_msg_sending_order"),
+        ]
+
+    def __str__(self) -> str:
+        try:
+            email = self.email
+            if email is None:
+                return f"<Message {self.pk}: undecodable data>"
+            to = ", ".join(_email_to_addresses(email))
+            return f'On {self.when_added}, "{email.subject}" to {to}'
+        except Exception:
+            return f"<Message {self.pk}>"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        update_fields = kwargs.get("update_fields")
+        if self._state.adding and self.message_data:
+            # Queued through make_message(): check it and give it its
+            # Message-ID now, as every other way of queueing does.
+            email = self.email
+            if email is not None:
+                if prepare_for_queue(email):
+                    self.email = email
+        if update_fields is None or "message_data" in update_fields:
+            self.fill_search_fields()
+        super().save(*args, **kwargs)
+
+    def fill_search_fields(self) -> None:
+        """Copy recipients, subject and Message-ID out of the pickle."""
+        fill_search_fields(self, self.email)
+
+    def defer(self) -> None:
+        """Take the message off the queue until ``retry_deferred``."""
+        self.priority = PRIORITY_DEFERRED
+        self.save(update_fields=["priority"])
+
+    def requeue(self, priority: int = PRIORITY_MEDIUM) -> None:
+        """Put a deferred message back on the queue now."""
+        self.priority = priority
+        self.save(update_fields=["priority"])
+
+
+def fill_search_fields(obj: Any, email: EmailMessage | None) -> None:
+    if email is None:
+        obj.recipients = obj.subject_text = ""
+        obj.message_id = None
+        return
+    addresses = [*email.to, *getattr(email, "cc", []), *email.bcc]
+    obj.recipients = "\n".join(str(a) for a in addresses)
+    obj.subject_text = str(email.subject)
+    obj.message_id = get_message_id(email)
+
+
+def prepare_for_queue(email: EmailMessage) -> bool:
+    """Check ``email`` and give it a Message-ID; True when it was changed.
+
+    Raises ``ValueError`` for a message Django would refuse to send, so
+    nothing unsendable is ever stored.
+    """
+    validate_email(email)
+    if get_message_id(email) is None:
+        email.extra_headers = {**email.extra_headers, "Message-ID": make_msgid(domain=DNS_NAME)}
+        return True
+    return False
+
+
+def queue_emails(
+    emails: Iterable[EmailMessage],
+    *,
+    priority: int = PRIORITY_MEDIUM,
+    batch_size: int | None = None,
+) -> int:
+    """Store messages on the queue in one bulk insert; return how many.
+
+    To, Cc and Bcc go through the don't-send list (one query for the whole
+    batch); a message left with nobody to send to is logged as "don't send"
+    instead of queued. Each message gets its ``Message-ID`` now, written back
+    onto the caller's object. A message Django would refuse raises
+    ``ValueError`` (like Django, even with ``fail_silently``) and nothing is
+    stored. Joins the caller's transaction.
+    """
+    emails = [e for e in emails if e.recipients()]
+    if not emails:
+        return 0
+    blocked = DontSendEntry.objects.blocked_among(a for e in emails for a in e.recipients())
+    rows: list[Message] = []
+    skipped: list[MessageLog] = []
+    for email in emails:
+        prepare_for_queue(email)
+        stored = email
+        if blocked:
+            stored = copy.copy(email)
+            for field in ("to", "cc", "bcc"):
+                kept = [a for a in getattr(email, field) or [] if str(a).lower() not in blocked]
+                if len(kept) != len(getattr(email, field) or []):
+                    logger.info(
+                        "Not sending to %s: on the don't-send list",
+                        ", ".join(a for a in getattr(email, field) if str(a).lower() in blocked),
+                    )
+                setattr(stored, field, kept)
+        row = Message(priority=priority)
+        row.email = stored
+        fill_search_fields(row, stored)
+        if stored.recipients():
+            rows.append(row)
+        else:
+            skipped.append(
+                MessageLog.from_message(
+                    row,
+                    RESULT_DONT_SEND,
+                    "every recipient is on the don't-send list",
+                    email=stored,
+                )
+            )
+    if batch_size is None:
+        batch_size = conf.MESSAGES_BATCH_SIZE
+    with transaction.atomic(savepoint=False):
+        if rows:
+            Message.objects.bulk_create(rows, batch_size=batch_size)
+        if skipped:
+            MessageLog.objects.bulk_create(skipped)
+    return len(rows)
+
+
+# --- don't-send list -------------------------------------------------------
+
+
+class DontSendEntryQuerySet(models.QuerySet):
+    def has_address(self, address: str) -> bool:
+        """Is ``address`` on the don't-send list (case-insensitive)?"""
+        return self.filter(to_address__iexact=address).exists()
+
+    def blocked_among(self, addresses: Iterable[str]) -> set[str]:
+        """The lower-cased members of ``addresses`` on the list, in one query."""
+        lowered = {str(a).lower() for a in addresses if a}
+        if not lowered:
+            return set()
+        return set(
+            self.annotate(lower_address=Lower("to_address"))
+            .filter(lower_address__in=lowered)
+            .values_list("lower_address", flat=True)
+        )
+
+
+DontSendEntryManager = models.Manager.from_queryset(DontSendEntryQuerySet)
+
+
+class DontSendEntry(models.Model):
+    to_address = models.EmailField(max_length=254)
+    when_added = models.DateTimeField(default=timezone.now)
+
+    objects = DontSendEntryManager()
+
+    class Meta:
+        verbose_name = _("don't send entry")
+        verbose_name_plural = _("don't send entries")
+
+    def __str__(self) -> str:
+        return self.to_address
+
+
+def filter_recipient_list(lst: Iterable[str] | None) -> list[str] | None:
+    """Drop addresses on the don't-send list; ``None`` stays ``None``."""
+    if lst is None:
+        return None
+    lst = list(lst)
+    blocked = DontSendEntry.objects.blocked_among(lst)
+    if not blocked:
+        return lst
+    kept = []
+    for address in lst:
+        if str(address).lower() in blocked:
+            logger.info("Skipping %s: it is on the don't-send list", address)
+        else:
+            kept.append(address)
+    return kept
+
+
+def make_message(
+    subject: str = "",
+    body: str = "",
+    from_email: str | None = None,
+    to: Iterable[str] | None = None,
+    bcc: Iterable[str] | None = None,
+    attachments: list[Any] | None = None,
+    headers: dict[str, str] | None = None,
+    priority: int | None = None,
+) -> Message:
+    """An unsaved ``Message`` holding an ``EmailMessage``.
+
+    ``to`` and ``bcc`` are filtered through the don't-send list. Replace
+    ``.email`` with any ``EmailMessage`` before ``save()`` if needed.
+    """
+    to = filter_recipient_list(to)
+    bcc = filter_recipient_list(bcc)
+    email = EmailMessage(
+        subject=subject,
+        body=body,
+        from_email=from_email,
+        to=to,
+        bcc=bcc,
+        attachments=attachments,
+        headers=headers,
+    )
+    msg = Message(priority=PRIORITY_MEDIUM if priority is None else priority)
+    msg.email = email
+    return msg
+
+
+# --- MessageLog --------------------------------------------------------------
+
+
+class MessageLogQuerySet(models.QuerySet):
+    def log(
+        self,
+        message: Message,
+        result_code: str,
+        log_message: str = "",
+        *,
+        keep_data: bool | None = None,
+    ) -> MessageLog:
+        """Record an attempt to send ``message`` with ``result_code``."""
+        entry = self.model.from_message(message, result_code, log_message, keep_data=keep_data)
+        entry.save(force_insert=True)
+        return entry
+
+    def purge_old_entries(
+        self,
+        days: float,
+        result_codes: Iterable[str] | None = None,
+        batch_size: int | None = None,
+    ) -> int:
+        """Delete entries attempted more than ``days`` ago; return the count.
+
+        ``result_codes`` defaults to success only. Deletes in batches of
+        ``MAILER_PURGE_BATCH_SIZE`` rows so a huge log never needs one huge
+        statement (or one huge transaction).
+        """
+        if result_codes is None:
+            result_codes = [RESULT_SUCCESS]
+        batch_size = batch_size or conf.PURGE_BATCH_SIZE
+        limit = timezone.now() - timedelta(days=days)
+        qs = self.filter(when_attempted__lt=limit, result__in=list(result_codes))
+        total = 0
+        while True:
+            ids = list(qs.order_by("id").values_list("id", flat=True)[:batch_size])
+            if not ids:
+                return total
+            deleted, _ = self.filter(id__in=ids).delete()
+            total += deleted
+
+
+MessageLogManager = models.Manager.from_queryset(MessageLogQuerySet)
+
+
+class MessageLog(_EmailProperties, models.Model):
+    """A record of an attempt to send a message."""
+
+    message_data = models.TextField(null=True)
+    message_id = models.TextField(editable=False, null=True)
+    when_added = models.DateTimeField(db_index=True)
+    priority = models.PositiveSmallIntegerField(choices=PRIORITIES, db_index=True)
+    when_attempted = models.DateTimeField(default=timezone.now)
+    result = models.CharField(max_length=1, choices=RESULT_CODES)
+    log_message = models.TextField()
+    recipients = models.TextField(null=True, blank=True, editable=False)
+    subject_text = models.TextField(null=True, blank=True, editable=False)
+
+    objects = MessageLogManager()
+
+    class Meta:
+        verbose_name = _("message log")
+        verbose_name_plural = _("message logs")
+
+    def __str__(self) -> str:
+        try:
+            label = RESULT_LABELS.get(self.result, self.result)
+            email = self.email
+            if email is None:
+                return f"<MessageLog {self.pk}: {label}>"
+            to = ", ".join(_email_to_addresses(email))
+            return f'{label}: "{email.subject}" to {to} ({self.when_attempted})'
+        except Exception:
+            return f"<MessageLog {self.pk}>"
+
+    @property
+    def email(self) -> EmailMessage | None:  # type: ignore[override]
+        return _EmailProperties.email.fget(self) if self.message_data else None
+
+    @property
+    def to_addresses(self) -> list[str] | None:  # type: ignore[override]
+        email = self.email
+        return None if email is None else _email_to_addresses(email)
+
+    @property
+    def subject(self) -> str | None:  # type: ignore[override]
+        email = self.email
+        return None if email is None else email.subject
+
+    @classmethod
+    def from_message(
+        cls,
+        message: Message,
+        result_code: str,
+        log_message: str = "",
+        *,
+        email: EmailMessage | None = None,
+        keep_data: bool | None = None,
+    ) -> MessageLog:
+        """An unsaved log entry for ``message`` (``email``: its decoded form)."""
+        if keep_data is None:
+            keep_data = conf.EMAIL_LOG_MESSAGE_DATA
+        if email is None:
+            email = message.email
+        entry = cls(
+            message_data=message.message_data if keep_data else None,
+            message_id=get_message_id(email),
+            when_added=message.when_added,
+            priority=message.priority,
+            result=result_code,
+            log_message=log_message,
+        )
+        if email is not None:
+            fill_search_fields(entry, email)
+        else:
+            entry.recipients = message.recipients or ""
+            entry.subject_text = message.subject_text or ""
+            entry.message_id = message.message_id
+        return entry

@@ -1,0 +1,122 @@
+"""The ``runmailer`` loop as an object: stoppable, testable, signal-aware."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from django.db import close_old_connections
+
+from mailer.conf import conf
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """Run ``send_all`` passes until stopped.
+
+    * ``SIGTERM``/``SIGINT`` (when ``install_signal_handlers``) clear the
+      running flag: the message in flight is finished, then ``run`` returns.
+    * ``max_passes`` stops after that many passes (for tests and one-shots).
+    * Between passes stale database connections are closed, so a database
+      restart or ``CONN_MAX_AGE`` never kills a long-running worker.
+    """
+
+    def __init__(
+        self,
+        *,
+        sleep: float | None = None,
+        max_passes: int | None = None,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        self.sleep = sleep
+        self.max_passes = max_passes
+        self.install_signal_handlers = install_signal_handlers
+        self.running = False
+        self.passes = 0
+        self._wake = threading.Event()
+
+    # -- control -----------------------------------------------------------------
+
+    def stop(self, *_: Any) -> None:
+        """Ask the worker to stop after the message in flight."""
+        self.running = False
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Cut the current wait short (e.g. a notification arrived)."""
+        self._wake.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        logger.info(
+            "Received %s; stopping after the message in flight.", signal.Signals(signum).name
+        )
+        self.stop()
+
+    def _install(self) -> dict[int, Any]:
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking early on ``stop``/``wake``."""
+        if self.running:
+            self._wake.wait(seconds)
+        self._wake.clear()
+
+    def should_stop(self) -> bool:
+        return not self.running
+
+    # -- the loop -----------------------------------------------------------------
+
+    def idle_seconds(self) -> float:
+        return conf.EMPTY_QUEUE_SLEEP if self.sleep is None else self.sleep
+
+    def has_work(self) -> bool:
+        from mailer.engine import has_sendable
+
+        return has_sendable()
+
+    def run_pass(self) -> Any:
+        from mailer.engine import send_all
+
+        return send_all(should_stop=self.should_stop, sleep=self.wait)
+
+    def run(self) -> int:
+        """Loop until stopped; return the number of passes run."""
+        self.running = True
+        previous = self._install() if self.install_signal_handlers else {}
+        logger.info("Worker started (idle sleep %ss).", self.idle_seconds())
+        try:
+            while self.running:
+                if self.max_passes is not None and self.passes >= self.max_passes:
+                    break
+                close_old_connections()
+                if conf.PAUSE_SEND:
+                    logger.debug("MAILER_PAUSE_SEND is set; not sending.")
+                    self.wait(self.idle_seconds())
+                    continue
+                try:
+                    if not self.has_work():
+                        self.wait(self.idle_seconds())
+                        continue
+                    result = self.run_pass()
+                except Exception:
+                    # A database outage must not end the worker: log, back off.
+                    logger.exception("Pass failed; retrying in %ss.", self.idle_seconds())
+                    close_old_connections()
+                    self.passes += 1
+                    self.wait(self.idle_seconds())
+                    continue
+                self.passes += 1
+                if result.locked_out or result.attempted == 0:
+                    self.wait(self.idle_seconds())
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            logger.info("Worker stopped after %s passes.", self.passes)
+        return self.passes

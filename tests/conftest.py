@@ -1,0 +1,218 @@
+"""Shared fixtures: a real SMTP server, database helpers, a subprocess runner."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+from django.conf import settings
+from django.db import connection
+
+from mailer.compat import HAS_MAILERS
+from tests.settings import smtp_mailers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    if os.environ.get("MAILER_REQUIRE_POSTGRES") and os.environ.get("MAILER_TEST_DB") != "postgres":
+        raise pytest.UsageError("MAILER_REQUIRE_POSTGRES is set but MAILER_TEST_DB is not 'postgres'")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_database(django_db_blocker):
+    """With MAILER_TEST_DB=postgres, an unreachable server is an error, not a skip."""
+    if settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
+        with django_db_blocker.unblock():
+            try:
+                connection.ensure_connection()
+            except Exception as err:  # pragma: no cover - environment problem
+                pytest.exit(f"PostgreSQL requested (MAILER_TEST_DB=postgres) but unreachable: {err}", 3)
+
+
+def pytest_collection_modifyitems(config, items):
+    vendor = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
+    for item in items:
+        if "postgres" in item.keywords and vendor != "postgresql":
+            item.add_marker(pytest.mark.skip(reason="needs MAILER_TEST_DB=postgres"))
+
+
+# --- SMTP ---------------------------------------------------------------------------
+
+
+@dataclass
+class SMTPServer:
+    """An aiosmtpd server on loopback that records what it receives.
+
+    ``fail_with``: an SMTP reply (e.g. "451 try later") to give to DATA;
+    ``delay``: seconds to wait in DATA (a slow provider); ``drop``: close
+    the connection instead of answering.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    messages: list = field(default_factory=list)
+    fail_with: str | None = None
+    fail_rcpt: str | None = None
+    delay: float = 0.0
+    drop: bool = False
+    connections: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.fail_rcpt:
+            return self.fail_rcpt
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        import asyncio
+
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.drop:
+            session.transport.close()
+            return "421 closing"
+        if self.fail_with:
+            return self.fail_with
+        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        with self.lock:
+            self.messages.append(
+                {"from": envelope.mail_from, "to": list(envelope.rcpt_tos), "message": msg}
+            )
+        return "250 Message accepted"
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        with self.lock:
+            self.connections += 1
+        session.host_name = hostname
+        return responses
+
+    def message_ids(self) -> list[str]:
+        with self.lock:
+            return [m["message"]["Message-ID"] for m in self.messages]
+
+    def subjects(self) -> list[str]:
+        with self.lock:
+            return [m["message"]["Subject"] for m in self.messages]
+
+    def wait_for(self, count: int, timeout: float = 15) -> list:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.messages) >= count:
+                    return list(self.messages)
+            time.sleep(0.02)
+        raise AssertionError(f"expected {count} messages, got {len(self.messages)}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def smtp_server():
+    """A real SMTP server on a free loopback port, stopped after the test."""
+    server = SMTPServer(port=free_port())
+    controller = Controller(server, hostname=server.host, port=server.port)
+    controller.start()
+    try:
+        yield server
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def smtp_settings(settings, smtp_server):
+    """Make the worker deliver to ``smtp_server`` with Django's SMTP backend.
+
+    On Django 6.1+ through ``MAILERS`` + ``MAILER_USING`` (no deprecated
+    settings involved); before, through ``MAILER_EMAIL_BACKEND`` + ``EMAIL_*``.
+    """
+    if HAS_MAILERS:
+        settings.MAILERS = smtp_mailers(smtp_server.port)
+        settings.MAILER_USING = "smtp"
+    else:
+        settings.MAILER_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+        settings.EMAIL_HOST = smtp_server.host
+        settings.EMAIL_PORT = smtp_server.port
+        settings.EMAIL_TIMEOUT = 10
+    return settings
+
+
+@pytest.fixture(autouse=True)
+def _lock_in_tmp(settings, tmp_path):
+    """Every test gets its own lock file (never the working directory's)."""
+    settings.MAILER_LOCK_PATH = str(tmp_path / "send_mail")
+
+
+# --- subprocesses -------------------------------------------------------------------
+
+
+@dataclass
+class Manage:
+    """Run ``manage.py``-style commands in a subprocess on the test database."""
+
+    env: dict
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "django", *args, "--settings=tests.settings"]
+
+    def popen(self, *args: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(
+            self.command(*args),
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kwargs,
+        )
+
+    def run(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            self.command(*args), cwd=ROOT, env=self.env, capture_output=True, text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
+        return proc
+
+    def python(self, code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        script = "import django; django.setup()\n" + code
+        proc = subprocess.run(
+            [sys.executable, "-c", script], cwd=ROOT, env={**self.env,
+            "DJANGO_SETTINGS_MODULE": "tests.settings"}, capture_output=True, text=True,
+            timeout=timeout,
+        )
+        if proc.returncode != 0:
+            raise AssertionError(f"exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+
+@pytest.fixture
+def manage(transactional_db, tmp_path, smtp_server):
+    """A subprocess runner sharing this test's database, lock dir and SMTP server."""
+    env = dict(os.environ)
+    env.update(
+        MAILER_TEST_DB_NAME=str(connection.settings_dict["NAME"]),
+        MAILER_TEST_SMTP_PORT=str(smtp_server.port),
+        MAILER_TEST_LOCK_PATH=str(tmp_path / "send_mail"),
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONUNBUFFERED="1",
+    )
+    return Manage(env=env)

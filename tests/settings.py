@@ -1,0 +1,127 @@
+"""Settings for the test suite (and for subprocess workers started by it).
+
+The database comes from the environment:
+
+* ``MAILER_TEST_DB``: ``sqlite`` (default), ``postgres`` or ``mysql``.
+* ``MAILER_TEST_PG_HOST``/``PORT``/``USER``/``PASSWORD`` (default
+  127.0.0.1:5432, user postgres, trust auth).
+* ``MAILER_TEST_DB_NAME``: set for subprocesses so they use the database of
+  the test run that started them.
+"""
+
+import os
+import tempfile
+
+DB = os.environ.get("MAILER_TEST_DB", "sqlite")
+NAME_OVERRIDE = os.environ.get("MAILER_TEST_DB_NAME")
+
+if DB == "postgres":
+    default = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": NAME_OVERRIDE or "postgres",
+        "HOST": os.environ.get("MAILER_TEST_PG_HOST", "127.0.0.1"),
+        "PORT": os.environ.get("MAILER_TEST_PG_PORT", "5432"),
+        "USER": os.environ.get("MAILER_TEST_PG_USER", "postgres"),
+        "PASSWORD": os.environ.get("MAILER_TEST_PG_PASSWORD", ""),
+        "TEST": {"NAME": f"test_mailer_{os.getpid()}" if not NAME_OVERRIDE else NAME_OVERRIDE},
+    }
+elif DB == "mysql":
+    default = {
+        "ENGINE": "django.db.backends.mysql",
+        "NAME": NAME_OVERRIDE or "test",
+        "HOST": os.environ.get("MAILER_TEST_MYSQL_HOST", "127.0.0.1"),
+        "PORT": os.environ.get("MAILER_TEST_MYSQL_PORT", "3306"),
+        "USER": os.environ.get("MAILER_TEST_MYSQL_USER", "root"),
+        "PASSWORD": os.environ.get("MAILER_TEST_MYSQL_PASSWORD", ""),
+        "TEST": {"NAME": f"test_mailer_{os.getpid()}" if not NAME_OVERRIDE else NAME_OVERRIDE},
+    }
+else:
+    # A file, not :memory:, so that subprocess workers can share it.
+    path = NAME_OVERRIDE or os.path.join(
+        tempfile.gettempdir(), f"mailer-test-{os.getpid()}.sqlite3"
+    )
+    default = {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": path,
+        "TEST": {"NAME": path},
+        "OPTIONS": {"timeout": 20},
+    }
+
+DATABASES = {"default": default}
+
+SECRET_KEY = "tests-only-not-secret"
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+ROOT_URLCONF = "tests.urls"
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "mailer",
+]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+ADMINS = [("Ada Admin", "ada@example.com")]
+MANAGERS = ["manager@example.com"]
+SERVER_EMAIL = "server@example.com"
+DEFAULT_FROM_EMAIL = "from@example.com"
+
+
+
+def smtp_mailers(port):
+    """Django 6.1 MAILERS: queue by default, deliver through "smtp"."""
+    return {
+        "default": {"BACKEND": "mailer.backend.DbBackend"},
+        "smtp": {
+            "BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+            "OPTIONS": {"host": "127.0.0.1", "port": port, "timeout": 10},
+        },
+    }
+
+
+# Subprocess workers deliver to the test SMTP server named in the environment.
+if os.environ.get("MAILER_TEST_SMTP_PORT"):
+    import django
+
+    if django.VERSION >= (6, 1):
+        MAILERS = smtp_mailers(int(os.environ["MAILER_TEST_SMTP_PORT"]))
+        MAILER_USING = "smtp"
+    else:
+        MAILER_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+        EMAIL_HOST = "127.0.0.1"
+        EMAIL_PORT = int(os.environ["MAILER_TEST_SMTP_PORT"])
+if os.environ.get("MAILER_TEST_LOCK_PATH"):
+    MAILER_LOCK_PATH = os.environ["MAILER_TEST_LOCK_PATH"]
+for _name in ("EMPTY_QUEUE_SLEEP", "EMAIL_THROTTLE"):
+    if os.environ.get(f"MAILER_TEST_{_name}"):
+        globals()[f"MAILER_{_name}"] = float(os.environ[f"MAILER_TEST_{_name}"])
+if os.environ.get("MAILER_TEST_NO_FILE_LOCK"):
+    MAILER_USE_FILE_LOCK = False
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"mailer": {"handlers": ["console"], "level": "INFO"}},
+}
