@@ -133,6 +133,9 @@ def repair_email(email: Any) -> Any:
       reads ``.content``/``.mimetype`` from named tuples.
     * Django < 6.1 kept the connection in ``connection``; 6.1 reads
       ``_connection`` (and a stored connection is never wanted anyway).
+    * Django 6.1 refuses an instance ``mixed_subtype``/``alternative_subtype``
+      (the "related" inline-image recipe): such a message goes out as
+      ``multipart/mixed`` instead of failing forever.
     """
     state = getattr(email, "__dict__", None)
     if state is None:
@@ -143,6 +146,9 @@ def repair_email(email: Any) -> Any:
         state["_connection"] = None
     else:
         state["connection"] = None
+    for name in ("mixed_subtype", "alternative_subtype"):
+        if name in state and not hasattr(type(email), name):
+            del state[name]
     if EmailAlternative is not None:
         alternatives = state.get("alternatives")
         if alternatives:

@@ -1,0 +1,121 @@
+"""mailer.backend.DbBackend."""
+
+import pytest
+from django.core import mail
+from django.core.mail import EmailMessage, EmailMultiAlternatives
+
+from mailer.backend import DbBackend
+from mailer.compat import HAS_MAILERS
+from mailer.models import PRIORITY_LOW, RESULT_DONT_SEND, DontSendEntry, Message, MessageLog
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def queue_backend(settings):
+    if HAS_MAILERS:
+        settings.MAILERS = {"default": {"BACKEND": "mailer.backend.DbBackend"}}
+    else:
+        settings.EMAIL_BACKEND = "mailer.backend.DbBackend"
+
+
+def test_django_send_mail_is_queued(queue_backend):
+    assert mail.send_mail("S", "b", "f@example.com", ["t@example.com"]) == 1
+    assert Message.objects.get().email.subject == "S"
+
+
+def test_send_mass_mail_is_one_bulk_insert(queue_backend, django_assert_max_num_queries):
+    data = [(f"S{i}", "b", "f@example.com", [f"t{i}@example.com"]) for i in range(30)]
+    with django_assert_max_num_queries(4):
+        assert mail.send_mass_mail(data) == 30
+    assert Message.objects.count() == 30
+
+
+def test_batch_size(settings, django_assert_num_queries):
+    settings.MAILER_MESSAGES_BATCH_SIZE = 10
+    messages = [EmailMessage("S", "b", "f@example.com", [f"t{i}@example.com"]) for i in range(25)]
+    backend = DbBackend()
+    # One don't-send lookup, then three INSERTs of at most 10 rows.
+    with django_assert_num_queries(1 + 3):
+        assert backend.send_messages(messages) == 25
+
+
+def test_message_id_written_back_to_caller(queue_backend):
+    email = EmailMultiAlternatives("S", "b", "f@example.com", ["t@example.com"])
+    email.attach_alternative("<p>x</p>", "text/html")
+    email.attach("a.txt", "hello", "text/plain")
+    email.send()
+    msg_id = email.extra_headers["Message-ID"]
+    stored = Message.objects.get()
+    assert stored.email.extra_headers["Message-ID"] == msg_id
+    assert stored.message_id == msg_id
+    assert stored.email.attachments[0][0] == "a.txt"
+
+
+def test_dont_send_list_applies(queue_backend):
+    DontSendEntry.objects.create(to_address="no@example.com")
+    email = EmailMessage("S", "b", "f@example.com", ["no@example.com", "yes@example.com"],
+                         cc=["NO@example.com"], bcc=["no@example.com", "b@example.com"])
+    email.send()
+    stored = Message.objects.get().email
+    assert (stored.to, stored.cc, stored.bcc) == (["yes@example.com"], [], ["b@example.com"])
+    # The caller's object is not changed (only its Message-ID is added).
+    assert email.to == ["no@example.com", "yes@example.com"]
+
+
+def test_all_recipients_blocked_logs_dont_send(queue_backend):
+    DontSendEntry.objects.create(to_address="no@example.com")
+    assert mail.send_mail("S", "b", "f@example.com", ["no@example.com"]) == 0
+    assert not Message.objects.exists()
+    log = MessageLog.objects.get()
+    assert log.result == RESULT_DONT_SEND
+    assert log.email.subject == "S"
+    assert log.message_id
+
+
+def test_invalid_message_raises_and_stores_nothing(queue_backend):
+    with pytest.raises(ValueError):
+        mail.send_mail("S\nBcc: x@example.com", "b", "f@example.com", ["t@example.com"])
+    assert not Message.objects.exists()
+
+
+def test_priority_option():
+    DbBackend(priority=PRIORITY_LOW).send_messages(
+        [EmailMessage("S", "b", "f@example.com", ["t@example.com"])]
+    )
+    assert Message.objects.get().priority == PRIORITY_LOW
+
+
+def test_no_messages():
+    assert DbBackend().send_messages([]) == 0
+
+
+def test_connection_not_pickled(queue_backend):
+    backend = DbBackend()
+    email = EmailMessage("S", "b", "f@example.com", ["t@example.com"])
+    email.__dict__["_connection" if HAS_MAILERS else "connection"] = backend
+    backend.send_messages([email])
+    stored = Message.objects.get().email
+    assert getattr(stored, "_connection" if HAS_MAILERS else "connection") is None
+    assert email.__dict__["_connection" if HAS_MAILERS else "connection"] is backend
+
+
+@pytest.mark.skipif(not HAS_MAILERS, reason="MAILERS is Django 6.1+")
+def test_mailers_entry_with_options(settings):
+    settings.MAILERS = {
+        "default": {"BACKEND": "mailer.backend.DbBackend"},
+        "bulk": {"BACKEND": "mailer.backend.DbBackend", "OPTIONS": {"batch_size": 5, "priority": 3}},
+    }
+    backend = mail.mailers["bulk"]
+    assert (backend.alias, backend.batch_size, backend.priority) == ("bulk", 5, 3)
+    EmailMessage("S", "b", "f@example.com", ["t@example.com"]).send(using="bulk")
+    assert Message.objects.get().priority == 3
+
+
+@pytest.mark.skipif(not HAS_MAILERS, reason="MAILERS is Django 6.1+")
+def test_unknown_mailers_option_is_reported(settings):
+    from django.core.mail import InvalidMailer
+
+    settings.MAILERS = {"default": {"BACKEND": "mailer.backend.DbBackend", "OPTIONS": {"nope": 1}}}
+    with pytest.raises(InvalidMailer, match="nope"):
+        mail.mailers["default"]
