@@ -58,8 +58,6 @@ def main(argv: list[str]) -> int:
     interpreters = find_interpreters()
     path = os.pathsep.join([*dict.fromkeys(interpreters.values()), os.environ.get("PATH", "")])
     env = {**os.environ, "PATH": path}
-    if postgres:
-        env["MAILER_REQUIRE_POSTGRES"] = "1"
     if "-e" in argv:
         envs = None
     else:

@@ -24,11 +24,6 @@ from tests.settings import smtp_mailers
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def pytest_configure(config):
-    if os.environ.get("MAILER_REQUIRE_POSTGRES") and os.environ.get("MAILER_TEST_DB") != "postgres":
-        raise pytest.UsageError("MAILER_REQUIRE_POSTGRES is set but MAILER_TEST_DB is not 'postgres'")
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _require_database(django_db_blocker):
     """With MAILER_TEST_DB=postgres, an unreachable server is an error, not a skip."""
