@@ -1,0 +1,269 @@
+"""mailer/engine.py against a real SMTP server on loopback."""
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.mail import EmailMessage
+
+import mailer
+from mailer import engine
+from mailer.engine import send_all
+from mailer.models import (
+    PRIORITY_DEFERRED,
+    PRIORITY_HIGH,
+    PRIORITY_LOW,
+    RESULT_FAILURE,
+    RESULT_SUCCESS,
+    Message,
+    MessageLog,
+    make_message,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def queue(n=1, **kwargs):
+    for i in range(n):
+        mailer.send_mail(f"Subject {i}", f"Body {i}", "from@example.com", [f"to{i}@example.com"],
+                         **kwargs)
+
+
+def test_sends_in_priority_then_age_order(smtp_settings, smtp_server):
+    mailer.send_mail("low", "b", "f@example.com", ["t@example.com"], priority=PRIORITY_LOW)
+    mailer.send_mail("medium 1", "b", "f@example.com", ["t@example.com"])
+    mailer.send_mail("high", "b", "f@example.com", ["t@example.com"], priority=PRIORITY_HIGH)
+    mailer.send_mail("medium 2", "b", "f@example.com", ["t@example.com"])
+    result = send_all()
+    assert result.sent == 4
+    assert smtp_server.subjects() == ["high", "medium 1", "medium 2", "low"]
+    assert not Message.objects.exists()
+    assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == 4
+
+
+def test_one_smtp_connection_per_pass(smtp_settings, smtp_server):
+    queue(20)
+    assert send_all().sent == 20
+    assert smtp_server.connections == 1
+
+
+def test_message_id_from_queue_time_is_sent(smtp_settings, smtp_server):
+    email = EmailMessage("S", "b", "f@example.com", ["t@example.com"])
+    from mailer.backend import DbBackend
+
+    DbBackend().send_messages([email])
+    send_all()
+    assert smtp_server.message_ids() == [email.extra_headers["Message-ID"]]
+    assert MessageLog.objects.get().message_id == email.extra_headers["Message-ID"]
+
+
+def test_deferred_messages_are_skipped(smtp_settings, smtp_server):
+    queue(2)
+    Message.objects.order_by("id").first().defer()
+    assert send_all().sent == 1
+    assert Message.objects.get().priority == PRIORITY_DEFERRED
+
+
+def test_queryset_restricts_the_pass(smtp_settings, smtp_server):
+    queue(3)
+    first = Message.objects.order_by("id").first()
+    assert send_all(Message.objects.filter(pk=first.pk)).sent == 1
+    assert Message.objects.count() == 2
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        {"fail_with": "451 4.3.0 try again later"},
+        {"fail_with": "554 5.7.1 rejected"},
+        {"fail_rcpt": "550 5.1.1 no such user"},
+        {"drop": True},
+    ],
+    ids=["4xx", "5xx", "rcpt-refused", "dropped"],
+)
+def test_provider_failure_defers_and_logs(failure, smtp_settings, smtp_server):
+    for key, value in failure.items():
+        setattr(smtp_server, key, value)
+    queue(2)
+    result = send_all()
+    assert (result.sent, result.deferred) == (0, 2)
+    assert Message.objects.deferred().count() == 2
+    logs = MessageLog.objects.filter(result=RESULT_FAILURE)
+    assert logs.count() == 2
+    assert all(log.log_message for log in logs)
+    # Nothing is lost: once the provider is back, retry_deferred + a pass
+    # delivers both.
+    for key in failure:
+        setattr(smtp_server, key, None if key != "drop" else False)
+    assert Message.objects.retry_deferred() == 2
+    assert send_all().sent == 2
+    assert Message.objects.count() == 0
+    assert len(smtp_server.messages) == 2
+
+
+def test_server_down_defers(settings, smtp_settings, smtp_server):
+    from tests.conftest import free_port
+    from tests.settings import smtp_mailers
+
+    port = free_port()  # nothing listens there
+    if hasattr(settings, "MAILER_USING"):
+        settings.MAILERS = smtp_mailers(port)
+    else:
+        settings.EMAIL_PORT = port
+    queue(1)
+    assert send_all().deferred == 1
+    assert Message.objects.deferred().count() == 1
+
+
+def test_max_batch(smtp_settings, smtp_server, settings):
+    settings.MAILER_EMAIL_MAX_BATCH = 3
+    queue(5)
+    assert send_all().sent == 3
+    assert Message.objects.count() == 2
+
+
+def test_max_deferred(smtp_settings, smtp_server, settings):
+    settings.MAILER_EMAIL_MAX_DEFERRED = 2
+    smtp_server.fail_with = "451 later"
+    queue(5)
+    result = send_all()
+    assert result.deferred == 2
+    assert Message.objects.non_deferred().count() == 3
+
+
+def test_throttle_sleeps_after_each_sent_message(smtp_settings, smtp_server, settings):
+    settings.MAILER_EMAIL_THROTTLE = 0.25
+    naps = []
+    queue(3)
+    send_all(sleep=naps.append)
+    assert naps == [0.25, 0.25, 0.25]
+
+
+def test_no_file_lock_setting(smtp_settings, smtp_server, settings):
+    settings.MAILER_USE_FILE_LOCK = False
+    ok, lock = engine.acquire_lock()  # somebody else holds the lock
+    try:
+        queue(1)
+        assert send_all().sent == 1
+    finally:
+        engine.release_lock(lock)
+
+
+def test_log_message_data_off(smtp_settings, smtp_server, settings):
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    queue(1)
+    send_all()
+    log = MessageLog.objects.get()
+    assert log.message_data is None
+    assert log.message_id and log.recipients == "to0@example.com"
+    assert log.email is None and log.subject is None
+
+
+def test_undecodable_message_is_kept_in_the_log(smtp_settings, smtp_server, caplog):
+    Message.objects.create(message_data="this is not a pickle", recipients="", subject_text="")
+    queue(1)
+    result = send_all()
+    assert (result.sent, result.failed) == (1, 1)
+    log = MessageLog.objects.get(result=RESULT_FAILURE)
+    assert log.message_data == "this is not a pickle"
+    assert "Could not decode" in log.log_message
+    assert "can't be decoded" in caplog.text
+    assert not Message.objects.exists()
+
+
+def test_message_without_recipients_is_logged_dont_send(smtp_settings, smtp_server):
+    # make_message() with everyone on the don't-send list: 2.3.2 queued it.
+    msg = make_message("S", "b", "f@example.com", [])
+    msg.save()
+    result = send_all()
+    assert result.dont_send == 1 and result.sent == 0
+    assert not Message.objects.exists()
+
+
+def test_legacy_row_gets_a_stable_message_id(smtp_settings, smtp_server):
+    from mailer.models import email_to_db
+
+    email = EmailMessage("S", "b", "f@example.com", ["t@example.com"])
+    # As django-mailer 2.3.2 stored it: no Message-ID yet.
+    (row,) = Message.objects.bulk_create([Message(message_data=email_to_db(email))])
+    row = Message.objects.get()
+    smtp_server.fail_with = "451 later"
+    send_all()
+    Message.objects.retry_deferred()
+    smtp_server.fail_with = None
+    send_all()
+    (msg_id,) = smtp_server.message_ids()
+    assert f".{row.pk}.django-mailer@" in msg_id
+    failure = MessageLog.objects.get(result=RESULT_FAILURE)
+    assert failure.message_id == msg_id
+
+
+def test_loop_is_refused(settings):
+    settings.MAILER_EMAIL_BACKEND = "mailer.backend.DbBackend"
+    if hasattr(settings, "MAILERS"):
+        del settings.MAILERS
+    with pytest.raises(ImproperlyConfigured, match="back on the queue"):
+        send_all()
+
+
+class Explodes(Exception):
+    pass
+
+
+def exploding_backend_factory():
+    from django.core.mail.backends.base import BaseEmailBackend
+
+    class ExplodingBackend(BaseEmailBackend):
+        def send_messages(self, messages):
+            if any("explode" in m.subject for m in messages):
+                raise Explodes("kaboom")
+            return len(messages)
+
+    return ExplodingBackend
+
+
+ExplodingBackend = exploding_backend_factory()
+
+
+def test_unexpected_error_propagates_but_does_not_block(settings):
+    settings.MAILER_EMAIL_BACKEND = "tests.test_engine.ExplodingBackend"
+    if hasattr(settings, "MAILERS"):
+        del settings.MAILERS
+    mailer.send_mail("please explode", "b", "f@example.com", ["t@example.com"],
+                     priority=PRIORITY_HIGH)
+    queue(2)
+    with pytest.raises(Explodes):
+        send_all()
+    bad = Message.objects.get(priority=PRIORITY_DEFERRED)
+    assert bad.subject == "please explode"
+    assert "kaboom" in MessageLog.objects.get(result=RESULT_FAILURE).log_message
+    # The next pass is not blocked by it.
+    assert send_all().sent == 2
+
+
+def custom_handler(connection, message, exc):
+    message.delete()
+    MessageLog.objects.log(message, RESULT_FAILURE, "custom: " + str(exc))
+    return connection, "sent"
+
+
+def test_custom_error_handler(settings, smtp_settings, smtp_server):
+    settings.MAILER_ERROR_HANDLER = "tests.test_engine.custom_handler"
+    smtp_server.fail_with = "554 no"
+    queue(2)
+    result = send_all()
+    assert result.sent == 2
+    assert not Message.objects.exists()
+    assert MessageLog.objects.filter(log_message__startswith="custom:").count() == 2
+
+
+def test_prioritize_excludes_deferred():
+    queue(3)
+    Message.objects.order_by("id").last().defer()
+    assert [m.subject for m in engine.prioritize()] == ["Subject 0", "Subject 1"]
+
+
+def test_pass_memory_does_not_load_the_queue(smtp_settings, smtp_server, django_assert_max_num_queries):
+    # Each message costs a bounded number of queries (claim, log, delete,
+    # transaction bookkeeping); nothing loads the whole queue up front.
+    queue(30)
+    with django_assert_max_num_queries(30 * 6 + 5):
+        assert send_all().sent == 30
