@@ -1,0 +1,225 @@
+"""The management commands, in process and as real subprocesses."""
+
+import signal
+import time
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+import mailer
+from mailer.models import (
+    RESULT_DONT_SEND,
+    RESULT_FAILURE,
+    RESULT_SUCCESS,
+    Message,
+    MessageLog,
+)
+
+
+def queue(n, prefix="S"):
+    for i in range(n):
+        mailer.send_mail(f"{prefix} {i}", "b", "f@example.com", [f"t{i}@example.com"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_send_mail_prints_a_summary(smtp_settings, smtp_server, capsys):
+    queue(3)
+    call_command("send_mail")
+    out = capsys.readouterr().out
+    assert "send_mail: sent 3, deferred 0, failed 0 in" in out
+
+
+@pytest.mark.django_db
+def test_send_mail_paused(settings, capsys):
+    settings.MAILER_PAUSE_SEND = True
+    queue(1)
+    call_command("send_mail")
+    assert "MAILER_PAUSE_SEND" in capsys.readouterr().out
+    assert Message.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_cron_option_is_accepted_with_a_warning(settings, capsys):
+    settings.MAILER_PAUSE_SEND = True
+    with pytest.warns(DeprecationWarning, match="--cron"):
+        call_command("send_mail", "--cron", "1")
+    with pytest.warns(DeprecationWarning):
+        call_command("retry_deferred", "-c", "1")
+
+
+@pytest.mark.django_db
+def test_retry_deferred(capsys, settings):
+    queue(3)
+    for m in Message.objects.all()[:2]:
+        m.defer()
+    call_command("retry_deferred")
+    assert "2 message(s)" in capsys.readouterr().out
+    assert Message.objects.deferred().count() == 0
+    assert sorted(Message.objects.values_list("retry_count", flat=True)) == [0, 1, 1]
+
+
+@pytest.mark.django_db
+def test_retry_deferred_respects_max_retries(settings):
+    settings.MAILER_EMAIL_MAX_RETRIES = 1
+    queue(1)
+    m = Message.objects.get()
+    m.defer()
+    assert Message.objects.retry_deferred() == 1
+    Message.objects.get().defer()
+    assert Message.objects.retry_deferred() == 0
+    settings.MAILER_EMAIL_MAX_RETRIES = 0
+    assert Message.objects.retry_deferred() == 0
+
+
+def make_logs(result, count, days_ago):
+    queue(1, prefix="log")
+    message = Message.objects.last()
+    logs = [MessageLog.from_message(message, result) for _ in range(count)]
+    MessageLog.objects.bulk_create(logs)
+    MessageLog.objects.filter(result=result).update(
+        when_attempted=timezone.now() - timezone.timedelta(days=days_ago)
+    )
+
+
+@pytest.mark.django_db
+def test_purge_mail_log_in_batches(capsys, django_assert_max_num_queries):
+    make_logs(RESULT_SUCCESS, 25, days_ago=10)
+    make_logs(RESULT_FAILURE, 4, days_ago=10)
+    make_logs(RESULT_DONT_SEND, 2, days_ago=10)
+    # 25 rows in batches of 10: 3 deleting rounds + 1 empty lookup.
+    with django_assert_max_num_queries(3 * 2 + 1 + 2):
+        call_command("purge_mail_log", "5", "--batch-size", "10")
+    assert "25 success entries" in capsys.readouterr().out
+    assert not MessageLog.objects.filter(result=RESULT_SUCCESS).exists()
+    call_command("purge_mail_log", "5", "-r", "failure")
+    assert not MessageLog.objects.filter(result=RESULT_FAILURE).exists()
+    call_command("purge_mail_log", "20", "-r", "all")
+    assert MessageLog.objects.count() == 2
+    call_command("purge_mail_log", "5", "--result", "all")
+    assert MessageLog.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_purge_mail_log_keeps_recent():
+    make_logs(RESULT_SUCCESS, 3, days_ago=1)
+    call_command("purge_mail_log", "5")
+    assert MessageLog.objects.count() == 3
+
+
+@pytest.mark.django_db
+def test_purge_mail_log_rejects_bad_arguments():
+    with pytest.raises(CommandError):
+        call_command("purge_mail_log", "-1")
+    with pytest.raises(CommandError):
+        call_command("purge_mail_log", "3", "-r", "everything")
+
+
+# --- subprocesses ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_send_mail_subprocess(manage, smtp_server):
+    queue(5)
+    out = manage.run("send_mail").stdout
+    assert "sent 5" in out
+    assert len(smtp_server.wait_for(5)) == 5
+
+
+@pytest.mark.slow
+def test_runmailer_stops_cleanly_on_sigterm(manage, smtp_server):
+    smtp_server.delay = 0.4
+    queue(6)
+    manage.env["MAILER_TEST_EMPTY_QUEUE_SLEEP"] = "60"
+    proc = manage.popen("runmailer")
+    try:
+        smtp_server.wait_for(1)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "stopping after the message in flight" in stderr
+    # Everything the server accepted is logged as sent and left the queue;
+    # nothing was lost.
+    arrived = len(smtp_server.messages)
+    assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == arrived
+    assert Message.objects.count() == 6 - arrived
+    assert arrived < 6
+
+
+@pytest.mark.slow
+def test_runmailer_sigint(manage, smtp_server):
+    manage.env["MAILER_TEST_EMPTY_QUEUE_SLEEP"] = "60"
+    proc = manage.popen("runmailer")
+    try:
+        for line in proc.stderr:
+            if "Worker started" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "Received SIGINT" in stderr
+
+
+@pytest.mark.slow
+def test_runmailer_picks_up_new_mail(manage, smtp_server):
+    manage.env["MAILER_TEST_EMPTY_QUEUE_SLEEP"] = "0.2"
+    proc = manage.popen("runmailer")
+    try:
+        queue(2)
+        smtp_server.wait_for(2)
+        queue(1, prefix="later")
+        smtp_server.wait_for(3)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_drain_resends_at_most_one(manage, smtp_server):
+    """At-least-once: SIGKILL during a drain re-sends only the message in flight."""
+    smtp_server.delay = 0.3
+    queue(8)
+    expected_ids = set(Message.objects.values_list("message_id", flat=True))
+    proc = manage.popen("send_mail")
+    smtp_server.wait_for(2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=20)
+    time.sleep(0.5)  # let the server finish the DATA it was in
+    smtp_server.delay = 0
+    manage.run("send_mail")
+    ids = smtp_server.message_ids()
+    assert set(ids) == expected_ids  # nothing lost
+    duplicates = len(ids) - len(set(ids))
+    assert duplicates <= 1  # at most the message in flight, with its Message-ID
+    assert Message.objects.count() == 0
+
+
+@pytest.mark.slow
+def test_sqlite_queueing_during_a_long_drain(manage, smtp_server):
+    """Queueing from another process while a slow drain runs never hits
+    "database is locked": no transaction stays open across SMTP."""
+    smtp_server.delay = 0.05
+    queue(40, prefix="early")
+    drain = manage.popen("send_mail")
+    producer = manage.python(
+        "import mailer\n"
+        "for i in range(150):\n"
+        "    mailer.send_mail(f'late {i}', 'b', 'f@example.com', [f'l{i}@example.com'])\n"
+        "print('queued')\n",
+        timeout=120,
+    )
+    assert "queued" in producer.stdout
+    out, err = drain.communicate(timeout=120)
+    assert drain.returncode == 0, err
+    assert "database is locked" not in err + producer.stderr
+    arrived = len(smtp_server.messages)
+    assert arrived >= 40
+    assert arrived + Message.objects.count() == 190
+    manage.run("send_mail")
+    assert len(smtp_server.messages) == 190
+    assert len(set(smtp_server.message_ids())) == 190
