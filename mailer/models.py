@@ -82,8 +82,8 @@ def db_to_email(data: str | bytes | None) -> EmailMessage | None:
     """Decode ``message_data``; ``None`` (never an exception) when it can't be."""
     if not data:
         return None
-    raw = data.encode("ascii", "surrogateescape") if isinstance(data, str) else data
     try:
+        raw = data.encode("ascii") if isinstance(data, str) else data
         email = pickle.loads(base64.decodebytes(raw))
     except Exception:
         try:
@@ -98,9 +98,8 @@ def decode_error(data: str | None) -> str | None:
     """Why ``data`` can't be decoded, or ``None`` when it can."""
     if not data:
         return "empty message data"
-    raw = data.encode("ascii", "surrogateescape")
     try:
-        pickle.loads(base64.decodebytes(raw))
+        pickle.loads(base64.decodebytes(data.encode("ascii")))
     except (binascii.Error, ValueError) as err:
         return f"not base64: {err}"
     except Exception as err:

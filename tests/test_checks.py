@@ -1,0 +1,93 @@
+"""System checks (mailer/checks.py)."""
+
+import pytest
+from django.core import checks
+
+from mailer.compat import HAS_MAILERS
+
+
+def mailer_errors():
+    return [e.id for e in checks.run_checks(tags=["mailer"])]
+
+
+def test_clean_by_default():
+    assert mailer_errors() == []
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("MAILER_EMAIL_MAX_BATCH", "10"),
+        ("MAILER_EMAIL_MAX_DEFERRED", -1),
+        ("MAILER_EMAIL_THROTTLE", "fast"),
+        ("MAILER_EMPTY_QUEUE_SLEEP", None),
+        ("MAILER_LOCK_WAIT_TIMEOUT", "5"),
+        ("MAILER_MESSAGES_BATCH_SIZE", 0),
+        ("MAILER_EMAIL_MAX_RETRIES", True),
+        ("MAILER_PURGE_BATCH_SIZE", 0),
+    ],
+)
+def test_bad_numbers(settings, name, value):
+    setattr(settings, name, value)
+    errors = checks.run_checks(tags=["mailer"])
+    assert [e.id for e in errors] == ["mailer.E001"]
+    assert name in errors[0].msg
+
+
+def test_none_allowed_where_documented(settings):
+    settings.MAILER_EMAIL_MAX_BATCH = None
+    settings.MAILER_EMAIL_MAX_RETRIES = 0
+    assert mailer_errors() == []
+
+
+def test_error_handler_must_import(settings):
+    settings.MAILER_ERROR_HANDLER = "nowhere.handler"
+    assert mailer_errors() == ["mailer.E002"]
+    settings.MAILER_ERROR_HANDLER = "mailer.conf.DB_BACKEND"  # a string, not callable
+    assert mailer_errors() == ["mailer.E002"]
+
+
+def test_backend_loop(settings):
+    settings.MAILER_EMAIL_BACKEND = "mailer.backend.DbBackend"
+    if HAS_MAILERS:
+        settings.MAILER_USING = None
+    errors = checks.run_checks(tags=["mailer"])
+    assert [e.id for e in errors] == ["mailer.E003"]
+
+
+def test_sending_backend_must_import(settings):
+    settings.MAILER_EMAIL_BACKEND = "no.such.Backend"
+    assert mailer_errors() == ["mailer.E005"]
+
+
+@pytest.mark.skipif(not HAS_MAILERS, reason="MAILERS is Django 6.1+")
+class TestMailers:
+    def test_missing_using_says_what_to_add(self, settings):
+        settings.MAILERS = {
+            "default": {"BACKEND": "mailer.backend.DbBackend"},
+            "smtp": {"BACKEND": "django.core.mail.backends.smtp.EmailBackend"},
+        }
+        (error,) = checks.run_checks(tags=["mailer"])
+        assert error.id == "mailer.E004"
+        assert "MAILER_USING = 'smtp'" in error.hint
+
+    def test_unknown_alias(self, settings):
+        settings.MAILERS = {"default": {"BACKEND": "mailer.backend.DbBackend"}}
+        settings.MAILER_USING = "smtp"
+        (error,) = checks.run_checks(tags=["mailer"])
+        assert error.id == "mailer.E004"
+        assert "not in MAILERS" in error.msg
+        assert "MAILERS['smtp']" in error.hint
+
+    def test_using_the_queue_itself_is_a_loop(self, settings):
+        settings.MAILERS = {"default": {"BACKEND": "mailer.backend.DbBackend"}}
+        settings.MAILER_USING = "default"
+        assert mailer_errors() == ["mailer.E003"]
+
+    def test_good_configuration(self, settings):
+        settings.MAILERS = {
+            "default": {"BACKEND": "mailer.backend.DbBackend"},
+            "smtp": {"BACKEND": "django.core.mail.backends.smtp.EmailBackend"},
+        }
+        settings.MAILER_USING = "smtp"
+        assert mailer_errors() == []

@@ -1,0 +1,128 @@
+"""mailer/models.py: stored data, managers, properties."""
+
+import base64
+import pickle
+
+import pytest
+from django.core.mail import EmailMessage
+
+from mailer import models
+from mailer.models import (
+    PRIORITIES,
+    PRIORITY_MAPPING,
+    RESULT_CODES,
+    DontSendEntry,
+    Message,
+    MessageLog,
+    db_to_email,
+    email_to_db,
+    filter_recipient_list,
+    get_message_id,
+    make_message,
+)
+
+
+def test_constants():
+    assert (models.PRIORITY_HIGH, models.PRIORITY_MEDIUM, models.PRIORITY_LOW,
+            models.PRIORITY_DEFERRED) == (1, 2, 3, 4)
+    assert [label for _, label in PRIORITIES] == ["high", "medium", "low", "deferred"]
+    assert PRIORITY_MAPPING == {"high": 1, "medium": 2, "low": 3, "deferred": 4}
+    assert [code for code, _ in RESULT_CODES] == ["1", "2", "3"]
+    assert [label for _, label in RESULT_CODES] == ["success", "don't send", "failure"]
+
+
+def test_tables():
+    assert Message._meta.db_table == "mailer_message"
+    assert MessageLog._meta.db_table == "mailer_messagelog"
+    assert DontSendEntry._meta.db_table == "mailer_dontsendentry"
+
+
+def test_stored_form_is_base64_pickle():
+    email = EmailMessage("S", "b", "f@example.com", ["t@example.com"])
+    data = email_to_db(email)
+    assert data.isascii()
+    assert pickle.loads(base64.decodebytes(data.encode("ascii"))).subject == "S"
+    assert db_to_email(data).subject == "S"
+
+
+def test_legacy_raw_pickle_and_garbage():
+    email = EmailMessage("S", "b", "f@example.com", ["t@example.com"])
+    assert db_to_email(pickle.dumps(email, protocol=0).decode("latin-1")).subject == "S"
+    for bad in ("", None, "garbage!", "gASVAAAA", "\u00e9\u00e8"):
+        assert db_to_email(bad) is None
+
+
+def test_get_message_id_any_case():
+    email = EmailMessage(headers={"message-ID": "<x@y>"})
+    assert get_message_id(email) == "<x@y>"
+    assert get_message_id(EmailMessage()) is None
+    assert get_message_id(None) is None
+
+
+def test_undecodable_message_properties_never_raise():
+    m = Message(message_data="garbage", pk=3)
+    assert m.email is None
+    assert m.to_addresses == []
+    assert m.subject == ""
+    assert "3" in str(m)
+    log = MessageLog(message_data=None)
+    assert (log.email, log.to_addresses, log.subject) == (None, None, None)
+    assert str(log)
+
+
+@pytest.mark.django_db
+def test_make_message_filters_and_stays_unsaved():
+    DontSendEntry.objects.create(to_address="no@example.com")
+    msg = make_message("S", "b", "f@example.com", ["no@example.com", "ok@example.com"],
+                       bcc=["NO@example.com"], priority=models.PRIORITY_LOW)
+    assert msg.pk is None
+    assert msg.email.to == ["ok@example.com"] and msg.email.bcc == []
+    msg.save()
+    assert Message.objects.get().priority == models.PRIORITY_LOW
+    assert Message.objects.get().message_id  # assigned when saved
+
+
+@pytest.mark.django_db
+def test_replacing_email_before_save():
+    msg = make_message("S", "b", "f@example.com", ["t@example.com"])
+    email = EmailMessage("Other", "b", "f@example.com", ["t@example.com"])
+    email.attach("a.txt", "x", "text/plain")
+    msg.email = email
+    msg.save()
+    stored = Message.objects.get()
+    assert stored.subject == "Other" and stored.subject_text == "Other"
+    assert stored.email.attachments[0][0] == "a.txt"
+
+
+@pytest.mark.django_db
+def test_filter_recipient_list():
+    assert filter_recipient_list(None) is None
+    DontSendEntry.objects.create(to_address="No@Example.com")
+    assert filter_recipient_list(["no@example.COM", "yes@example.com"]) == ["yes@example.com"]
+    assert DontSendEntry.objects.has_address("NO@example.com")
+    assert not DontSendEntry.objects.has_address("yes@example.com")
+
+
+@pytest.mark.django_db
+def test_queryset_helpers():
+    for p in (1, 2, 2, 3, 4):
+        msg = make_message("S", "b", "f@example.com", ["t@example.com"], priority=p)
+        msg.save()
+    assert Message.objects.high_priority().count() == 1
+    assert Message.objects.medium_priority().count() == 2
+    assert Message.objects.low_priority().count() == 1
+    assert Message.objects.deferred().count() == 1
+    assert Message.objects.non_deferred().count() == 4
+    assert Message.objects.retry_deferred(new_priority=models.PRIORITY_HIGH) == 1
+    assert Message.objects.high_priority().count() == 2
+
+
+@pytest.mark.django_db
+def test_log_copies_the_message():
+    msg = make_message("S", "b", "f@example.com", ["t@example.com"], priority=1)
+    msg.save()
+    log = MessageLog.objects.log(msg, models.RESULT_FAILURE, "boom")
+    assert (log.priority, log.when_added, log.log_message) == (1, msg.when_added, "boom")
+    assert log.message_id == msg.message_id
+    assert log.to_addresses == ["t@example.com"] and log.subject == "S"
+    assert str(log).startswith("failure")
