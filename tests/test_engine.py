@@ -158,6 +158,7 @@ def test_log_message_data_off(smtp_settings, smtp_server, settings):
 
 
 def test_undecodable_message_is_kept_in_the_log(smtp_settings, smtp_server, caplog):
+    caplog.set_level("INFO", logger="mailer")
     Message.objects.create(message_data="this is not a pickle", recipients="", subject_text="")
     queue(1)
     result = send_all()

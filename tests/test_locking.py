@@ -1,5 +1,6 @@
 """The file lock, with real processes (mailer/locking.py)."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -48,6 +49,7 @@ def lock_path(settings):
 
 
 def test_lock_held_by_a_live_process_blocks_sending(lock_path, smtp_settings, smtp_server, caplog):
+    caplog.set_level(logging.INFO, logger="mailer")
     holder = hold_lock(HOLDER, lock_path)
     try:
         mailer.send_mail("S", "b", "f@example.com", ["t@example.com"])
@@ -61,6 +63,7 @@ def test_lock_held_by_a_live_process_blocks_sending(lock_path, smtp_settings, sm
 
 
 def test_lock_of_a_killed_worker_is_taken_over(lock_path, smtp_settings, smtp_server, caplog):
+    caplog.set_level(logging.INFO, logger="mailer")
     holder = hold_lock(HOLDER, lock_path)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
