@@ -1,0 +1,57 @@
+"""mailer/worker.py in process: the loop stops by itself, no sleep patching."""
+
+import threading
+
+import pytest
+from django.core import mail
+
+import mailer
+from mailer.models import Message
+from mailer.worker import Worker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def locmem(settings):
+    settings.MAILER_EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    if hasattr(settings, "MAILERS"):
+        del settings.MAILERS
+
+
+def test_runs_passes_until_max_passes(locmem):
+    for i in range(3):
+        mailer.send_mail(f"S{i}", "b", "f@example.com", ["t@example.com"])
+    worker = Worker(sleep=0.01, max_passes=1, install_signal_handlers=False)
+    assert worker.run() == 1
+    assert len(mail.outbox) == 3
+    assert not Message.objects.exists()
+
+
+def test_idle_worker_waits_and_stop_wakes_it(locmem):
+    worker = Worker(sleep=30, install_signal_handlers=False)
+    threading.Timer(0.2, worker.stop).start()
+    assert worker.run() == 0  # woke from its 30 s wait at once
+
+
+def test_pause_send(locmem, settings):
+    settings.MAILER_PAUSE_SEND = True
+    mailer.send_mail("S", "b", "f@example.com", ["t@example.com"])
+    worker = Worker(sleep=0.01, install_signal_handlers=False)
+    threading.Timer(0.3, worker.stop).start()
+    worker.run()
+    assert mail.outbox == []
+    assert Message.objects.count() == 1
+
+
+def test_a_failing_pass_does_not_end_the_worker(settings, caplog):
+    settings.MAILER_EMAIL_BACKEND = "tests.test_engine.ExplodingBackend"
+    if hasattr(settings, "MAILERS"):
+        del settings.MAILERS
+    mailer.send_mail("please explode", "b", "f@example.com", ["t@example.com"])
+    mailer.send_mail("fine", "b", "f@example.com", ["t@example.com"])
+    worker = Worker(sleep=0.01, max_passes=2, install_signal_handlers=False)
+    worker.run()
+    assert "Pass failed" in caplog.text
+    assert Message.objects.deferred().count() == 1
+    assert Message.objects.non_deferred().count() == 0
