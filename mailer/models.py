@@ -318,14 +318,12 @@ def queue_emails(
         if stored.recipients():
             rows.append(row)
         else:
-            skipped.append(
-                MessageLog.from_message(
-                    row,
-                    RESULT_DONT_SEND,
-                    "every recipient is on the don't-send list",
-                    email=stored,
-                )
+            entry = MessageLog.from_message(
+                row, RESULT_DONT_SEND, "every recipient is on the don't-send list", email=stored
             )
+            # Keep who was suppressed, so the log can answer "why no mail?".
+            entry.recipients = "\n".join(str(a) for a in email.recipients())
+            skipped.append(entry)
     if batch_size is None:
         batch_size = conf.MESSAGES_BATCH_SIZE
     with transaction.atomic(savepoint=False):

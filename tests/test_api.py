@@ -134,7 +134,7 @@ def test_everyone_blocked_is_logged_not_queued():
     assert not Message.objects.exists()
     log = MessageLog.objects.get()
     assert log.result == RESULT_DONT_SEND
-    assert log.recipients == ""
+    assert log.recipients == "blocked@example.com"  # who was suppressed
 
 
 def test_mail_admins_accepts_pairs(settings):
