@@ -86,12 +86,27 @@ class Worker:
 
         return send_all(should_stop=self.should_stop, sleep=self.wait)
 
+    # -- hooks for subclasses (runmailer_pg) ----------------------------------------
+
+    def on_start(self) -> None:
+        """Called by ``run`` once the signal handlers are installed."""
+
+    def on_stop(self) -> None:
+        """Called by ``run`` on the way out, before the handlers are restored."""
+
+    def pause_after(self, result: Any) -> float | None:
+        """Seconds to wait after a pass that returned ``result`` (None: go on)."""
+        if result.locked_out or result.attempted == 0:
+            return self.idle_seconds()
+        return None
+
     def run(self) -> int:
         """Loop until stopped; return the number of passes run."""
         self.running = True
         previous = self._install() if self.install_signal_handlers else {}
         logger.info("Worker started (idle sleep %ss).", self.idle_seconds())
         try:
+            self.on_start()
             while self.running:
                 if self.max_passes is not None and self.passes >= self.max_passes:
                     break
@@ -113,9 +128,11 @@ class Worker:
                     self.wait(self.idle_seconds())
                     continue
                 self.passes += 1
-                if result.locked_out or result.attempted == 0:
-                    self.wait(self.idle_seconds())
+                pause = self.pause_after(result)
+                if pause is not None:
+                    self.wait(pause)
         finally:
+            self.on_stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             logger.info("Worker stopped after %s passes.", self.passes)
