@@ -1,0 +1,905 @@
+"""The admin: see, search, send, retry and requeue mail.
+
+List pages read only the denormalised columns (``recipients``,
+``subject_text``, ``message_id``) and never load ``message_data``, so a page
+costs the same however large the stored messages are and nothing is
+unpickled. Counting is bounded (:class:`CappedCountPaginator`): a table of
+millions of rows is never ``COUNT(*)``-ed in full. Only the detail page
+decodes the stored email, and shows a placeholder when it can't.
+
+HTML bodies are shown inside ``<iframe sandbox="" srcdoc="...">`` (no
+scripts, no same origin, no forms) with a Content-Security-Policy that lets
+nothing load from the network, so a message can neither run code in the
+admin nor phone home (tracking pixels, remote CSS) when someone opens it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
+from django.core.mail import EmailMessage
+from django.core.paginator import EmptyPage, Page, PageNotAnInteger, Paginator
+from django.db import connections, transaction
+from django.db.models import F, QuerySet
+from django.http import HttpRequest
+from django.template.defaultfilters import filesizeformat
+from django.utils.functional import cached_property
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+from django.utils.text import Truncator
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
+
+from mailer.compat import validate_email
+from mailer.engine import send_all
+from mailer.models import (
+    PRIORITY_DEFERRED,
+    PRIORITY_LABELS,
+    PRIORITY_MEDIUM,
+    RESULT_LABELS,
+    DontSendEntry,
+    Message,
+    MessageLog,
+    decode_error,
+    get_message_id,
+    queue_emails,
+)
+
+logger = logging.getLogger(__name__)
+
+EMPTY = "—"
+
+#: The policy put inside every rendered HTML body: nothing may be fetched
+#: (no remote images, CSS, fonts or frames); inline styles and ``data:``
+#: images still show.
+HTML_PREVIEW_CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+    "base-uri 'none'; form-action 'none'"
+)
+
+#: How many rows list pages count at most before saying "more than".
+DEFAULT_COUNT_CAP = 10_000
+
+
+# --- counting large tables --------------------------------------------------------
+
+
+def planner_row_estimate(queryset: QuerySet) -> int | None:
+    """PostgreSQL's estimate of the rows in an *unfiltered* table, else None."""
+    if queryset.query.where:
+        return None
+    connection = connections[queryset.db]
+    if connection.vendor != "postgresql":
+        return None
+    table = connection.ops.quote_name(queryset.model._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass", [table])
+        row = cursor.fetchone()
+    if not row or row[0] is None or row[0] < 0:
+        return None  # never analysed
+    return int(row[0])
+
+
+class CappedCountPaginator(Paginator):
+    """A paginator that never counts more than ``count_cap`` rows.
+
+    The count is ``SELECT COUNT(*) FROM (SELECT ... LIMIT cap + 1)``: exact up
+    to the cap, and never a scan of the whole table. Past the cap it is
+    PostgreSQL's planner estimate when the list is unfiltered (one catalogue
+    lookup) and otherwise the cap itself; either way ``count_is_exact`` is
+    False and pages past the estimated end are simply empty instead of an
+    error, so nobody gets stuck on a stale estimate.
+    """
+
+    count_cap = DEFAULT_COUNT_CAP
+
+    def __init__(self, *args: Any, count_cap: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if count_cap is not None:
+            self.count_cap = count_cap
+        self.count_is_exact = True
+        self.count_is_estimate = False
+
+    @cached_property
+    def count(self) -> int:
+        object_list = self.object_list
+        if not isinstance(object_list, QuerySet):
+            return len(object_list)
+        counted = object_list.order_by()[: self.count_cap + 1].count()
+        if counted <= self.count_cap:
+            return counted
+        self.count_is_exact = False
+        estimate = planner_row_estimate(object_list)
+        if estimate is not None and estimate > self.count_cap:
+            self.count_is_estimate = True
+            return estimate
+        return self.count_cap
+
+    def validate_number(self, number: Any) -> int:
+        try:
+            return super().validate_number(number)
+        except EmptyPage:
+            if self.count_is_exact or isinstance(number, bool):
+                raise
+            # An inexact count: a page past it may still hold rows.
+            try:
+                number = int(number)
+            except (TypeError, ValueError) as err:
+                raise PageNotAnInteger(str(err)) from err
+            if number < 1:
+                raise
+            return number
+
+    def page(self, number: Any) -> Page:
+        number = self.validate_number(number)
+        if self.count_is_exact:
+            return super().page(number)
+        bottom = (number - 1) * self.per_page
+        return self._get_page(self.object_list[bottom : bottom + self.per_page], number, self)
+
+
+class _CheckboxRow:
+    """What ``ModelAdmin.action_checkbox`` reads of a row: its pk and str()."""
+
+    def __init__(self, pk: Any, label: str) -> None:
+        self.pk = pk
+        self.label = label
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def _row_label(obj: Any) -> str:
+    """A short description of a row from its denormalised columns only."""
+    first = next(iter((obj.recipients or "").splitlines()), "")
+    subject = Truncator(obj.subject_text or "").chars(60)
+    return f'{obj.pk}: "{subject}" {first}'.strip()
+
+
+class LeanChangeList(ChangeList):
+    """A change list whose rows are fetched without ``message_data``.
+
+    Only the displayed rows are affected: actions still receive full rows
+    (they get a fresh queryset from ``get_queryset``).
+    """
+
+    def get_results(self, request: HttpRequest) -> None:
+        self.queryset = self.queryset.defer("message_data")
+        super().get_results(request)
+
+
+class LargeTableAdmin(admin.ModelAdmin):
+    """Options shared by the queue and the log, tables that may be huge."""
+
+    paginator = CappedCountPaginator
+    count_cap = DEFAULT_COUNT_CAP
+    show_full_result_count = False  # no unfiltered COUNT(*) next to every search
+    list_per_page = 100
+    if hasattr(admin, "ShowFacets"):  # Django 5.0+: facets count every filter choice
+        show_facets = admin.ShowFacets.NEVER
+
+    def get_paginator(
+        self, request: HttpRequest, queryset: Any, per_page: int, *args: Any, **kwargs: Any
+    ) -> Paginator:
+        return self.paginator(queryset, per_page, *args, count_cap=self.count_cap, **kwargs)
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return LeanChangeList
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def action_checkbox(self, obj: Any) -> Any:
+        # Django labels each row's checkbox with str(obj), which would decode
+        # the stored email (and, with message_data deferred, query for it).
+        return super().action_checkbox(_CheckboxRow(obj.pk, _row_label(obj)))
+
+    action_checkbox.__dict__.update(admin.ModelAdmin.action_checkbox.__dict__)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Stored mail is evidence: the detail page is read-only. The actions
+        # ask for their own permissions below.
+        return False
+
+
+# --- showing values -----------------------------------------------------------------
+
+
+def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Render a placeholder instead of an error page when a value can't be shown."""
+
+    def wrapper(self: Any, obj: Any) -> Any:
+        try:
+            return func(self, obj)
+        except Exception:
+            logger.warning("Could not display %s of %r", func.__name__, obj.pk, exc_info=True)
+            return _placeholder(_("could not be displayed"))
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+def _placeholder(text: Any) -> SafeString:
+    return format_html(
+        '<span class="mailer-placeholder" style="font-style: italic">{}</span>', text
+    )
+
+
+def _recipient_list(value: str | None, limit: int = 3) -> str:
+    addresses = [a for a in (value or "").splitlines() if a.strip()]
+    if not addresses:
+        return EMPTY
+    shown = ", ".join(addresses[:limit])
+    if len(addresses) > limit:
+        more = len(addresses) - limit
+        shown += " " + ngettext("(+%(count)d more)", "(+%(count)d more)", more) % {"count": more}
+    return shown
+
+
+def _addresses(values: Iterable[Any] | None) -> str:
+    values = [str(v) for v in values or []]
+    return ", ".join(values) if values else EMPTY
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)
+
+
+def html_preview(html: str) -> SafeString:
+    """``html`` in a sandboxed iframe that can run nothing and load nothing.
+
+    ``srcdoc`` is escaped by ``format_html``, so the message can't close the
+    attribute; the CSP ``<meta>`` comes first so it governs everything after
+    it (the parser puts it in the document's ``<head>`` whatever follows).
+    """
+    srcdoc = (
+        f'<meta http-equiv="Content-Security-Policy" content="{HTML_PREVIEW_CSP}">'
+        '<meta name="referrer" content="no-referrer">' + html
+    )
+    return format_html(
+        '<iframe class="mailer-html-preview" sandbox="" referrerpolicy="no-referrer" '
+        'title="{}" srcdoc="{}" style="width: min(60em, 75vw); height: 32em; '
+        'border: 1px solid var(--hairline-color, #ccc); background: #fff"></iframe>',
+        _("HTML version of the message"),
+        srcdoc,
+    )
+
+
+def _pre(text: str) -> SafeString:
+    return format_html(
+        '<pre style="white-space: pre-wrap; overflow-wrap: anywhere; margin: 0">{}</pre>', text
+    )
+
+
+def _html_body(email: EmailMessage) -> str | None:
+    if getattr(email, "content_subtype", "plain") == "html":
+        return _text(email.body)
+    for alternative in getattr(email, "alternatives", None) or []:
+        content, mimetype = alternative[0], alternative[1]
+        if str(mimetype).split(";")[0].strip().lower() == "text/html":
+            return _text(content)
+    return None
+
+
+def _attachment_rows(email: EmailMessage) -> list[tuple[str, str, str]]:
+    rows = []
+    for item in getattr(email, "attachments", None) or []:
+        if isinstance(item, tuple):
+            filename, content, mimetype = (list(item) + [None, None, None])[:3]
+            if isinstance(content, str):
+                size: int | None = len(content.encode("utf-8"))
+            elif isinstance(content, bytes | bytearray):
+                size = len(content)
+            else:
+                size = None
+        else:  # a MIME part
+            filename = item.get_filename() if hasattr(item, "get_filename") else None
+            mimetype = item.get_content_type() if hasattr(item, "get_content_type") else None
+            payload = item.get_payload(decode=True) if hasattr(item, "get_payload") else None
+            size = len(payload) if isinstance(payload, bytes) else None
+        rows.append(
+            (
+                str(filename) if filename else str(_("(no name)")),
+                str(mimetype) if mimetype else EMPTY,
+                filesizeformat(size) if size is not None else EMPTY,
+            )
+        )
+    return rows
+
+
+class StoredEmailDisplay:
+    """Read-only fields that show the decoded email on a detail page."""
+
+    email_fields = (
+        "stored_data",
+        "from_display",
+        "to_display",
+        "cc_display",
+        "bcc_display",
+        "reply_to_display",
+        "email_subject",
+        "email_message_id",
+        "extra_headers_display",
+        "text_body",
+        "html_body",
+        "attachments_display",
+    )
+
+    def _email(self, obj: Any) -> EmailMessage | None:
+        return obj.email
+
+    def _missing(self, obj: Any) -> SafeString:
+        if obj.message_data is None or obj.message_data == "":
+            if isinstance(obj, MessageLog):
+                return _placeholder(_("message content not kept"))
+            return _placeholder(_("no message data"))
+        return _placeholder(_("undecodable message data"))
+
+    def _from_email(self, obj: Any, render: Callable[[EmailMessage], Any]) -> Any:
+        email = self._email(obj)
+        if email is None:
+            return self._missing(obj)
+        return render(email)
+
+    @admin.display(description=_("stored data"))
+    @_guarded
+    def stored_data(self, obj: Any) -> Any:
+        if not obj.message_data:
+            if isinstance(obj, MessageLog):
+                return _placeholder(
+                    _("Not kept: MAILER_EMAIL_LOG_MESSAGE_DATA was False when this was logged.")
+                )
+            return _placeholder(_("no message data"))
+        if self._email(obj) is None:
+            reason = decode_error(obj.message_data) or _("unknown reason")
+            return format_html(
+                "{} ({})",
+                _placeholder(_("undecodable message data")),
+                reason,
+            )
+        size = len(obj.message_data)
+        return format_html("{} ({})", _("decoded"), filesizeformat(size))
+
+    @admin.display(description=_("From"))
+    @_guarded
+    def from_display(self, obj: Any) -> Any:
+        return self._from_email(obj, lambda e: _text(e.from_email) or EMPTY)
+
+    @admin.display(description=_("To"))
+    @_guarded
+    def to_display(self, obj: Any) -> Any:
+        return self._from_email(obj, lambda e: _addresses(e.to))
+
+    @admin.display(description=_("Cc"))
+    @_guarded
+    def cc_display(self, obj: Any) -> Any:
+        return self._from_email(obj, lambda e: _addresses(getattr(e, "cc", None)))
+
+    @admin.display(description=_("Bcc"))
+    @_guarded
+    def bcc_display(self, obj: Any) -> Any:
+        return self._from_email(obj, lambda e: _addresses(e.bcc))
+
+    @admin.display(description=_("Reply-To"))
+    @_guarded
+    def reply_to_display(self, obj: Any) -> Any:
+        return self._from_email(obj, lambda e: _addresses(getattr(e, "reply_to", None)))
+
+    @admin.display(description=_("Subject"))
+    @_guarded
+    def email_subject(self, obj: Any) -> Any:
+        return self._from_email(obj, lambda e: _text(e.subject) or EMPTY)
+
+    @admin.display(description=_("Message-ID"))
+    @_guarded
+    def email_message_id(self, obj: Any) -> Any:
+        email = self._email(obj)
+        value = get_message_id(email) if email is not None else None
+        return value or obj.message_id or EMPTY
+
+    @admin.display(description=_("other headers"))
+    @_guarded
+    def extra_headers_display(self, obj: Any) -> Any:
+        def render(email: EmailMessage) -> Any:
+            headers = [
+                (name, _text(value))
+                for name, value in (getattr(email, "extra_headers", None) or {}).items()
+                if str(name).lower() != "message-id"
+            ]
+            if not headers:
+                return EMPTY
+            return format_html(
+                '<table class="mailer-headers">{}</table>',
+                format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", headers),
+            )
+
+        return self._from_email(obj, render)
+
+    @admin.display(description=_("text body"))
+    @_guarded
+    def text_body(self, obj: Any) -> Any:
+        def render(email: EmailMessage) -> Any:
+            if getattr(email, "content_subtype", "plain") == "html":
+                return _placeholder(_("The body is HTML: see the HTML version."))
+            body = _text(email.body)
+            return _pre(body) if body else EMPTY
+
+        return self._from_email(obj, render)
+
+    @admin.display(description=_("HTML version"))
+    @_guarded
+    def html_body(self, obj: Any) -> Any:
+        def render(email: EmailMessage) -> Any:
+            html = _html_body(email)
+            if html is None:
+                return EMPTY
+            return html_preview(html)
+
+        return self._from_email(obj, render)
+
+    @admin.display(description=_("attachments"))
+    @_guarded
+    def attachments_display(self, obj: Any) -> Any:
+        def render(email: EmailMessage) -> Any:
+            rows = _attachment_rows(email)
+            if not rows:
+                return EMPTY
+            return format_html(
+                '<table class="mailer-attachments"><thead><tr><th>{}</th><th>{}</th>'
+                "<th>{}</th></tr></thead><tbody>{}</tbody></table>",
+                _("file name"),
+                _("content type"),
+                _("size"),
+                format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", rows),
+            )
+
+        return self._from_email(obj, render)
+
+
+class DenormalisedColumns:
+    """List columns read from the searchable columns filled at queue time."""
+
+    @admin.display(description=_("recipients"), ordering="recipients")
+    def recipients_display(self, obj: Any) -> str:
+        return _recipient_list(obj.recipients)
+
+    @admin.display(description=_("subject"), ordering="subject_text")
+    def subject_display(self, obj: Any) -> str:
+        return Truncator(obj.subject_text).chars(100) if obj.subject_text else EMPTY
+
+    @admin.display(description=_("Message-ID"), ordering="message_id")
+    def message_id_display(self, obj: Any) -> str:
+        return obj.message_id or EMPTY
+
+    @admin.display(description=_("priority"), ordering="priority")
+    def priority_display(self, obj: Any) -> str:
+        return str(PRIORITY_LABELS.get(obj.priority, obj.priority))
+
+    @admin.display(description=_("when added"), ordering="when_added")
+    def when_added_display(self, obj: Any) -> Any:
+        return obj.when_added
+
+    @admin.display(description=_("all recipients"))
+    def all_recipients(self, obj: Any) -> Any:
+        addresses = [a for a in (obj.recipients or "").splitlines() if a.strip()]
+        return format_html_join(", ", "{}", ((a,) for a in addresses)) if addresses else EMPTY
+
+
+# --- filters --------------------------------------------------------------------------
+
+
+class PriorityFilter(admin.SimpleListFilter):
+    title = _("priority")
+    parameter_name = "priority"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [(str(number), label) for number, label in PRIORITY_LABELS.items()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        if value and value.isdigit():
+            return queryset.filter(priority=int(value))
+        return queryset
+
+
+class WhenAttemptedFilter(admin.DateFieldListFilter):
+    """Django's date filter, titled with a translated name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.title = _("when attempted")
+
+
+class ResultFilter(admin.SimpleListFilter):
+    title = _("result")
+    parameter_name = "result"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return list(RESULT_LABELS.items())
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        if value in RESULT_LABELS:
+            return queryset.filter(result=value)
+        return queryset
+
+
+# --- the queue --------------------------------------------------------------------------
+
+
+@admin.register(Message)
+class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
+    list_display = [
+        "id",
+        "recipients_display",
+        "subject_display",
+        "priority_display",
+        "retry_count_display",
+        "when_added_display",
+        "message_id_display",
+    ]
+    list_filter = [PriorityFilter]
+    date_hierarchy = "when_added"
+    search_fields = ["recipients", "subject_text", "message_id"]
+    search_help_text = _("Search by recipient address, subject or Message-ID.")
+    actions = ["send_now", "retry"]
+    fieldsets = [
+        (
+            _("Queue"),
+            {
+                "fields": (
+                    "id",
+                    "priority_display",
+                    "retry_count_display",
+                    "when_added_display",
+                    "all_recipients",
+                )
+            },
+        ),
+        (
+            _("Headers"),
+            {
+                "fields": (
+                    "from_display",
+                    "to_display",
+                    "cc_display",
+                    "bcc_display",
+                    "reply_to_display",
+                    "email_subject",
+                    "email_message_id",
+                    "extra_headers_display",
+                )
+            },
+        ),
+        (
+            _("Content"),
+            {"fields": ("stored_data", "text_body", "html_body", "attachments_display")},
+        ),
+    ]
+    readonly_fields = [
+        "id",
+        "priority_display",
+        "retry_count_display",
+        "when_added_display",
+        "all_recipients",
+        *StoredEmailDisplay.email_fields,
+    ]
+
+    @admin.display(description=_("retry count"), ordering="retry_count")
+    def retry_count_display(self, obj: Message) -> int:
+        return obj.retry_count
+
+    def has_send_permission(self, request: HttpRequest) -> bool:
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
+
+    @admin.action(description=_("Send selected messages now"), permissions=["send"])
+    def send_now(self, request: HttpRequest, queryset: QuerySet) -> None:
+        deferred = queryset.filter(priority=PRIORITY_DEFERRED).count()
+        try:
+            result = send_all(queryset=queryset)
+        except Exception as exc:
+            logger.exception("Sending from the admin failed")
+            self.message_user(
+                request,
+                _("Sending stopped with an error: %(error)s")
+                % {"error": f"{type(exc).__name__}: {exc}"},
+                messages.ERROR,
+            )
+            return
+        if result.locked_out:
+            self.message_user(
+                request,
+                _(
+                    "Nothing was sent: another worker is sending right now (the send lock "
+                    "is taken). Try again in a moment."
+                ),
+                messages.WARNING,
+            )
+        else:
+            level = messages.SUCCESS if not (result.deferred or result.failed) else messages.WARNING
+            self.message_user(
+                request,
+                _(
+                    "Sending pass finished in %(seconds).1f s: %(sent)d sent, %(deferred)d "
+                    "deferred, %(failed)d failed, %(dont_send)d with nobody to send to."
+                )
+                % {
+                    "seconds": result.seconds,
+                    "sent": result.sent,
+                    "deferred": result.deferred,
+                    "failed": result.failed,
+                    "dont_send": result.dont_send,
+                },
+                level,
+            )
+        if deferred:
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d selected message is deferred and was not sent: retry it first.",
+                    "%(count)d selected messages are deferred and were not sent: retry them first.",
+                    deferred,
+                )
+                % {"count": deferred},
+                messages.WARNING,
+            )
+
+    @admin.action(description=_("Retry selected deferred messages"), permissions=["send"])
+    def retry(self, request: HttpRequest, queryset: QuerySet) -> None:
+        # An operator's explicit choice: MAILER_EMAIL_MAX_RETRIES (which
+        # limits the automatic retry_deferred) does not apply here.
+        selected = queryset.count()
+        moved = queryset.filter(priority=PRIORITY_DEFERRED).update(
+            priority=PRIORITY_MEDIUM, retry_count=F("retry_count") + 1
+        )
+        self.message_user(
+            request,
+            ngettext(
+                "%(count)d deferred message was put back on the queue.",
+                "%(count)d deferred messages were put back on the queue.",
+                moved,
+            )
+            % {"count": moved},
+            messages.SUCCESS if moved else messages.WARNING,
+        )
+        skipped = selected - moved
+        if skipped > 0:
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d selected message was not deferred and was left as it was.",
+                    "%(count)d selected messages were not deferred and were left as they were.",
+                    skipped,
+                )
+                % {"count": skipped},
+                messages.INFO,
+            )
+
+
+# --- the don't-send list --------------------------------------------------------------
+
+
+class DontSendEntryForm(forms.ModelForm):
+    class Meta:
+        model = DontSendEntry
+        fields = ["to_address", "when_added"]
+        labels = {"to_address": _("Address"), "when_added": _("When added")}
+
+
+@admin.register(DontSendEntry)
+class DontSendEntryAdmin(admin.ModelAdmin):
+    form = DontSendEntryForm
+    list_display = ["address_display", "when_added_display"]
+    search_fields = ["to_address"]
+    search_help_text = _("Search by address.")
+    ordering = ["-when_added", "-id"]
+
+    @admin.display(description=_("address"), ordering="to_address")
+    def address_display(self, obj: DontSendEntry) -> str:
+        return obj.to_address
+
+    @admin.display(description=_("when added"), ordering="when_added")
+    def when_added_display(self, obj: DontSendEntry) -> Any:
+        return obj.when_added
+
+
+# --- the log ----------------------------------------------------------------------------
+
+REQUEUE_CHUNK = 500
+
+
+@admin.register(MessageLog)
+class MessageLogAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
+    list_display = [
+        "id",
+        "recipients_display",
+        "subject_display",
+        "message_id_display",
+        "when_attempted_display",
+        "result_display",
+        "log_message_display",
+    ]
+    # No date hierarchy: on a log of millions of rows it would scan the table
+    # for its year/month links on every page; a date filter costs nothing.
+    list_filter = [ResultFilter, ("when_attempted", WhenAttemptedFilter)]
+    search_fields = ["message_id", "recipients", "subject_text"]
+    search_help_text = _("Search by Message-ID, recipient address or subject.")
+    actions = ["requeue"]
+    fieldsets = [
+        (
+            _("Attempt"),
+            {
+                "fields": (
+                    "id",
+                    "result_display",
+                    "when_attempted_display",
+                    "full_log_message",
+                    "message_id_display",
+                    "priority_display",
+                    "when_added_display",
+                    "all_recipients",
+                )
+            },
+        ),
+        (
+            _("Headers"),
+            {
+                "fields": (
+                    "from_display",
+                    "to_display",
+                    "cc_display",
+                    "bcc_display",
+                    "reply_to_display",
+                    "email_subject",
+                    "email_message_id",
+                    "extra_headers_display",
+                )
+            },
+        ),
+        (
+            _("Content"),
+            {"fields": ("stored_data", "text_body", "html_body", "attachments_display")},
+        ),
+    ]
+    readonly_fields = [
+        "id",
+        "result_display",
+        "when_attempted_display",
+        "full_log_message",
+        "message_id_display",
+        "priority_display",
+        "when_added_display",
+        "all_recipients",
+        *StoredEmailDisplay.email_fields,
+    ]
+
+    # Log ids grow in the order attempts are logged, so sorting by id gives
+    # the attempt order without sorting the whole (unindexed) column.
+    @admin.display(description=_("when attempted"), ordering="id")
+    def when_attempted_display(self, obj: MessageLog) -> Any:
+        return obj.when_attempted
+
+    @admin.display(description=_("result"), ordering="result")
+    def result_display(self, obj: MessageLog) -> str:
+        return str(RESULT_LABELS.get(obj.result, obj.result))
+
+    @admin.display(description=_("log message"))
+    def log_message_display(self, obj: MessageLog) -> str:
+        return Truncator(obj.log_message).chars(80) if obj.log_message else EMPTY
+
+    @admin.display(description=_("log message"))
+    def full_log_message(self, obj: MessageLog) -> Any:
+        return _pre(obj.log_message) if obj.log_message else EMPTY
+
+    def has_requeue_permission(self, request: HttpRequest) -> bool:
+        opts = Message._meta
+        return request.user.has_perm(f"{opts.app_label}.add_{opts.model_name}")
+
+    @admin.action(
+        description=_("Requeue selected messages (send them again)"), permissions=["requeue"]
+    )
+    def requeue(self, request: HttpRequest, queryset: QuerySet) -> None:
+        """Put each logged message back on the queue, with its Message-ID.
+
+        The new queue entry keeps the logged priority (a message logged while
+        deferred goes back at medium priority), goes through the don't-send
+        list like any new message, and carries the same ``Message-ID`` so the
+        receiver can tell it is a resend.
+        """
+        queued = not_kept = undecodable = invalid = 0
+        groups: dict[int, list[EmailMessage]] = defaultdict(list)
+
+        def flush() -> int:
+            count = 0
+            with transaction.atomic(using=queryset.db):
+                for priority, emails in groups.items():
+                    count += queue_emails(emails, priority=priority)
+            groups.clear()
+            return count
+
+        offered = 0
+        rows = queryset.order_by("id").only("id", "message_data", "message_id", "priority")
+        for log in rows.iterator(chunk_size=REQUEUE_CHUNK):
+            if not log.message_data:
+                not_kept += 1
+                continue
+            email = log.email
+            if email is None:
+                undecodable += 1
+                continue
+            if get_message_id(email) is None and log.message_id:
+                email.extra_headers = {**email.extra_headers, "Message-ID": log.message_id}
+            try:
+                validate_email(email)
+            except ValueError:
+                invalid += 1
+                continue
+            priority = log.priority if log.priority != PRIORITY_DEFERRED else PRIORITY_MEDIUM
+            groups[priority].append(email)
+            offered += 1
+            if offered % REQUEUE_CHUNK == 0:
+                queued += flush()
+        queued += flush()
+        blocked = offered - queued
+
+        self.message_user(
+            request,
+            ngettext(
+                "%(count)d message was put back on the queue.",
+                "%(count)d messages were put back on the queue.",
+                queued,
+            )
+            % {"count": queued},
+            messages.SUCCESS if queued else messages.WARNING,
+        )
+        problems = [
+            (
+                not_kept,
+                ngettext(
+                    "%(count)d message can't be requeued: its content was not kept "
+                    "(MAILER_EMAIL_LOG_MESSAGE_DATA is False).",
+                    "%(count)d messages can't be requeued: their content was not kept "
+                    "(MAILER_EMAIL_LOG_MESSAGE_DATA is False).",
+                    not_kept,
+                ),
+            ),
+            (
+                undecodable,
+                ngettext(
+                    "%(count)d message can't be requeued: its stored data can't be decoded.",
+                    "%(count)d messages can't be requeued: their stored data can't be decoded.",
+                    undecodable,
+                ),
+            ),
+            (
+                invalid,
+                ngettext(
+                    "%(count)d message can't be requeued: it is not a valid email.",
+                    "%(count)d messages can't be requeued: they are not valid emails.",
+                    invalid,
+                ),
+            ),
+            (
+                blocked,
+                ngettext(
+                    "%(count)d message was not requeued: all its recipients are on the "
+                    "don't-send list or it has none.",
+                    "%(count)d messages were not requeued: all their recipients are on the "
+                    "don't-send list or they have none.",
+                    blocked,
+                ),
+            ),
+        ]
+        for count, text in problems:
+            if count:
+                self.message_user(request, text % {"count": count}, messages.WARNING)
