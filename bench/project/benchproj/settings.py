@@ -1,0 +1,70 @@
+"""Settings of the benchmark's minimal Django project.
+
+Everything that varies between scenario runs comes from environment
+variables set by bench/worker.py (and inherited by the ``manage.py``
+subprocesses it starts):
+
+BENCH_DB                  "sqlite" (default) or "postgres"
+BENCH_SQLITE_PATH         SQLite database file (sqlite)
+BENCH_PG_NAME             database name (postgres; default mailer_bench)
+BENCH_PG_HOST/PORT/USER   PostgreSQL server (default 127.0.0.1:5432, postgres,
+                          trust auth, BENCH_PG_PASSWORD if needed)
+BENCH_SMTP_PORT           port of the SMTP sink on 127.0.0.1
+BENCH_MAILER_BACKEND      "smtp" (default) or "dummy"
+BENCH_USE_FILE_LOCK       "1" (default) or "0"  -> MAILER_USE_FILE_LOCK
+BENCH_LOCK_PATH           -> MAILER_LOCK_PATH
+BENCH_EMPTY_QUEUE_SLEEP   -> MAILER_EMPTY_QUEUE_SLEEP (seconds, default 30)
+"""
+
+import os
+
+SECRET_KEY = "bench-not-secret"
+DEBUG = False  # DEBUG=True would make Django keep every query in memory
+ALLOWED_HOSTS = ["*"]
+USE_TZ = True
+TIME_ZONE = "UTC"
+INSTALLED_APPS = ["mailer"]
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+_db = os.environ.get("BENCH_DB", "sqlite")
+if _db == "postgres":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("BENCH_PG_NAME", "mailer_bench"),
+            "HOST": os.environ.get("BENCH_PG_HOST", "127.0.0.1"),
+            "PORT": os.environ.get("BENCH_PG_PORT", "5432"),
+            "USER": os.environ.get("BENCH_PG_USER", "postgres"),
+            "PASSWORD": os.environ.get("BENCH_PG_PASSWORD", ""),
+        }
+    }
+elif _db == "sqlite":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("BENCH_SQLITE_PATH", "/tmp/mailer_bench.sqlite3"),
+            "OPTIONS": {"timeout": 60},
+        }
+    }
+else:
+    raise RuntimeError("BENCH_DB must be sqlite or postgres, not %r" % _db)
+
+# Application code enqueues through django.core.mail -> DbBackend.
+EMAIL_BACKEND = "mailer.backend.DbBackend"
+
+_backend = os.environ.get("BENCH_MAILER_BACKEND", "smtp")
+MAILER_EMAIL_BACKEND = {
+    "smtp": "django.core.mail.backends.smtp.EmailBackend",
+    "dummy": "django.core.mail.backends.dummy.EmailBackend",
+}[_backend]
+
+EMAIL_HOST = "127.0.0.1"
+EMAIL_PORT = int(os.environ.get("BENCH_SMTP_PORT", "25"))
+EMAIL_USE_TLS = False
+EMAIL_USE_SSL = False
+EMAIL_TIMEOUT = 60
+
+MAILER_USE_FILE_LOCK = os.environ.get("BENCH_USE_FILE_LOCK", "1") == "1"
+if os.environ.get("BENCH_LOCK_PATH"):
+    MAILER_LOCK_PATH = os.environ["BENCH_LOCK_PATH"]
+MAILER_EMPTY_QUEUE_SLEEP = float(os.environ.get("BENCH_EMPTY_QUEUE_SLEEP", "30"))

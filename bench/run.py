@@ -1,0 +1,660 @@
+#!/usr/bin/env python3
+"""Benchmark: django-mailer 2.3.2 (from PyPI) versus this checkout.
+
+    python3 bench/run.py                      # everything, 3 runs, medians
+    python3 bench/run.py --quick              # tiny smoke run (< 1 minute)
+    python3 bench/run.py --only dm232 --runs 1 --json out.json
+
+Standard library only.  It creates two virtualenvs on first use,
+bench/.venvs/dm232 (django-mailer==2.3.2) and bench/.venvs/ours (this
+checkout, editable), and runs bench/worker.py with each venv's python, one
+scenario run at a time, alternating the two sides.  See bench/README.md.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(BENCH_DIR)
+VENVS_DIR = os.path.join(BENCH_DIR, ".venvs")
+WORKER = os.path.join(BENCH_DIR, "worker.py")
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+
+COMMON_REQS = ["Django==5.2.*", "psycopg2-binary", "psycopg[binary]", "aiosmtpd", "lockfile"]
+
+SIDES = {
+    "dm232": {"label": "2.3.2", "reqs": COMMON_REQS + ["django-mailer==2.3.2"]},
+    "ours": {"label": "ours", "reqs": list(COMMON_REQS)},
+}
+SIDE_ORDER = ["dm232", "ours"]
+
+SCENARIO_ORDER = ["enqueue", "drain", "dummy", "memory", "runmailer_pg", "workers4"]
+SCENARIO_DBS = {
+    "enqueue": ["sqlite", "postgres"],
+    "drain": ["sqlite", "postgres"],
+    "dummy": ["sqlite", "postgres"],
+    "memory": ["sqlite", "postgres"],
+    "runmailer_pg": ["postgres"],
+    "workers4": ["postgres"],
+}
+
+FULL = {"n": 10000, "sizes": [1000, 10000, 50000], "singles": 200, "burst": 2000, "runs": 3, "mem_runs": 1}
+QUICK = {"n": 200, "sizes": [50, 300], "singles": 10, "burst": 100, "runs": 1, "mem_runs": 1}
+
+# (key, label, unit, higher_is_better)
+METRICS = {
+    "enqueue": [
+        ("bulk_rows_per_s", "send_mass_mail via DbBackend", "rows/s", True),
+        ("single_rows_per_s", "mailer.send_mail, one per call", "rows/s", True),
+        ("raw_insert_rows_per_s", "raw 1-row INSERT (reference)", "rows/s", True),
+        ("single_vs_raw", "send_mail / raw INSERT", "x", True),
+    ],
+    "drain": [
+        ("drain_msgs_per_s", "manage.py send_mail -> SMTP", "msgs/s", True),
+        ("drain_wall_s", "send_mail wall time", "s", False),
+        ("ceiling_msgs_per_s", "smtplib 1-connection ceiling", "msgs/s", True),
+        ("drain_vs_ceiling", "drain / ceiling", "x", True),
+        ("drain_peak_rss_mb", "send_mail peak RSS", "MB", False),
+    ],
+    "dummy": [
+        ("msgs_per_s", "send_mail, dummy backend", "msgs/s", True),
+        ("wall_s", "send_mail wall time", "s", False),
+    ],
+    "memory": [],  # built from the sizes at run time
+    "runmailer_pg": [
+        ("latency_p50_ms", "commit->arrival p50", "ms", False),
+        ("latency_p95_ms", "commit->arrival p95", "ms", False),
+        ("latency_p99_ms", "commit->arrival p99", "ms", False),
+        ("latency_max_ms", "commit->arrival max", "ms", False),
+        ("burst_s", "burst: commit->all arrived", "s", False),
+        ("burst_msgs_per_s", "burst throughput", "msgs/s", True),
+    ],
+    "workers4": [
+        ("msgs_per_s", "4 x send_mail, no file lock", "msgs/s", True),
+        ("wall_s", "total wall time", "s", False),
+        ("duplicates", "duplicate deliveries", "msgs", False),
+        ("lost", "lost messages", "msgs", False),
+    ],
+}
+
+
+def memory_metrics(sizes):
+    rows = [("rss_mb_empty", "peak RSS, empty queue", "MB", False)]
+    for s in sizes:
+        rows.append(("rss_mb_%d" % s, "peak RSS, %s x 20KB queued" % _k(s), "MB", False))
+    rows.append(("rss_ratio", "RSS(%s) / RSS(%s)" % (_k(max(sizes)), _k(min(sizes))), "x", False))
+    for s in sizes:
+        rows.append(("msgs_per_s_%d" % s, "drain rate, %s x 20KB" % _k(s), "msgs/s", True))
+    return rows
+
+
+def _k(n):
+    return "%dk" % (n // 1000) if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+def _ratio(d, o):
+    if d is None or o is None or d == 0:
+        return None
+    return o / d
+
+
+# Targets: key -> (text, needs_dm232, predicate(dm232_value, ours_value))
+TARGETS = {
+    ("enqueue", "bulk_rows_per_s"): (">= 2x 2.3.2", True, lambda d, o: o >= 2 * d),
+    ("enqueue", "single_vs_raw"): ("ours >= 0.80", False, lambda d, o: o >= 0.8),
+    ("drain", "drain_vs_ceiling"): ("ours >= 0.90", False, lambda d, o: o >= 0.9),
+    ("dummy", "msgs_per_s"): (">= 5x 2.3.2", True, lambda d, o: o >= 5 * d),
+    ("memory", "rss_ratio"): ("ours <= 1.10", False, lambda d, o: o <= 1.1),
+    ("runmailer_pg", "latency_p99_ms"): ("<= 2.3.2", True, lambda d, o: o <= d),
+    ("runmailer_pg", "burst_s"): (">= 5x faster", True, lambda d, o: o * 5 <= d),
+    ("workers4", "msgs_per_s"): (">= 5x 2.3.2", True, lambda d, o: o >= 5 * d),
+    ("workers4", "duplicates"): ("ours = 0", False, lambda d, o: o == 0),
+    ("workers4", "lost"): ("ours = 0", False, lambda d, o: o == 0),
+}
+
+
+def log(msg=""):
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------
+# virtualenvs
+# --------------------------------------------------------------------------
+
+
+def venv_python(side):
+    return os.path.join(VENVS_DIR, side, "bin", "python")
+
+
+def _pip(py, args, logfh):
+    cmd = [py, "-m", "pip", "install", "--disable-pip-version-check"] + args
+    logfh.write("\n$ %s\n" % " ".join(cmd))
+    logfh.flush()
+    return subprocess.call(cmd, stdout=logfh, stderr=subprocess.STDOUT)
+
+
+def _purelib(py):
+    return subprocess.check_output(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    ).strip()
+
+
+def _repo_is_packaged():
+    return any(os.path.exists(os.path.join(REPO_DIR, f)) for f in ("pyproject.toml", "setup.py", "setup.cfg"))
+
+
+def ensure_venv(side, reinstall=False):
+    """Create/refresh bench/.venvs/<side>. Returns (python, note); raises on failure."""
+    vdir = os.path.join(VENVS_DIR, side)
+    py = venv_python(side)
+    stamp_path = os.path.join(vdir, ".bench-stamp.json")
+    reqs = SIDES[side]["reqs"]
+    stamp = {}
+    if os.path.exists(stamp_path):
+        try:
+            with open(stamp_path) as fh:
+                stamp = json.load(fh)
+        except ValueError:
+            stamp = {}
+    if reinstall and os.path.isdir(vdir):
+        shutil.rmtree(vdir)
+        stamp = {}
+    if not os.path.exists(py):
+        log("[setup] creating %s with %s" % (os.path.relpath(vdir, REPO_DIR), sys.executable))
+        subprocess.check_call([sys.executable, "-m", "venv", vdir])
+        stamp = {}
+    install_log = os.path.join(vdir, "bench-install.log")
+    need_reqs = stamp.get("reqs") != reqs
+    need_repo = side == "ours" and (
+        need_reqs or stamp.get("repo") != REPO_DIR or (stamp.get("mode") != "editable" and _repo_is_packaged())
+    )
+    if not need_reqs and not need_repo:
+        return py, stamp.get("mode", "")
+    with open(install_log, "a") as logfh:
+        if need_reqs:
+            log("[setup] %s: pip install %s (log: %s)" % (side, " ".join(reqs), os.path.relpath(install_log, REPO_DIR)))
+            if _pip(py, reqs, logfh) != 0:
+                raise RuntimeError("pip install failed for %s, see %s" % (side, install_log))
+        mode = stamp.get("mode", "")
+        if side == "ours" and need_repo:
+            pth = os.path.join(_purelib(py), "bench_ours_checkout.pth")
+            mode = "pth"
+            if _repo_is_packaged():
+                log("[setup] ours: pip install -e %s" % REPO_DIR)
+                if _pip(py, reqs + ["-e", REPO_DIR], logfh) == 0:
+                    mode = "editable"
+                else:
+                    log("[setup] ours: editable install failed (see %s); falling back to a .pth path entry" % install_log)
+            if mode == "editable":
+                if os.path.exists(pth):
+                    os.remove(pth)
+            else:
+                # Same effect as PYTHONPATH=<repo> for this venv only.
+                with open(pth, "w") as fh:
+                    fh.write(REPO_DIR + "\n")
+        stamp = {"reqs": reqs, "repo": REPO_DIR if side == "ours" else None, "mode": mode or "pypi"}
+    with open(stamp_path, "w") as fh:
+        json.dump(stamp, fh)
+    return py, stamp["mode"]
+
+
+# --------------------------------------------------------------------------
+# running workers
+# --------------------------------------------------------------------------
+
+
+def worker_env():
+    env = dict(os.environ)
+    for k in ("PYTHONPATH", "DJANGO_SETTINGS_MODULE", "PYTHONHOME", "VIRTUAL_ENV"):
+        env.pop(k, None)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def run_worker(py, args, timeout):
+    fd, out = tempfile.mkstemp(prefix="mailer-bench-", suffix=".json")
+    os.close(fd)
+    errfd, errpath = tempfile.mkstemp(prefix="mailer-bench-", suffix=".log")
+    try:
+        with os.fdopen(errfd, "w") as errfh:
+            proc = subprocess.Popen(
+                [py, WORKER] + args + ["--out", out],
+                env=worker_env(),
+                cwd=BENCH_DIR,
+                stdin=subprocess.DEVNULL,
+                stdout=errfh,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                rc = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+                # SIGTERM lets the worker kill its own children and drop its DB.
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            except BaseException:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+        with open(errpath, errors="replace") as fh:
+            output = fh.read()
+        try:
+            with open(out) as fh:
+                res = json.load(fh)
+        except (OSError, ValueError):
+            res = {
+                "ok": False,
+                "error": "worker produced no result (rc=%s)\n%s" % (rc, output[-3000:]),
+                "metrics": {},
+                "checks": [],
+                "info": {},
+            }
+        if rc == "timeout":
+            res["ok"] = False
+            res["error"] = "worker timed out after %s s\n%s" % (timeout, output[-3000:])
+            res["error_summary"] = "worker timed out after %s s" % timeout
+        return res
+    finally:
+        for p in (out, errpath):
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+
+
+def side_info(side, py):
+    res = run_worker(py, ["info"], 300)
+    if not res.get("ok"):
+        return None, _err_text(res)
+    info = res["info"]
+    mfile = os.path.realpath(info.get("mailer_file") or "")
+    if side == "ours":
+        want = os.path.realpath(os.path.join(REPO_DIR, "mailer")) + os.sep
+        if not mfile.startswith(want):
+            return info, "imported mailer from %s, not from the checkout %s" % (mfile, want)
+    else:
+        if info.get("mailer_version") != "2.3.2" or not mfile.startswith(os.path.realpath(os.path.join(VENVS_DIR, side))):
+            return info, "dm232 venv imports mailer %s from %s" % (info.get("mailer_version"), mfile)
+    missing = [c for c, app in (info.get("commands") or {}).items() if app is None and c != "retry_deferred"]
+    if missing:
+        info["warning"] = "management commands missing: %s" % ", ".join(missing)
+    return info, None
+
+
+def _err_text(res):
+    """'summary' + newline + traceback of a failed worker result."""
+    full = (res.get("error") or "unknown error").strip()
+    summary = res.get("error_summary")
+    if not summary:
+        lines = full.splitlines()
+        summary = lines[-1] if lines else "?"
+    return summary + "\n" + full
+
+
+def postgres_reachable():
+    host = os.environ.get("BENCH_PG_HOST", "127.0.0.1")
+    port = int(os.environ.get("BENCH_PG_PORT", "5432"))
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# formatting
+# --------------------------------------------------------------------------
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "n/a"
+    if isinstance(v, str):
+        return v
+    if unit == "msgs" or (isinstance(v, int) and not isinstance(v, bool)):
+        return "%d" % v
+    a = abs(v)
+    if a >= 10000:
+        return "{:,.0f}".format(v)
+    if a >= 100:
+        return "%.1f" % v
+    if a >= 1:
+        return "%.2f" % v
+    return "%.3f" % v
+
+
+def short_summary(scenario, res):
+    if not res.get("ok"):
+        return "ERROR: " + _err_text(res).splitlines()[0]
+    m = res["metrics"]
+    keys = {
+        "enqueue": ["bulk_rows_per_s", "single_rows_per_s", "raw_insert_rows_per_s"],
+        "drain": ["drain_msgs_per_s", "ceiling_msgs_per_s"],
+        "dummy": ["msgs_per_s"],
+        "memory": [k for k in m if k.startswith("rss_mb_")] + ["rss_ratio"],
+        "runmailer_pg": ["latency_p50_ms", "latency_p99_ms", "burst_s"],
+        "workers4": ["msgs_per_s", "duplicates", "lost"],
+    }[scenario]
+    parts = ["%s=%s" % (k, fmt(m.get(k))) for k in keys]
+    bad = [c for c in res.get("checks", []) if not c["ok"]]
+    if bad:
+        parts.append("CORRECTNESS FAILED: " + "; ".join("%s (%s)" % (c["name"], c["detail"]) for c in bad))
+    return ", ".join(parts)
+
+
+def render_table(headers, rows):
+    widths = [len(h) for h in headers]
+    for r in rows:
+        for i, c in enumerate(r):
+            widths[i] = max(widths[i], len(c))
+    right = {4, 5, 6}
+    line = "-+-".join("-" * w for w in widths)
+
+    def fmt_row(r):
+        return " | ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r))
+
+    out = [fmt_row(headers), line]
+    prev = None
+    for r in rows:
+        key = (r[0], r[1])
+        if prev is not None and key != prev:
+            out.append(line)
+        prev = key
+        out.append(fmt_row(r))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        description="Benchmark django-mailer 2.3.2 against this checkout (see bench/README.md)."
+    )
+    ap.add_argument("--scenarios", default=",".join(SCENARIO_ORDER), help="comma list of: " + ",".join(SCENARIO_ORDER))
+    ap.add_argument("--db", default="sqlite,postgres", help="comma list of sqlite,postgres")
+    ap.add_argument("--runs", type=int, default=None, help="runs per scenario, medians reported (default 3)")
+    ap.add_argument("--mem-runs", type=int, default=None, help="runs of the memory scenario (default 1)")
+    ap.add_argument("--quick", "--smoke", dest="quick", action="store_true", help="tiny sizes, 1 run")
+    ap.add_argument("--only", choices=["ours", "dm232"], help="run one side only")
+    ap.add_argument("--json", dest="json_out", help="write raw results + summary as JSON to this file")
+    ap.add_argument("--messages", type=int, help="messages for enqueue/drain/dummy/workers4 (default 10000)")
+    ap.add_argument("--sizes", help="queue sizes of the memory scenario, e.g. 1000,10000,50000")
+    ap.add_argument("--singles", type=int, help="runmailer_pg: single messages (default 200)")
+    ap.add_argument("--burst", type=int, help="runmailer_pg: burst size (default 2000)")
+    ap.add_argument("--reinstall", action="store_true", help="delete and recreate the virtualenvs")
+    ap.add_argument("--strict", action="store_true", help="exit non-zero when the ours side errors (n/a)")
+    args = ap.parse_args(argv)
+    conf = dict(QUICK if args.quick else FULL)
+    if args.runs is not None:
+        conf["runs"] = args.runs
+    if args.mem_runs is not None:
+        conf["mem_runs"] = args.mem_runs
+    if args.messages is not None:
+        conf["n"] = args.messages
+    if args.sizes:
+        conf["sizes"] = sorted(int(s) for s in args.sizes.split(",") if s.strip())
+    if args.singles is not None:
+        conf["singles"] = args.singles
+    if args.burst is not None:
+        conf["burst"] = args.burst
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    for s in scenarios:
+        if s not in SCENARIO_DBS:
+            ap.error("unknown scenario %r (choose from %s)" % (s, ", ".join(SCENARIO_ORDER)))
+    dbs = [d.strip() for d in args.db.split(",") if d.strip()]
+    for d in dbs:
+        if d not in ("sqlite", "postgres"):
+            ap.error("unknown db %r" % d)
+    if conf["runs"] < 1 or conf["mem_runs"] < 1:
+        ap.error("--runs/--mem-runs must be >= 1")
+    if len(conf["sizes"]) < 2 and "memory" in scenarios:
+        ap.error("--sizes needs at least two sizes")
+    return args, conf, scenarios, dbs
+
+
+def scenario_params(scenario, conf):
+    if scenario == "memory":
+        return {"sizes": conf["sizes"]}
+    if scenario == "runmailer_pg":
+        return {"singles": conf["singles"], "burst": conf["burst"]}
+    if scenario == "workers4":
+        return {"n": conf["n"], "workers": 4}
+    return {"n": conf["n"]}
+
+
+def scenario_timeout(scenario, conf):
+    if scenario == "memory":
+        return 600 + sum(conf["sizes"]) / 5.0
+    if scenario == "runmailer_pg":
+        return 600 + conf["singles"] * 31 + conf["burst"] / 5.0
+    return 600 + conf["n"] / 5.0
+
+
+def main(argv=None):
+    args, conf, scenarios, dbs = parse_args(argv if argv is not None else sys.argv[1:])
+    t_start = time.time()
+    sides = [args.only] if args.only else list(SIDE_ORDER)
+    log("mailer benchmark: sides=%s scenarios=%s db=%s runs=%d (memory: %d) n=%d sizes=%s singles=%d burst=%d"
+        % (",".join(sides), ",".join(scenarios), ",".join(dbs), conf["runs"], conf["mem_runs"], conf["n"],
+           ",".join(map(str, conf["sizes"])), conf["singles"], conf["burst"]))
+    if sys.version_info[:2] != (3, 11):
+        log("[warn] the venvs are meant to use Python 3.11; this is %s" % platform.python_version())
+
+    # --- set up the sides ---
+    side_state = {}
+    for side in sides:
+        st = {"python": None, "error": None, "info": None, "install_mode": None}
+        try:
+            py, mode = ensure_venv(side, reinstall=args.reinstall)
+            st["python"], st["install_mode"] = py, mode
+            info, err = side_info(side, py)
+            st["info"], st["error"] = info, err
+        except Exception as exc:  # noqa: BLE001 -- report, don't crash
+            st["error"] = "venv setup failed: %s" % exc
+        if st["error"]:
+            log("[%s] NOT AVAILABLE -> n/a: %s" % (side, st["error"].strip().splitlines()[0]))
+            if side == "ours":
+                log("      (details in the summary below)")
+        else:
+            info = st["info"]
+            log("[%s] mailer %s from %s (Django %s, Python %s, install: %s)%s"
+                % (side, info.get("mailer_version"), os.path.dirname(info.get("mailer_file") or "?"),
+                   info.get("django"), info.get("python"), st["install_mode"],
+                   ("  WARNING: " + info["warning"]) if info.get("warning") else ""))
+        side_state[side] = st
+
+    pg_ok = True
+    if "postgres" in dbs:
+        pg_ok = postgres_reachable()
+        if not pg_ok:
+            log("[warn] PostgreSQL is not reachable at 127.0.0.1:5432: postgres rows will be n/a")
+
+    # --- plan ---
+    plan = []
+    for sc in SCENARIO_ORDER:
+        if sc not in scenarios:
+            continue
+        for db in ["sqlite", "postgres"]:
+            if db in dbs and db in SCENARIO_DBS[sc]:
+                plan.append((sc, db))
+    if not plan:
+        log("nothing to run: no scenario applies to the selected databases")
+
+    runs = []  # list of dicts
+    for sc, db in plan:
+        nruns = conf["mem_runs"] if sc == "memory" else conf["runs"]
+        params = scenario_params(sc, conf)
+        for i in range(nruns):
+            for side in sides:
+                st = side_state[side]
+                label = "[%s] %s/%s run %d/%d" % (side, sc, db, i + 1, nruns)
+                if st["error"]:
+                    res = {"ok": False, "error": st["error"], "metrics": {}, "checks": [], "info": {},
+                           "error_summary": "side not available: " + st["error"].splitlines()[0], "skipped": True}
+                elif db == "postgres" and not pg_ok:
+                    res = {"ok": False, "error": "PostgreSQL not reachable", "metrics": {}, "checks": [], "info": {},
+                           "skipped": True}
+                else:
+                    t0 = time.time()
+                    res = run_worker(st["python"],
+                                     ["scenario", sc, "--db", db, "--params", json.dumps(params)],
+                                     scenario_timeout(sc, conf))
+                    log("%s: %s  (%.1f s)" % (label, short_summary(sc, res), time.time() - t0))
+                runs.append({"side": side, "scenario": sc, "db": db, "run": i + 1, "result": res})
+
+    # --- aggregate ---
+    summary, table_rows, failures, errors = aggregate(runs, plan, sides, conf)
+    table = render_table(
+        ["scenario", "db", "metric", "unit", "2.3.2", "ours", "ours/2.3.2", "better", "target", "status"], table_rows
+    )
+    log("")
+    log("=" * 100)
+    log("RESULTS (median of runs; ratio = ours / 2.3.2; 'better' says which direction wins for that row)")
+    log("=" * 100)
+    log(table)
+    log("")
+    log("'!' after a figure: a correctness check failed in at least one run of that side (listed below).")
+    log("Targets are judged on medians; a target whose 'ours' side failed a correctness check counts as missed.")
+    if failures:
+        log("")
+        log("!" * 100)
+        log("CORRECTNESS FAILURES (%d)" % len(failures))
+        for f in failures:
+            log("  [%s] %s/%s run %d: %s -- %s" % f)
+        log("!" * 100)
+    if errors:
+        log("")
+        log("ERRORS / n/a:")
+        seen = set()
+        for side, sc, db, run, err in errors:
+            if (side, err) in seen:
+                continue
+            seen.add((side, err))
+            lines = err.strip().splitlines() or ["?"]
+            log("  [%s] %s/%s run %d: %s" % (side, sc, db, run, lines[0]))
+            for ln in lines[1:][-15:]:
+                log("      " + ln)
+    elapsed = time.time() - t_start
+    log("")
+    log("total time %.1f s" % elapsed)
+
+    doc = {
+        "meta": {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
+            "elapsed_s": elapsed,
+            "argv": sys.argv[1:] if argv is None else argv,
+            "config": conf,
+            "scenarios": scenarios,
+            "dbs": dbs,
+            "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        },
+        "sides": {s: {k: v for k, v in st.items()} for s, st in side_state.items()},
+        "runs": runs,
+        "summary": summary,
+    }
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    latest = os.path.join(RESULTS_DIR, "latest.json")
+    with open(latest, "w") as fh:
+        json.dump(doc, fh, indent=1, default=str)
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(doc, fh, indent=1, default=str)
+        log("raw results written to %s" % args.json_out)
+    else:
+        log("raw results written to %s" % os.path.relpath(latest))
+
+    rc = 0
+    if failures:
+        rc = 1
+    if any(e[0] == "dm232" for e in errors):
+        rc = 1
+    if args.strict and any(e[0] == "ours" for e in errors):
+        rc = 1
+    return rc
+
+
+def aggregate(runs, plan, sides, conf):
+    summary = []
+    table_rows = []
+    failures = []
+    errors = []
+    by_key = {}
+    for r in runs:
+        by_key.setdefault((r["side"], r["scenario"], r["db"]), []).append(r)
+        res = r["result"]
+        if not res.get("ok"):
+            errors.append((r["side"], r["scenario"], r["db"], r["run"], _err_text(res)))
+        for c in res.get("checks", []):
+            if not c["ok"]:
+                failures.append((r["side"], r["scenario"], r["db"], r["run"], c["name"], c["detail"]))
+
+    for sc, db in plan:
+        metrics = memory_metrics(conf["sizes"]) if sc == "memory" else METRICS[sc]
+        med = {}
+        bad = {}
+        for side in sides:
+            rs = by_key.get((side, sc, db), [])
+            bad[side] = any(not c["ok"] for r in rs for c in r["result"].get("checks", []))
+            vals = {}
+            for key, _, _, _ in metrics:
+                xs = [r["result"]["metrics"][key] for r in rs if key in r["result"].get("metrics", {})]
+                vals[key] = statistics.median(xs) if xs else None
+            med[side] = vals
+        for key, label, unit, higher in metrics:
+            d = med.get("dm232", {}).get(key)
+            o = med.get("ours", {}).get(key)
+            ratio = _ratio(d, o)
+            target = TARGETS.get((sc, key))
+            status = ""
+            ttext = ""
+            if target:
+                ttext, needs_d, pred = target
+                if o is None or (needs_d and d is None):
+                    status = "n/a"
+                elif bad.get("ours"):
+                    status = "MISSED (correctness)"
+                else:
+                    status = "MET" if pred(d, o) else "MISSED"
+            row = {
+                "scenario": sc, "db": db, "metric": key, "label": label, "unit": unit,
+                "higher_is_better": higher, "dm232": d, "ours": o, "ratio_ours_over_dm232": ratio,
+                "target": ttext or None, "status": status or None,
+                "correctness_failed": {s: bad[s] for s in sides},
+            }
+            summary.append(row)
+            dcell = fmt(d, unit) + ("!" if bad.get("dm232") else "")
+            ocell = fmt(o, unit) + ("!" if bad.get("ours") else "")
+            if "dm232" not in sides:
+                dcell = "-"
+            if "ours" not in sides:
+                ocell = "-"
+            table_rows.append([
+                sc, db, label, unit, dcell, ocell,
+                ("%.2fx" % ratio) if ratio is not None else "-",
+                "higher" if higher else "lower",
+                ttext, status,
+            ])
+    return summary, table_rows, failures, errors
+
+
+if __name__ == "__main__":
+    sys.exit(main())

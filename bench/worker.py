@@ -1,0 +1,847 @@
+"""Benchmark worker: runs ONE scenario on ONE database with the `mailer`
+package of the virtualenv whose python runs it.
+
+bench/run.py starts it as::
+
+    <venv>/bin/python bench/worker.py info --out result.json
+    <venv>/bin/python bench/worker.py scenario NAME --db sqlite|postgres \
+        --params '{"n": 10000}' --out result.json
+
+It only uses the public API shared by django-mailer 2.3.2 and our
+reimplementation: mailer.send_mail, mailer.backend.DbBackend (through
+django.core.mail), the `send_mail` and `runmailer_pg` management commands
+and the MAILER_* settings (see project/benchproj/settings.py).  To check that
+every row was stored / every row left the queue it counts rows of the
+`mailer.Message` model through the app registry.
+
+The result file is JSON: {"ok", "error", "metrics", "checks", "info"}.
+"checks" lists correctness checks ({"name", "ok", "detail"}).
+"""
+
+import argparse
+import base64
+import collections
+import json
+import os
+import pickle
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+PROJECT_DIR = os.path.join(BENCH_DIR, "project")
+MANAGE = os.path.join(PROJECT_DIR, "manage.py")
+SINK = os.path.join(BENCH_DIR, "smtp_sink.py")
+
+FROM = "sender@bench.example"
+SMALL_BODY = (
+    "Hello,\n\nthis is a benchmark message of a realistic small size. It has a "
+    "couple of lines of text, like a password reset or a notification mail.\n\n"
+    "Regards,\nthe benchmark\n"
+)
+
+
+# Every child process this worker starts (SMTP sink, manage.py ...), so that
+# none survives the worker, whatever happens (error, SIGTERM, Ctrl-C).
+_CHILDREN = []
+
+
+def kill_children():
+    for proc in _CHILDREN:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                proc.wait(5)
+            except Exception:
+                pass
+
+
+def big_body(size=20 * 1024):
+    line = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor %05d.\n"
+    out = []
+    total = 0
+    i = 0
+    while total < size:
+        s = line % i
+        out.append(s)
+        total += len(s)
+        i += 1
+    return "".join(out)[:size]
+
+
+# --------------------------------------------------------------------------
+# environment / database
+# --------------------------------------------------------------------------
+
+
+class Env:
+    """Per-worker temp dir, DB and Django setup."""
+
+    def __init__(self, db):
+        self.db = db
+        self.tmpdir = tempfile.mkdtemp(prefix="mailer-bench-")
+        self.pg_name = os.environ.get("BENCH_PG_NAME", "mailer_bench")
+        os.environ["DJANGO_SETTINGS_MODULE"] = "benchproj.settings"
+        os.environ["BENCH_DB"] = db
+        os.environ["BENCH_SQLITE_PATH"] = os.path.join(self.tmpdir, "bench.sqlite3")
+        os.environ["BENCH_LOCK_PATH"] = os.path.join(self.tmpdir, "send_mail")
+        os.environ["BENCH_PG_NAME"] = self.pg_name
+        os.environ.setdefault("BENCH_MAILER_BACKEND", "smtp")
+        os.environ.setdefault("BENCH_USE_FILE_LOCK", "1")
+        if PROJECT_DIR not in sys.path:
+            sys.path.insert(0, PROJECT_DIR)
+        self.django_ready = False
+
+    # -- raw PostgreSQL admin connection (not through Django) --
+    def _pg_admin(self, sql_list):
+        try:
+            import psycopg
+
+            conn = psycopg.connect(
+                host=os.environ.get("BENCH_PG_HOST", "127.0.0.1"),
+                port=os.environ.get("BENCH_PG_PORT", "5432"),
+                user=os.environ.get("BENCH_PG_USER", "postgres"),
+                password=os.environ.get("BENCH_PG_PASSWORD", ""),
+                dbname="postgres",
+                autocommit=True,
+            )
+        except ImportError:
+            import psycopg2
+
+            conn = psycopg2.connect(
+                host=os.environ.get("BENCH_PG_HOST", "127.0.0.1"),
+                port=os.environ.get("BENCH_PG_PORT", "5432"),
+                user=os.environ.get("BENCH_PG_USER", "postgres"),
+                password=os.environ.get("BENCH_PG_PASSWORD", ""),
+                dbname="postgres",
+            )
+            conn.autocommit = True
+        try:
+            cur = conn.cursor()
+            for sql in sql_list:
+                cur.execute(sql)
+        finally:
+            conn.close()
+
+    def fresh_db(self):
+        """(Re)create an empty database and migrate it."""
+        if self.django_ready:
+            from django.db import connections
+
+            connections.close_all()
+        if self.db == "postgres":
+            name = self.pg_name.replace('"', "")
+            self._pg_admin(['DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name, 'CREATE DATABASE "%s"' % name])
+        else:
+            path = os.environ["BENCH_SQLITE_PATH"]
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.remove(path + suffix)
+        self.setup_django()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0, interactive=False)
+
+    def setup_django(self):
+        if not self.django_ready:
+            import django
+
+            django.setup()
+            self.django_ready = True
+
+    def cleanup(self):
+        if self.django_ready:
+            try:
+                from django.db import connections
+
+                connections.close_all()
+            except Exception:
+                pass
+        if self.db == "postgres" and os.environ.get("BENCH_KEEP_DB") != "1":
+            try:
+                self._pg_admin(['DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % self.pg_name.replace('"', "")])
+            except Exception:
+                pass
+        import shutil
+
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def message_model():
+    from django.apps import apps
+
+    return apps.get_model("mailer", "Message")
+
+
+def queue_count():
+    return message_model().objects.count()
+
+
+def clear_queue():
+    from django.db import connection
+
+    table = message_model()._meta.db_table
+    with connection.cursor() as cur:
+        cur.execute("DELETE FROM %s" % connection.ops.quote_name(table))
+
+
+# --------------------------------------------------------------------------
+# SMTP sink control
+# --------------------------------------------------------------------------
+
+
+class Sink:
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, SINK],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        _CHILDREN.append(self.proc)
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY"):
+            self.proc.kill()
+            raise RuntimeError("SMTP sink did not start (got %r)" % line)
+        _, smtp_port, ctl_port = line.split()
+        self.port = int(smtp_port)
+        self.sock = socket.create_connection(("127.0.0.1", int(ctl_port)))
+        self.rfile = self.sock.makefile("r", encoding="utf-8")
+        self.dump_path = tempfile.mktemp(prefix="mailer-bench-sink-", suffix=".tsv")
+
+    def cmd(self, line):
+        self.sock.sendall(line.encode() + b"\n")
+        reply = self.rfile.readline()
+        if not reply:
+            raise RuntimeError("SMTP sink closed the control connection")
+        return reply.strip()
+
+    def count(self):
+        return int(self.cmd("COUNT"))
+
+    def wait(self, n, timeout):
+        return int(self.cmd("WAIT %d %f" % (n, timeout)))
+
+    def reset(self):
+        self.cmd("RESET")
+
+    def records(self):
+        """List of (arrival time.time(), subject, message_id)."""
+        self.cmd("DUMP " + self.dump_path)
+        out = []
+        with open(self.dump_path, encoding="utf-8") as fh:
+            for line in fh:
+                ts, subject, msgid = line.rstrip("\n").split("\t")
+                out.append((float(ts), subject, msgid))
+        os.remove(self.dump_path)
+        return out
+
+    def close(self):
+        try:
+            self.cmd("QUIT")
+        except Exception:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        try:
+            self.sock.close()
+        except Exception:
+            pass
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def make_emails(tag, start, count, body):
+    from django.core.mail import EmailMessage
+
+    return [
+        EmailMessage(
+            subject="bench %s %d" % (tag, i),
+            body=body,
+            from_email=FROM,
+            to=["rcpt%d@bench.example" % i],
+            headers={"Message-ID": msgid(tag, i)},
+        )
+        for i in range(start, start + count)
+    ]
+
+
+def msgid(tag, i):
+    return "<bench.%s.%d@bench.example>" % (tag, i)
+
+
+def fill_queue(tag, n, body, batch=500):
+    """Queue n messages through DbBackend (bulk), with preset Message-IDs."""
+    from django.core.mail import get_connection
+
+    backend = get_connection("mailer.backend.DbBackend")
+    done = 0
+    while done < n:
+        k = min(batch, n - done)
+        backend.send_messages(make_emails(tag, done, k, body))
+        done += k
+
+
+class ChildResult:
+    def __init__(self, wall, rc, maxrss_mb, log_tail):
+        self.wall = wall
+        self.rc = rc
+        self.maxrss_mb = maxrss_mb
+        self.log_tail = log_tail
+
+
+def _tail(path, n=2000):
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - n))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def start_manage(args, env_extra, tmpdir, label):
+    env = os.environ.copy()
+    env.update(env_extra)
+    log_path = os.path.join(tmpdir, "%s.log" % label)
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, MANAGE] + list(args),
+        cwd=tmpdir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    _CHILDREN.append(proc)
+    proc.bench_log = log_path
+    return proc
+
+
+def wait_child(proc, timeout):
+    """Wait for proc with os.wait4 (gives that child's own peak RSS)."""
+    killed = []
+
+    def kill():
+        killed.append(True)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    try:
+        _, status, ru = os.wait4(proc.pid, 0)
+    except BaseException:
+        kill()
+        raise
+    finally:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    tail = _tail(proc.bench_log)
+    if killed:
+        tail = "[killed after %.0f s timeout]\n%s" % (timeout, tail)
+    # Linux reports ru_maxrss in KiB
+    return proc.returncode, ru.ru_maxrss / 1024.0, tail
+
+
+def run_manage(args, env_extra, tmpdir, label, timeout):
+    t0 = time.perf_counter()
+    proc = start_manage(args, env_extra, tmpdir, label)
+    rc, rss, tail = wait_child(proc, timeout)
+    return ChildResult(time.perf_counter() - t0, rc, rss, tail)
+
+
+def check_arrivals(records, expected, field):
+    """Compare sink records with the expected keys (field 1=subject, 2=msgid)."""
+    counts = collections.Counter(r[field] for r in records)
+    expected = set(expected)
+    duplicates = sum(c - 1 for k, c in counts.items() if c > 1)
+    lost = len(expected - set(counts))
+    unexpected = sum(c for k, c in counts.items() if k not in expected)
+    return {
+        "received": len(records),
+        "unique": len(counts),
+        "duplicates": duplicates,
+        "lost": lost,
+        "unexpected": unexpected,
+    }
+
+
+def arrival_check(name, stats):
+    ok = stats["duplicates"] == 0 and stats["lost"] == 0 and stats["unexpected"] == 0
+    return {
+        "name": name,
+        "ok": ok,
+        "detail": "received %(received)d, duplicates %(duplicates)d, lost %(lost)d, unexpected %(unexpected)d"
+        % stats,
+    }
+
+
+def simple_check(name, ok, detail):
+    return {"name": name, "ok": bool(ok), "detail": detail}
+
+
+def percentile(values, p):
+    vals = sorted(values)
+    if not vals:
+        return float("nan")
+    k = (len(vals) - 1) * p / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(vals) - 1)
+    return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
+
+
+def child_timeout(n, rate_floor=20.0, minimum=120.0):
+    """Generous kill timeout for a drain of n messages."""
+    return max(minimum, n / rate_floor)
+
+
+# --------------------------------------------------------------------------
+# scenarios
+# --------------------------------------------------------------------------
+
+
+def sc_enqueue(env, p, res):
+    """Bulk enqueue, single send_mail, raw INSERT reference."""
+    n = int(p["n"])
+    env.fresh_db()
+    import mailer
+    from django.core import mail
+    from django.db import connection
+    from django.utils import timezone
+
+    queue_count()  # warm the connection
+
+    # 1. send_mass_mail through EMAIL_BACKEND = mailer.backend.DbBackend
+    datatuple = [("bench bulk %d" % i, SMALL_BODY, FROM, ["rcpt%d@bench.example" % i]) for i in range(n)]
+    t0 = time.perf_counter()
+    sent = mail.send_mass_mail(datatuple)
+    t_bulk = time.perf_counter() - t0
+    c = queue_count()
+    res["checks"].append(simple_check("bulk rows stored", c == n and sent == n, "%d rows, returned %r, want %d" % (c, sent, n)))
+    res["metrics"]["bulk_s"] = t_bulk
+    res["metrics"]["bulk_rows_per_s"] = n / t_bulk
+    clear_queue()
+
+    # 2. mailer.send_mail, one call (one autocommit transaction) each
+    t0 = time.perf_counter()
+    for i in range(n):
+        mailer.send_mail("bench single %d" % i, SMALL_BODY, FROM, ["rcpt%d@bench.example" % i])
+    t_single = time.perf_counter() - t0
+    c = queue_count()
+    res["checks"].append(simple_check("single rows stored", c == n, "%d rows, want %d" % (c, n)))
+    res["metrics"]["single_s"] = t_single
+    res["metrics"]["single_rows_per_s"] = n / t_single
+    clear_queue()
+
+    # 3. reference: raw single-row INSERT per call, Django cursor, autocommit.
+    # The table mirrors 2.3.2's mailer_message; the row carries the same
+    # kind of payload 2.3.2 stores (base64 of a pickled EmailMessage of the
+    # same content), serialised before the clock starts.
+    from django.core.mail import EmailMessage
+
+    qn = connection.ops.quote_name
+    table = qn("bench_raw_message")
+    with connection.cursor() as cur:
+        if connection.vendor == "postgresql":
+            cur.execute(
+                "CREATE TABLE %s (id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, "
+                "message_data text NOT NULL, when_added timestamp with time zone NOT NULL, "
+                "priority smallint NOT NULL CHECK (priority >= 0), retry_count integer NOT NULL)" % table
+            )
+        else:
+            cur.execute(
+                "CREATE TABLE %s (id integer NOT NULL PRIMARY KEY AUTOINCREMENT, "
+                "message_data text NOT NULL, when_added datetime NOT NULL, "
+                "priority smallint unsigned NOT NULL CHECK (priority >= 0), retry_count integer NOT NULL)" % table
+            )
+    payloads = [
+        base64.encodebytes(
+            pickle.dumps(EmailMessage("bench raw %d" % i, SMALL_BODY, FROM, ["rcpt%d@bench.example" % i]))
+        ).decode("ascii")
+        for i in range(n)
+    ]
+    sql = "INSERT INTO %s (message_data, when_added, priority, retry_count) VALUES (%%s, %%s, %%s, %%s)" % table
+    now = timezone.now
+    with connection.cursor() as cur:
+        t0 = time.perf_counter()
+        for data in payloads:
+            cur.execute(sql, [data, now(), 2, 0])
+        t_raw = time.perf_counter() - t0
+        cur.execute("SELECT COUNT(*) FROM %s" % table)
+        c = cur.fetchone()[0]
+    res["checks"].append(simple_check("raw rows stored", c == n, "%d rows, want %d" % (c, n)))
+    res["metrics"]["raw_insert_s"] = t_raw
+    res["metrics"]["raw_insert_rows_per_s"] = n / t_raw
+    res["metrics"]["single_vs_raw"] = (n / t_single) / (n / t_raw)
+    res["metrics"]["bulk_vs_raw"] = (n / t_bulk) / (n / t_raw)
+
+
+def sc_drain(env, p, res):
+    """manage.py send_mail -> SMTP sink, plus the smtplib one-connection ceiling."""
+    n = int(p["n"])
+    env.fresh_db()
+    sink = Sink()
+    try:
+        fill_queue("drain", n, SMALL_BODY)
+        c = queue_count()
+        res["checks"].append(simple_check("queue filled", c == n, "%d rows, want %d" % (c, n)))
+        r = run_manage(
+            ["send_mail"],
+            {"BENCH_MAILER_BACKEND": "smtp", "BENCH_SMTP_PORT": str(sink.port)},
+            env.tmpdir,
+            "send_mail",
+            child_timeout(n),
+        )
+        res["checks"].append(simple_check("send_mail exit status", r.rc == 0, "rc=%s %s" % (r.rc, r.log_tail[-800:] if r.rc else "")))
+        sink.wait(n, 10)
+        stats = check_arrivals(sink.records(), [msgid("drain", i) for i in range(n)], 2)
+        res["checks"].append(arrival_check("drain: every message arrived exactly once", stats))
+        left = queue_count()
+        res["checks"].append(simple_check("drain: queue empty afterwards", left == 0, "%d rows left" % left))
+        res["metrics"]["drain_wall_s"] = r.wall
+        res["metrics"]["drain_msgs_per_s"] = n / r.wall
+        res["metrics"]["drain_peak_rss_mb"] = r.maxrss_mb
+
+        # Ceiling: plain smtplib, ONE connection, the same n messages,
+        # rendered to bytes before the clock starts.
+        sink.reset()
+        emails = make_emails("drain", 0, n, SMALL_BODY)
+        payloads = [(e.to, e.message().as_bytes()) for e in emails]
+        del emails
+        t0 = time.perf_counter()
+        client = smtplib.SMTP("127.0.0.1", sink.port, local_hostname="bench-client", timeout=60)
+        for to, data in payloads:
+            client.sendmail(FROM, to, data)
+        client.quit()
+        t_ceiling = time.perf_counter() - t0
+        sink.wait(n, 10)
+        stats = check_arrivals(sink.records(), [msgid("drain", i) for i in range(n)], 2)
+        res["checks"].append(arrival_check("ceiling: every message arrived exactly once", stats))
+        res["metrics"]["ceiling_s"] = t_ceiling
+        res["metrics"]["ceiling_msgs_per_s"] = n / t_ceiling
+        res["metrics"]["drain_vs_ceiling"] = (n / r.wall) / (n / t_ceiling)
+    finally:
+        sink.close()
+
+
+def sc_dummy(env, p, res):
+    """manage.py send_mail with MAILER_EMAIL_BACKEND = dummy backend."""
+    n = int(p["n"])
+    env.fresh_db()
+    fill_queue("dummy", n, SMALL_BODY)
+    c = queue_count()
+    res["checks"].append(simple_check("queue filled", c == n, "%d rows, want %d" % (c, n)))
+    r = run_manage(["send_mail"], {"BENCH_MAILER_BACKEND": "dummy"}, env.tmpdir, "send_mail", child_timeout(n))
+    res["checks"].append(simple_check("send_mail exit status", r.rc == 0, "rc=%s %s" % (r.rc, r.log_tail[-800:] if r.rc else "")))
+    left = queue_count()
+    res["checks"].append(simple_check("queue empty afterwards", left == 0, "%d rows left" % left))
+    res["metrics"]["wall_s"] = r.wall
+    res["metrics"]["msgs_per_s"] = n / r.wall
+    res["metrics"]["peak_rss_mb"] = r.maxrss_mb
+
+
+def sc_memory(env, p, res):
+    """Peak RSS of manage.py send_mail (dummy backend) for several queue sizes."""
+    sizes = [int(s) for s in p["sizes"]]
+    body = big_body(int(p.get("body_bytes", 20 * 1024)))
+    env.fresh_db()
+    r = run_manage(["send_mail"], {"BENCH_MAILER_BACKEND": "dummy"}, env.tmpdir, "send_mail_empty", 300)
+    res["checks"].append(simple_check("empty queue: exit status", r.rc == 0, "rc=%s %s" % (r.rc, r.log_tail[-800:] if r.rc else "")))
+    res["metrics"]["rss_mb_empty"] = r.maxrss_mb
+    rss = {}
+    for size in sizes:
+        env.fresh_db()
+        t0 = time.perf_counter()
+        fill_queue("mem%d" % size, size, body, batch=250)
+        t_fill = time.perf_counter() - t0
+        c = queue_count()
+        res["checks"].append(simple_check("%d: queue filled" % size, c == size, "%d rows, want %d" % (c, size)))
+        r = run_manage(
+            ["send_mail"], {"BENCH_MAILER_BACKEND": "dummy"}, env.tmpdir, "send_mail_%d" % size, child_timeout(size, 5.0)
+        )
+        res["checks"].append(simple_check("%d: exit status" % size, r.rc == 0, "rc=%s %s" % (r.rc, r.log_tail[-800:] if r.rc else "")))
+        left = queue_count()
+        res["checks"].append(simple_check("%d: queue empty afterwards" % size, left == 0, "%d rows left" % left))
+        rss[size] = r.maxrss_mb
+        res["metrics"]["rss_mb_%d" % size] = r.maxrss_mb
+        res["metrics"]["wall_s_%d" % size] = r.wall
+        res["metrics"]["msgs_per_s_%d" % size] = size / r.wall
+        res["metrics"]["fill_s_%d" % size] = t_fill
+    lo, hi = min(sizes), max(sizes)
+    res["metrics"]["rss_ratio"] = rss[hi] / rss[lo]
+    res["info"]["sizes"] = sizes
+
+
+def sc_runmailer_pg(env, p, res):
+    """runmailer_pg: commit-to-arrival latency of single messages, then a burst."""
+    import mailer
+    from django.db import transaction
+
+    if env.db != "postgres":
+        raise RuntimeError("runmailer_pg needs PostgreSQL")
+    n_single = int(p["singles"])
+    n_burst = int(p["burst"])
+    pause = float(p.get("pause", 0.05))
+    env.fresh_db()
+    sink = Sink()
+    proc = None
+    completed = False
+    try:
+        proc = start_manage(
+            ["runmailer_pg"],
+            {"BENCH_MAILER_BACKEND": "smtp", "BENCH_SMTP_PORT": str(sink.port)},
+            env.tmpdir,
+            "runmailer_pg",
+        )
+        def wait_arrivals(count, timeout):
+            """Wait until the sink has `count` messages; fail fast if the loop died."""
+            deadline = time.time() + timeout
+            while True:
+                got = sink.wait(count, min(0.5, max(0.0, deadline - time.time())))
+                if got >= count:
+                    return True
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        "runmailer_pg exited early (rc=%r): %s" % (proc.returncode, _tail(proc.bench_log)[-1500:])
+                    )
+                if time.time() >= deadline:
+                    return False
+
+        # Warm-up message: proves the loop is up (whatever it does at
+        # start-up) before anything is timed.
+        mailer.send_mail("bench warmup 0", SMALL_BODY, FROM, ["warmup@bench.example"])
+        if not wait_arrivals(1, 60):
+            raise RuntimeError(
+                "runmailer_pg did not deliver the warm-up message within 60 s: %s" % _tail(proc.bench_log)[-1500:]
+            )
+        time.sleep(0.5)
+
+        commit_ts = {}
+        late = 0
+        for i in range(n_single):
+            subject = "bench single %d" % i
+            mailer.send_mail(subject, SMALL_BODY, FROM, ["rcpt%d@bench.example" % i])
+            commit_ts[subject] = time.time()
+            if not wait_arrivals(2 + i, 30):
+                late += 1
+                if late >= 3:
+                    raise RuntimeError("3 single messages did not arrive within 30 s each; giving up")
+            time.sleep(pause)
+        res["checks"].append(simple_check("singles arrived within 30 s each", late == 0, "%d late" % late))
+
+        burst_subjects = ["bench burst %d" % i for i in range(n_burst)]
+        with transaction.atomic():
+            for i, subject in enumerate(burst_subjects):
+                mailer.send_mail(subject, SMALL_BODY, FROM, ["rcpt%d@bench.example" % i])
+        t_commit = time.time()
+        total = 1 + n_single + n_burst
+        wait_arrivals(total, child_timeout(n_burst))
+        records = sink.records()
+
+        expected = ["bench warmup 0"] + list(commit_ts) + burst_subjects
+        stats = check_arrivals(records, expected, 1)
+        res["checks"].append(arrival_check("every message arrived exactly once", stats))
+        mids = collections.Counter(r[2] for r in records)
+        res["checks"].append(
+            simple_check("distinct Message-IDs", all(mids.values()) and max(mids.values()) == 1 and "" not in mids, "%d ids for %d messages" % (len(mids), len(records)))
+        )
+
+        first_arrival = {}
+        for ts, subject, _ in records:
+            first_arrival.setdefault(subject, ts)
+        lat = [(first_arrival[s] - t) * 1000.0 for s, t in commit_ts.items() if s in first_arrival]
+        burst_arrivals = [first_arrival[s] for s in burst_subjects if s in first_arrival]
+        if lat:
+            res["metrics"]["latency_p50_ms"] = percentile(lat, 50)
+            res["metrics"]["latency_p95_ms"] = percentile(lat, 95)
+            res["metrics"]["latency_p99_ms"] = percentile(lat, 99)
+            res["metrics"]["latency_max_ms"] = max(lat)
+            res["metrics"]["latency_min_ms"] = min(lat)
+        if burst_arrivals and len(burst_arrivals) == n_burst:
+            burst_s = max(burst_arrivals) - t_commit
+            res["metrics"]["burst_s"] = burst_s
+            res["metrics"]["burst_msgs_per_s"] = n_burst / burst_s
+        # the row of the last message is deleted just after it is sent
+        deadline = time.time() + 10
+        left = queue_count()
+        while left and time.time() < deadline:
+            time.sleep(0.1)
+            left = queue_count()
+        res["checks"].append(simple_check("queue empty afterwards", left == 0, "%d rows left" % left))
+        completed = True
+    finally:
+        if proc is not None:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except OSError:
+                    pass
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    res["info"]["runmailer_pg_sigkill"] = True
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                    proc.wait()
+            elif completed:
+                res["checks"].append(simple_check("runmailer_pg still running at the end", False, "exited rc=%r: %s" % (proc.returncode, _tail(proc.bench_log)[-800:])))
+        sink.close()
+
+
+def sc_workers4(env, p, res):
+    """Four concurrent manage.py send_mail (no file lock) on one queue."""
+    n = int(p["n"])
+    k = int(p.get("workers", 4))
+    env.fresh_db()
+    sink = Sink()
+    try:
+        fill_queue("w4", n, SMALL_BODY)
+        c = queue_count()
+        res["checks"].append(simple_check("queue filled", c == n, "%d rows, want %d" % (c, n)))
+        extra = {"BENCH_MAILER_BACKEND": "smtp", "BENCH_SMTP_PORT": str(sink.port), "BENCH_USE_FILE_LOCK": "0"}
+        t0 = time.perf_counter()
+        procs = [start_manage(["send_mail"], extra, env.tmpdir, "send_mail_%d" % j) for j in range(k)]
+        outcomes = [wait_child(pr, child_timeout(n)) for pr in procs]
+        wall = time.perf_counter() - t0
+        bad = [(j, rc, tail[-500:]) for j, (rc, _, tail) in enumerate(outcomes) if rc != 0]
+        res["checks"].append(simple_check("all workers exit 0", not bad, repr(bad)[:2000]))
+        sink.wait(n, 10)
+        stats = check_arrivals(sink.records(), [msgid("w4", i) for i in range(n)], 2)
+        res["checks"].append(arrival_check("every message arrived exactly once", stats))
+        left = queue_count()
+        res["checks"].append(simple_check("queue empty afterwards", left == 0, "%d rows left" % left))
+        res["metrics"]["wall_s"] = wall
+        res["metrics"]["msgs_per_s"] = (stats["unique"] - stats["unexpected"]) / wall
+        res["metrics"]["duplicates"] = stats["duplicates"]
+        res["metrics"]["lost"] = stats["lost"]
+        res["metrics"]["max_worker_rss_mb"] = max(o[1] for o in outcomes)
+    finally:
+        sink.close()
+
+
+SCENARIOS = {
+    "enqueue": sc_enqueue,
+    "drain": sc_drain,
+    "dummy": sc_dummy,
+    "memory": sc_memory,
+    "runmailer_pg": sc_runmailer_pg,
+    "workers4": sc_workers4,
+}
+
+
+# --------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------
+
+
+def package_info():
+    info = {"python": sys.version.split()[0], "executable": sys.executable}
+    import django
+
+    info["django"] = django.get_version()
+    import mailer
+
+    info["mailer_file"] = getattr(mailer, "__file__", None)
+    info["mailer_path"] = list(getattr(mailer, "__path__", []))
+    info["mailer_version"] = getattr(mailer, "__version__", None)
+    return info
+
+
+def error_summary(exc):
+    text = str(exc).strip().splitlines()
+    return "%s: %s" % (type(exc).__name__, text[0][:300] if text else "")
+
+
+def cmd_info(args):
+    res = {"ok": False, "error": None, "metrics": {}, "checks": [], "info": {}}
+    env = Env("sqlite")
+    try:
+        env.setup_django()
+        res["info"].update(package_info())
+        from django.core.management import get_commands
+
+        cmds = get_commands()
+        res["info"]["commands"] = {c: cmds.get(c) for c in ("send_mail", "runmailer_pg", "retry_deferred")}
+        for mod in ("mailer.engine", "mailer.backend", "mailer.models"):
+            __import__(mod)
+        from mailer.backend import DbBackend  # noqa: F401
+        from mailer import send_mail  # noqa: F401
+
+        res["ok"] = True
+    except BaseException as exc:
+        res["error"] = traceback.format_exc()
+        res["error_summary"] = error_summary(exc)
+    finally:
+        env.cleanup()
+    return res
+
+
+def cmd_scenario(args):
+    res = {"ok": False, "error": None, "metrics": {}, "checks": [], "info": {"scenario": args.name, "db": args.db}}
+    params = json.loads(args.params or "{}")
+    res["info"]["params"] = params
+    env = Env(args.db)
+    t0 = time.perf_counter()
+    try:
+        env.setup_django()
+        res["info"].update(package_info())
+        SCENARIOS[args.name](env, params, res)
+        res["ok"] = True
+    except BaseException as exc:
+        res["error"] = traceback.format_exc()
+        res["error_summary"] = error_summary(exc)
+    finally:
+        kill_children()
+        env.cleanup()
+    res["info"]["elapsed_s"] = time.perf_counter() - t0
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("info")
+    a.add_argument("--out", required=True)
+    s = sub.add_parser("scenario")
+    s.add_argument("name", choices=sorted(SCENARIOS))
+    s.add_argument("--db", choices=["sqlite", "postgres"], required=True)
+    s.add_argument("--params", default="{}")
+    s.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    def on_term(signum, frame):
+        raise SystemExit("worker got signal %d" % signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    res = cmd_info(args) if args.cmd == "info" else cmd_scenario(args)
+    with open(args.out, "w") as fh:
+        json.dump(res, fh, indent=1, default=str)
+    sys.exit(0 if res["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
