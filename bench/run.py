@@ -468,7 +468,7 @@ def main(argv=None):
             st["python"], st["install_mode"] = py, mode
             info, err = side_info(side, py)
             st["info"], st["error"] = info, err
-        except Exception as exc:  # noqa: BLE001 -- report, don't crash
+        except Exception as exc:
             st["error"] = "venv setup failed: %s" % exc
         if st["error"]:
             log("[%s] NOT AVAILABLE -> n/a: %s" % (side, st["error"].strip().splitlines()[0]))

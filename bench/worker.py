@@ -426,10 +426,11 @@ def sc_enqueue(env, p, res):
     """Bulk enqueue, single send_mail, raw INSERT reference."""
     n = int(p["n"])
     env.fresh_db()
-    import mailer
     from django.core import mail
     from django.db import connection
     from django.utils import timezone
+
+    import mailer
 
     queue_count()  # warm the connection
 
@@ -596,8 +597,9 @@ def sc_memory(env, p, res):
 
 def sc_runmailer_pg(env, p, res):
     """runmailer_pg: commit-to-arrival latency of single messages, then a burst."""
-    import mailer
     from django.db import transaction
+
+    import mailer
 
     if env.db != "postgres":
         raise RuntimeError("runmailer_pg needs PostgreSQL")
@@ -788,8 +790,8 @@ def cmd_info(args):
         res["info"]["commands"] = {c: cmds.get(c) for c in ("send_mail", "runmailer_pg", "retry_deferred")}
         for mod in ("mailer.engine", "mailer.backend", "mailer.models"):
             __import__(mod)
-        from mailer.backend import DbBackend  # noqa: F401
         from mailer import send_mail  # noqa: F401
+        from mailer.backend import DbBackend  # noqa: F401
 
         res["ok"] = True
     except BaseException as exc:

@@ -1,0 +1,588 @@
+"""``runmailer_pg``: LISTEN/NOTIFY delivery, collapse, faults, shutdown, no duplicates.
+
+Most tests run the command in a subprocess (``manage``) with
+``MAILER_EMPTY_QUEUE_SLEEP`` at 60 s, so a delivery within the test's deadline
+comes from a notification, never from the periodic pass. Nothing here asserts
+a duration: every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from django.db import connection, transaction
+
+import mailer
+from mailer import engine
+from mailer.models import Message, MessageLog
+from mailer.postgres import (
+    CHANNEL,
+    FUNCTION_NAME,
+    LISTEN_CONNECTION_DEFAULTS,
+    TRIGGER_NAME,
+    Listener,
+    PostgresWorker,
+    get_driver,
+    install_trigger,
+    listen_connection_params,
+)
+from tests.conftest import Manage
+
+pytestmark = [pytest.mark.postgres]
+
+LISTENER_APP = LISTEN_CONNECTION_DEFAULTS["application_name"]
+IDLE = "60"  # seconds: far beyond every deadline below
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+class Running:
+    """A ``runmailer_pg`` subprocess whose output is collected as it comes."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.lock = threading.Lock()
+        self.readers = [
+            threading.Thread(target=self._read, args=(stream,), daemon=True)
+            for stream in (proc.stdout, proc.stderr)
+        ]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self.lock:
+                self.lines.append(line.rstrip("\n"))
+
+    @property
+    def log(self) -> str:
+        with self.lock:
+            return "\n".join(self.lines)
+
+    def count(self, text: str) -> int:
+        with self.lock:
+            return sum(text in line for line in self.lines)
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.count(text) >= count:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(
+            f"{text!r} not logged {count} time(s) (exit code {self.proc.poll()}):\n{self.log}"
+        )
+
+    def signal(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"did not stop on {signum!r}:\n{self.log}") from None
+        for reader in self.readers:
+            reader.join(5)
+        return code
+
+
+@pytest.fixture
+def start(manage, tmp_path):
+    """Start ``runmailer_pg`` subprocesses; each is stopped after the test."""
+    started: list[Running] = []
+
+    def start_one(*args: str, env: dict | None = None, wait: bool = True) -> Running:
+        full_env = {**manage.env, "MAILER_TEST_EMPTY_QUEUE_SLEEP": IDLE, **(env or {})}
+        proc = Manage(env=full_env).popen("runmailer_pg", *args)
+        running = Running(proc)
+        started.append(running)
+        if wait:
+            running.wait_for_log("Listening on channel")
+        return running
+
+    yield start_one
+    for running in started:
+        if running.proc.poll() is None:
+            with contextlib.suppress(AssertionError):
+                running.signal(signal.SIGTERM, timeout=15)
+
+
+def queue(n: int, prefix: str = "msg") -> list[str]:
+    """Queue ``n`` messages in one transaction (committed on return)."""
+    subjects = [f"{prefix} {i}" for i in range(n)]
+    with transaction.atomic():
+        for subject in subjects:
+            mailer.send_mail(subject, "body", "from@example.com", ["to@example.com"])
+    return subjects
+
+
+def wait_until(predicate, timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def backend_pids(where: str = "", params: tuple = ()) -> list[int]:
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()" + where,
+            params,
+        )
+        return [row[0] for row in cur.fetchall()]
+
+
+def terminate(pids: list[int]) -> None:
+    with connection.cursor() as cur:
+        for pid in pids:
+            cur.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+def raw_connection():
+    driver = get_driver("default")
+    params = listen_connection_params("default", driver)
+    conn = driver.module.connect(**params)
+    conn.autocommit = True
+    return driver, conn
+
+
+def table() -> str:
+    return connection.ops.quote_name(Message._meta.db_table)
+
+
+# --- the trigger -------------------------------------------------------------------------
+
+
+def trigger_rows() -> list[tuple]:
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT t.tgname, t.tgtype, p.proname FROM pg_trigger t "
+            "JOIN pg_proc p ON p.oid = t.tgfoid "
+            "WHERE t.tgrelid = %s::regclass AND NOT t.tgisinternal",
+            [table()],
+        )
+        return cur.fetchall()
+
+
+def test_install_replaces_a_row_trigger_and_is_idempotent(transactional_db):
+    # The row-level form django-mailer 2.3.2 installs.
+    with connection.cursor() as cur:
+        cur.execute(f"DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {table()}")
+        cur.execute(
+            f"CREATE OR REPLACE FUNCTION {FUNCTION_NAME}() RETURNS trigger AS $$ BEGIN "
+            f"PERFORM pg_notify('{CHANNEL}', NEW.id::text); RETURN NEW; END; $$ "
+            "LANGUAGE plpgsql"
+        )
+        cur.execute(
+            f"CREATE TRIGGER {TRIGGER_NAME} AFTER INSERT ON {table()} "
+            f"FOR EACH ROW EXECUTE FUNCTION {FUNCTION_NAME}()"
+        )
+    driver, conn = raw_connection()
+    try:
+        assert install_trigger(conn, table(), driver) == "replaced"
+        assert install_trigger(conn, table(), driver) == "kept"
+    finally:
+        conn.close()
+    # AFTER INSERT (4) FOR EACH STATEMENT (no ROW bit), one trigger.
+    assert trigger_rows() == [(TRIGGER_NAME, 4, FUNCTION_NAME)]
+
+
+def read_notifications(driver, conn, quiet: float = 0.3, first: float = 10) -> int:
+    """Count notifications on ``conn``: wait up to ``first`` s, then until ``quiet`` s of silence."""
+    count = 0
+    timeout = first
+    while select.select([conn.fileno()], [], [], timeout)[0]:
+        timeout = quiet
+        if driver.is_psycopg3:
+            conn.pgconn.consume_input()
+            while conn.pgconn.notifies() is not None:
+                count += 1
+        else:
+            conn.poll()
+            count += len(conn.notifies)
+            del conn.notifies[:]
+    return count
+
+
+def test_one_notification_per_transaction_none_on_rollback(transactional_db):
+    driver, conn = raw_connection()
+    try:
+        install_trigger(conn, table(), driver)
+        with conn.cursor() as cur:
+            cur.execute(f"LISTEN {CHANNEL}")
+        queue(50, "single")  # 50 INSERT statements, one transaction
+        assert read_notifications(driver, conn) == 1
+        datatuple = [(f"mass {i}", "b", "f@example.com", ["t@example.com"]) for i in range(100)]
+        assert mailer.send_mass_mail(datatuple) == 100  # one bulk INSERT
+        assert read_notifications(driver, conn) == 1
+        with transaction.atomic():
+            queue(5, "doomed")
+            transaction.set_rollback(True)
+        queue(1, "marker")
+        # The marker's notification only: the rolled-back one sent none.
+        assert read_notifications(driver, conn) == 1
+    finally:
+        conn.close()
+
+
+# --- delivery -------------------------------------------------------------------------------
+
+
+def test_delivers_on_commit_not_on_rollback(start, smtp_server):
+    running = start("--debug")
+    with pytest.raises(RuntimeError):
+        with transaction.atomic():
+            queue(1, "rolled back")
+            raise RuntimeError("roll back")
+    queue(1, "committed")
+    smtp_server.wait_for(1)
+    # --debug: the notification itself is logged.
+    running.wait_for_log("notification(s) on django_mailer_new_message")
+    queue(1, "second")
+    smtp_server.wait_for(2)
+    wait_until(lambda: not Message.objects.exists(), what="an empty queue")
+    assert sorted(smtp_server.subjects()) == ["committed 0", "second 0"]
+    assert running.signal() == 0
+
+
+def test_burst_is_sent_in_a_few_passes(start, smtp_server):
+    running = start()
+    queue(300, "burst")
+    smtp_server.wait_for(300, timeout=120)
+    wait_until(lambda: running.count("Pass done") >= 1 and not Message.objects.exists())
+    passes = running.count("Pass done")
+    assert 1 <= passes <= 3, running.log
+    assert len(set(smtp_server.message_ids())) == 300
+
+
+def test_probe_keeps_an_idle_connection_checked(start, smtp_server):
+    running = start("--debug", "--probe-interval", "0.2")
+    running.wait_for_log("Probe of the LISTEN connection: alive", count=3)
+    queue(1)
+    smtp_server.wait_for(1)
+
+
+def test_worker_in_process(transactional_db, smtp_settings, smtp_server, settings):
+    """The same loop without a subprocess: notification, collapse, stop."""
+    from django.db import connections
+
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 60
+    worker = PostgresWorker(install_signal_handlers=False)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["passes"] = worker.run()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: worker.listener.conn is not None, what="the listener")
+        queue(20, "in process")
+        smtp_server.wait_for(20)
+        queue(1, "again")
+        smtp_server.wait_for(21)
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert 1 <= result["passes"] <= 4
+    assert worker.listener.conn is None
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+def test_reconnects_after_the_listener_is_killed(start, smtp_server):
+    running = start()
+    queue(1, "before")
+    smtp_server.wait_for(1)
+    pids = backend_pids(" AND application_name = %s", (LISTENER_APP,))
+    assert len(pids) == 1
+    terminate(pids)
+    running.wait_for_log("Reconnected after")
+    assert running.count("Reconnecting the LISTEN connection in") >= 1
+    queue(1, "after")
+    smtp_server.wait_for(2)
+    assert sorted(smtp_server.subjects()) == ["after 0", "before 0"]
+
+
+def test_recovers_when_every_connection_is_killed(start, smtp_server):
+    """As after a server restart: the listener and Django's connection both die."""
+    running = start()
+    queue(1, "before")
+    smtp_server.wait_for(1)  # Django's connection in the subprocess is open now
+    # Killing the worker between the SMTP server's "250" and its COMMIT would
+    # (rightly, at-least-once) send "before" again: wait for the record.
+    wait_until(lambda: not Message.objects.exists(), what="an empty queue")
+    killed = backend_pids()
+    assert len(killed) >= 2
+    # Queue in the same transaction that kills them: whether or not the
+    # notification reaches the listener before it dies, the message must go
+    # (by notification, or by the full pass after reconnecting).
+    with transaction.atomic():
+        queue(1, "during")
+        terminate(killed)
+    running.wait_for_log("Reconnected after")
+    smtp_server.wait_for(2)
+    queue(1, "after")
+    smtp_server.wait_for(3)
+    assert sorted(smtp_server.subjects()) == ["after 0", "before 0", "during 0"]
+    assert running.proc.poll() is None
+
+
+class FreezingProxy:
+    """A TCP proxy to PostgreSQL whose open connections can go silent.
+
+    ``freeze()`` stops forwarding on every connection open now, without
+    closing anything: to the client the server looks alive at the TCP level
+    but never answers (a dropped NAT entry, a dead host). New connections are
+    forwarded as usual.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.frozen: set[int] = set()
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.generation = 0
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            gen = self.generation
+            self.pairs.append((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b, gen), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, gen: int) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if gen in self.frozen:
+                    continue  # swallowed
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def freeze(self) -> None:
+        self.frozen.add(self.generation)
+        self.generation += 1
+
+    def close(self) -> None:
+        self.stopped = True
+        self.server.close()
+        for pair in self.pairs:
+            for sock in pair:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+
+def test_probe_detects_a_silently_dead_connection(transactional_db):
+    """A connection that stops answering is found by the probe and replaced."""
+    settings_dict = connection.settings_dict
+    proxy = FreezingProxy(settings_dict["HOST"] or "127.0.0.1", int(settings_dict["PORT"] or 5432))
+    notified = threading.Event()
+    reconnected = threading.Event()
+    listener = Listener(
+        "default",
+        get_driver("default"),
+        on_notify=lambda count: notified.set(),
+        on_reconnect=reconnected.set,
+        probe_interval=0.3,
+        probe_timeout=1.0,
+    )
+    listener.params.update(host="127.0.0.1", port=proxy.port)
+    try:
+        listener.start()
+        assert listener.conn is not None
+        queue(1, "alive")
+        assert notified.wait(10)
+        proxy.freeze()
+        assert reconnected.wait(20), "the silent connection was not replaced"
+        notified.clear()
+        queue(1, "after")
+        assert notified.wait(10)
+    finally:
+        listener.stop()
+        proxy.close()
+
+
+# --- several workers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file_lock", [True, False], ids=["file-lock", "no-file-lock"])
+def test_two_listeners_and_cron_send_each_message_once(start, manage, smtp_server, file_lock):
+    env = {} if file_lock else {"MAILER_TEST_NO_FILE_LOCK": "1"}
+    workers = [start(env=env), start(env=env)]
+    cron_env = Manage(env={**manage.env, **env})
+    crons = []
+    for batch in range(20):
+        queue(10, f"b{batch}")
+        if batch % 5 == 0:
+            crons.append(cron_env.popen("send_mail"))
+    smtp_server.wait_for(200, timeout=120)
+    for cron in crons:
+        cron.communicate(timeout=60)
+        assert cron.returncode == 0
+    wait_until(lambda: not Message.objects.exists(), what="an empty queue")
+    for worker in workers:
+        assert worker.signal() == 0, worker.log
+    # Everything has stopped: whatever was sent has arrived.
+    ids = smtp_server.message_ids()
+    assert len(ids) == 200
+    assert len(set(ids)) == 200
+    assert MessageLog.objects.count() == 200
+
+
+def test_locked_out_worker_retries_soon(start, smtp_server):
+    """A notification taken while another process holds the file lock isn't lost."""
+    acquired, lock = engine.acquire_lock()
+    assert acquired
+    try:
+        running = start("--debug")
+        queue(1, "while locked")
+        running.wait_for_log("File lock held elsewhere; trying again in")
+    finally:
+        engine.release_lock(lock)
+    # Long before the 60 s idle pass.
+    smtp_server.wait_for(1, timeout=20)
+
+
+# --- shutdown -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_cleanly(start, signum):
+    running = start()
+    assert running.signal(signum) == 0
+    assert "Stopped listening on channel" in running.log
+    assert "Worker stopped" in running.log
+    assert "Traceback" not in running.log
+    assert backend_pids(" AND application_name = %s", (LISTENER_APP,)) == []
+
+
+def test_sigterm_finishes_the_message_in_flight(start, smtp_server):
+    smtp_server.delay = 2.0
+    running = start()
+    queue(3, "slow")
+    wait_until(lambda: smtp_server.connections >= 1, what="an SMTP session")
+    assert running.signal() == 0
+    delivered = len(smtp_server.messages)
+    assert delivered >= 1  # the one in flight was finished...
+    assert Message.objects.count() == 3 - delivered  # ...and recorded; the rest wait
+    assert MessageLog.objects.count() == delivered
+    assert "stopped" in running.log
+
+
+# --- clear errors ---------------------------------------------------------------------------
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    assert "CommandError" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_not_postgresql_is_a_clear_error(manage, tmp_path):
+    sqlite = Manage(
+        env={
+            **manage.env,
+            "MAILER_TEST_DB": "sqlite",
+            "MAILER_TEST_DB_NAME": str(tmp_path / "queue.sqlite3"),
+        }
+    )
+    proc = sqlite.run("runmailer_pg", check=False, timeout=60)
+    assert_clean_error(proc, "PostgreSQL", "sqlite")
+
+
+ROUTED_SETTINGS = """
+from tests.settings import *  # noqa: F401,F403
+from tests.settings import DATABASES as _TEST_DATABASES
+
+# The site itself on SQLite; the mail queue routed to PostgreSQL.
+DATABASES = {
+    "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": %(sqlite)r},
+    "mailq": _TEST_DATABASES["default"],
+}
+DATABASE_ROUTERS = ["routed_router.MailerRouter"]
+"""
+
+ROUTED_ROUTER = """
+class MailerRouter:
+    def db_for_read(self, model, **hints):
+        return "mailq" if model._meta.app_label == "mailer" else None
+
+    db_for_write = db_for_read
+"""
+
+
+def test_missing_driver_is_a_clear_error(manage, tmp_path):
+    """The queue's database is PostgreSQL but neither psycopg nor psycopg2 loads.
+
+    (When the *default* database is PostgreSQL, Django itself can't start
+    without a driver: its models need ``connection.ops`` at import, long
+    before any command runs. Here the site runs on SQLite and only the queue
+    is routed to PostgreSQL, so the command gets to say what is wrong.)
+    """
+    (tmp_path / "routed_settings.py").write_text(
+        ROUTED_SETTINGS % {"sqlite": str(tmp_path / "site.sqlite3")}
+    )
+    (tmp_path / "routed_router.py").write_text(ROUTED_ROUTER)
+    for name in ("psycopg", "psycopg2"):
+        (tmp_path / f"{name}.py").write_text('raise ImportError("hidden by the test")\n')
+    env = {**manage.env, "PYTHONPATH": os.pathsep.join([str(tmp_path), manage.env["PYTHONPATH"]])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "django", "runmailer_pg", "--settings=routed_settings"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert_clean_error(proc, "psycopg", "driver")
+
+
+def test_keepalive_defaults_yield_to_database_options(db):
+    driver = get_driver("default")
+    params = listen_connection_params("default", driver)
+    assert params["keepalives"] == 1
+    assert "cursor_factory" not in params
+    assert params["application_name"] == LISTENER_APP
+    assert re.fullmatch(r"\d+", str(params["keepalives_idle"]))
+    connection.settings_dict["OPTIONS"]["keepalives_idle"] = 5
+    try:
+        assert listen_connection_params("default", driver)["keepalives_idle"] == 5
+    finally:
+        del connection.settings_dict["OPTIONS"]["keepalives_idle"]
