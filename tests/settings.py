@@ -118,6 +118,10 @@ for _name in ("EMPTY_QUEUE_SLEEP", "EMAIL_THROTTLE"):
         globals()[f"MAILER_{_name}"] = float(os.environ[f"MAILER_TEST_{_name}"])
 if os.environ.get("MAILER_TEST_NO_FILE_LOCK"):
     MAILER_USE_FILE_LOCK = False
+# Subprocess workers with persistent connections ("none": for ever, or seconds).
+if os.environ.get("MAILER_TEST_CONN_MAX_AGE"):
+    _age = os.environ["MAILER_TEST_CONN_MAX_AGE"]
+    DATABASES["default"]["CONN_MAX_AGE"] = None if _age == "none" else float(_age)
 
 LOGGING = {
     "version": 1,

@@ -327,16 +327,22 @@ def test_reconnects_after_the_listener_is_killed(start, smtp_server):
     assert sorted(smtp_server.subjects()) == ["after 0", "before 0"]
 
 
-def test_recovers_when_every_connection_is_killed(start, smtp_server):
+PERSISTENT = {"MAILER_TEST_CONN_MAX_AGE": "none"}  # Django's connection outlives a pass
+
+
+@pytest.mark.parametrize("env", [{}, PERSISTENT], ids=["conn-per-pass", "persistent-conn"])
+def test_recovers_when_every_connection_is_killed(start, smtp_server, env):
     """As after a server restart: the listener and Django's connection both die."""
-    running = start()
+    running = start(env=env)
     queue(1, "before")
-    smtp_server.wait_for(1)  # Django's connection in the subprocess is open now
+    smtp_server.wait_for(1)
     # Killing the worker between the SMTP server's "250" and its COMMIT would
     # (rightly, at-least-once) send "before" again: wait for the record.
     wait_until(lambda: not Message.objects.exists(), what="an empty queue")
     killed = backend_pids()
-    assert len(killed) >= 2
+    # The listener, and Django's connection when it is open (always, when
+    # persistent; usually otherwise, as the idle worker's last query opened it).
+    assert len(killed) >= (2 if env else 1)
     # Queue in the same transaction that kills them: whether or not the
     # notification reaches the listener before it dies, the message must go
     # (by notification, or by the full pass after reconnecting).
@@ -349,6 +355,23 @@ def test_recovers_when_every_connection_is_killed(start, smtp_server):
     smtp_server.wait_for(3)
     assert sorted(smtp_server.subjects()) == ["after 0", "before 0", "during 0"]
     assert running.proc.poll() is None
+    assert "Traceback" not in running.log
+
+
+def test_recovers_when_djangos_connection_is_killed(start, smtp_server):
+    """Only the connection the passes use dies; the next pass replaces it."""
+    running = start(env=PERSISTENT)
+    queue(1, "before")
+    smtp_server.wait_for(1)
+    wait_until(lambda: not Message.objects.exists(), what="an empty queue")
+    pids = backend_pids(" AND application_name <> %s", (LISTENER_APP,))
+    assert len(pids) == 1
+    terminate(pids)
+    queue(1, "after")
+    smtp_server.wait_for(2)
+    running.wait_for_log("Database error")
+    assert sorted(smtp_server.subjects()) == ["after 0", "before 0"]
+    assert "Traceback" not in running.log
 
 
 class FreezingProxy:
