@@ -183,12 +183,8 @@ def _mail_server_people(
     for entry in people:
         if isinstance(entry, (list, tuple)) and len(entry) == 2:
             addresses.append(entry[1])  # (name, address), Django < 6.0 style
-        elif (
-            isinstance(entry, str)
-            or hasattr(entry, "__html__")
-            or not isinstance(entry, (list, tuple))
-        ):
-            addresses.append(force_str(entry))
+        elif not isinstance(entry, (list, tuple)):
+            addresses.append(force_str(entry))  # a plain (maybe lazy) address
         else:
             raise ImproperlyConfigured(
                 f"{setting_name} must be a list of email addresses (or of "

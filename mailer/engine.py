@@ -18,6 +18,7 @@ Guarantees (see docs/delivery.rst):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import smtplib
 import socket
@@ -329,16 +330,10 @@ def send_all(
                 break
             if _limits_reached(result):
                 break
-            if lock_rows:
-                with transaction.atomic(using=db):
-                    message = _next_message(queryset, after, True, db)
-                    if message is None:
-                        break
-                    after = (message.priority, message.when_added, message.pk)
-                    sent_before = result.sent
-                    pending = _deliver_one(message, sender, error_handler, result)
-            else:
-                message = _next_message(queryset, after, False, db)
+            # Row-locking databases: claim, send and record in one
+            # transaction. SQLite: no transaction around the SMTP talk.
+            with transaction.atomic(using=db) if lock_rows else contextlib.nullcontext():
+                message = _next_message(queryset, after, lock_rows, db)
                 if message is None:
                     break
                 after = (message.priority, message.when_added, message.pk)

@@ -111,7 +111,7 @@ def acquire(path: str | None, timeout: float) -> tuple[bool, Any]:
     for attempt in (1, 2):
         try:
             lock.acquire(timeout)
-        except lockfile.AlreadyLocked:
+        except (lockfile.AlreadyLocked, lockfile.LockTimeout):
             if attempt == 1 and break_if_stale(lock):
                 continue
             owner = read_owner(lock.lock_file)
@@ -120,11 +120,6 @@ def acquire(path: str | None, timeout: float) -> tuple[bool, Any]:
                 lock.lock_file,
                 f"pid {owner[1]} on {owner[0]}" if owner else "another process",
             )
-            return False, lock
-        except lockfile.LockTimeout:
-            if attempt == 1 and break_if_stale(lock):
-                continue
-            logger.info("Waited %ss for lock %s; not sending now.", timeout, lock.lock_file)
             return False, lock
         _write_owner(lock)
         return True, lock
