@@ -186,3 +186,17 @@ def test_committed_transaction_keeps_row():
     with transaction.atomic():
         mailer.send_mail("S", "b", "f@example.com", ["t@example.com"])
     assert Message.objects.count() == 1
+
+
+def test_newline_in_an_extra_header_is_refused():
+    with pytest.raises(ValueError, match="newline"):
+        mailer.send_html_mail("S", "b", "<p/>", "f@example.com", ["t@example.com"],
+                              headers={"X-Tag": "a\r\nBcc: victim@example.com"})
+    assert not Message.objects.exists()
+
+
+def test_display_names_and_unicode_addresses_are_accepted():
+    mailer.send_mail("S", "b", "Jürgen Müller <juergen@example.com>",
+                     ['"Doe, Jane" <jane@example.com>', "webmaster"])
+    _, email = only_message()
+    assert email.to == ['"Doe, Jane" <jane@example.com>', "webmaster"]
