@@ -32,6 +32,8 @@ from typing import Any
 from django.core.mail import EmailMessage
 from django.core.mail.utils import DNS_NAME
 from django.db import connections, router, transaction
+from django.db.models import signals
+from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from mailer import locking
@@ -178,53 +180,138 @@ def _claims_with_row_locks(db_alias: str) -> bool:
     return connections[db_alias].vendor != "sqlite" and features.has_select_for_update
 
 
-def _next_message(
-    queryset: MessageQuerySet, after: tuple[int, Any, int] | None, lock_rows: bool, db: str
-) -> Message | None:
-    """The next sendable message after ``after`` in sending order.
+_MESSAGE_FIELDS = tuple(f.attname for f in Message._meta.concrete_fields)
 
-    With ``lock_rows`` it is locked ``FOR UPDATE SKIP LOCKED`` (inside the
-    caller's transaction), so rows other workers hold are passed over.
+
+class _PassQueries:
+    """The statements of the send loop, compiled once per pass.
+
+    The claim walks the queue in keyset order: each claim asks for the first
+    sendable row after ``(priority, when_added, id)`` of the previous one
+    (the very first after priority 0, which precedes every row), passing
+    back the database's own ``when_added`` value. Compiling once keeps the
+    ORM's per-query cost (about 0.5 ms, ten times the round trip) out of the
+    per-message loop; rows still go through the compiler's converters, so
+    the instances are exactly what the ORM would build. With signal
+    receivers on Message or MessageLog, recording goes through the ORM so
+    they still fire.
     """
-    qs = queryset.filter(priority__lt=PRIORITY_DEFERRED)
-    if after is not None:
-        quote = connections[db].ops.quote_name
+
+    FIELDS = _MESSAGE_FIELDS
+    KEY = tuple(_MESSAGE_FIELDS.index(name) for name in ("priority", "when_added", "id"))
+
+    def __init__(self, queryset: MessageQuerySet, db: str, lock_rows: bool) -> None:
+        self.db = db
+        self.connection = connections[db]
+        self.queryset = queryset
+        self.lock_rows = lock_rows
+        self._claim: tuple[Any, ...] | None = None
+        quote = self.connection.ops.quote_name
+        self.log_fields = [f for f in MessageLog._meta.concrete_fields if not f.primary_key]
+        self.insert_sql = "INSERT INTO {} ({}) VALUES ({})".format(
+            quote(MessageLog._meta.db_table),
+            ", ".join(quote(f.column) for f in self.log_fields),
+            ", ".join(["%s"] * len(self.log_fields)),
+        )
+        table, pk = quote(Message._meta.db_table), quote(Message._meta.pk.column)
+        self.delete_sql = f"DELETE FROM {table} WHERE {pk} = %s"
+        self.use_orm = any(
+            signal.has_listeners(MessageLog) for signal in (signals.pre_save, signals.post_save)
+        ) or any(
+            signal.has_listeners(Message) for signal in (signals.pre_delete, signals.post_delete)
+        )
+
+    def first_key(self) -> tuple[Any, ...]:
+        return (0, self.connection.ops.adapt_datetimefield_value(timezone.now()), 0)
+
+    def _compile(self) -> tuple[Any, ...]:
+        markers = (object(), object(), object())
+        quote = self.connection.ops.quote_name
         table = quote(Message._meta.db_table)
         cols = ", ".join(f"{table}.{quote(c)}" for c in ("priority", "when_added", "id"))
-        priority, when_added, pk = after
-        when_added = connections[db].ops.adapt_datetimefield_value(when_added)
-        qs = qs.extra(where=[f"({cols}) > (%s, %s, %s)"], params=[priority, when_added, pk])
-    qs = qs.order_by("priority", "when_added", "id")
-    if lock_rows:
-        skip = connections[db].features.has_select_for_update_skip_locked
-        qs = qs.select_for_update(skip_locked=skip)
-    rows = list(qs[:1])
-    return rows[0] if rows else None
+        qs = (
+            self.queryset.filter(priority__lt=PRIORITY_DEFERRED)
+            .extra(where=[f"({cols}) > (%s, %s, %s)"], params=list(markers))
+            .order_by("priority", "when_added", "id")
+        )
+        if self.lock_rows:
+            skip = self.connection.features.has_select_for_update_skip_locked
+            qs = qs.select_for_update(skip_locked=skip)
+        compiler = qs.values_list(*self.FIELDS)[:1].query.get_compiler(self.db)
+        sql, params = compiler.as_sql()
+        params = list(params)
+        positions = [next(i for i, p in enumerate(params) if p is m) for m in markers]
+        converters = compiler.get_converters([col for col, _, _ in compiler.select])
+        return sql, params, positions, compiler, converters
+
+    def claim(self, after: tuple[Any, ...]) -> tuple[Message | None, tuple[Any, ...]]:
+        """The next sendable message after key ``after``, and its own key.
+
+        With row locks it is locked ``FOR UPDATE SKIP LOCKED`` (inside the
+        caller's transaction), so rows other workers hold are passed over.
+        """
+        if self._claim is None:
+            self._claim = self._compile()
+        sql, params, positions, compiler, converters = self._claim
+        params = list(params)
+        for position, value in zip(positions, after, strict=True):
+            params[position] = value
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        if row is None:
+            return None, after
+        key = tuple(row[i] for i in self.KEY)
+        if converters:
+            row = next(iter(compiler.apply_converters([list(row)], converters)))
+        return Message.from_db(self.db, self.FIELDS, list(row)), key
+
+    def record(
+        self,
+        message: Message,
+        code: str,
+        note: str = "",
+        *,
+        email: EmailMessage | None = None,
+        keep_data: bool | None = None,
+    ) -> bool:
+        """Log ``message`` with ``code`` and take it off the queue, atomically.
+
+        Returns False when the row was already gone.
+        """
+        entry = MessageLog.from_message(message, code, note, email=email, keep_data=keep_data)
+        with transaction.atomic(using=self.db, savepoint=False):
+            if self.use_orm:
+                entry.save(force_insert=True, using=self.db)
+                deleted, _ = Message.objects.using(self.db).filter(pk=message.pk).delete()
+                return bool(deleted)
+            values = [
+                f.get_db_prep_save(getattr(entry, f.attname), self.connection)
+                for f in self.log_fields
+            ]
+            with self.connection.cursor() as cursor:
+                cursor.execute(self.insert_sql, values)
+                cursor.execute(self.delete_sql, [message.pk])
+                return cursor.rowcount != 0
 
 
-def _record_undecodable(message: Message, result: PassResult) -> None:
+def _record_undecodable(message: Message, queries: _PassQueries, result: PassResult) -> None:
     reason = decode_error(message.message_data) or "message data could not be decoded"
     logger.error(
         "Message %s can't be decoded (%s); moved to the log as a failure with its data kept.",
         message.pk,
         reason,
     )
-    with transaction.atomic(using=message._state.db, savepoint=False):
-        MessageLog.objects.log(
-            message,
-            RESULT_FAILURE,
-            f"Could not decode the stored message: {reason}",
-            keep_data=True,
-        )
-        Message.objects.filter(pk=message.pk).delete()
+    queries.record(
+        message, RESULT_FAILURE, f"Could not decode the stored message: {reason}", keep_data=True
+    )
     result.failed += 1
 
 
-def _record_success(message: Message, email: EmailMessage, code: str, note: str = "") -> None:
-    with transaction.atomic(using=message._state.db, savepoint=False):
-        MessageLog.from_message(message, code, note, email=email).save(force_insert=True)
-        deleted, _ = Message.objects.filter(pk=message.pk).delete()
-    if not deleted:
+def _record_success(
+    message: Message, email: EmailMessage, queries: _PassQueries, code: str, note: str = ""
+) -> None:
+    if not queries.record(message, code, note, email=email):
         logger.warning(
             "Message %s was removed from the queue by someone else while this worker sent it.",
             message.pk,
@@ -242,6 +329,7 @@ def _record_unhandled(message: Message, exc: BaseException) -> None:
 
 def _deliver_one(
     message: Message,
+    queries: _PassQueries,
     sender: _Sender,
     error_handler: Callable[..., tuple[Any, str]],
     result: PassResult,
@@ -252,10 +340,10 @@ def _deliver_one(
     """
     email = message.email
     if email is None:
-        _record_undecodable(message, result)
+        _record_undecodable(message, queries, result)
         return None
     if not email.recipients():
-        _record_success(message, email, RESULT_DONT_SEND, "no recipients")
+        _record_success(message, email, queries, RESULT_DONT_SEND, "no recipients")
         result.dont_send += 1
         return None
     ensure_message_id(email, message)
@@ -277,7 +365,7 @@ def _deliver_one(
         else:
             result.deferred += 1
         return None
-    _record_success(message, email, RESULT_SUCCESS)
+    _record_success(message, email, queries, RESULT_SUCCESS)
     logger.debug("Sent message %s %s", message.pk, get_message_id(email))
     result.sent += 1
     return None
@@ -323,7 +411,8 @@ def send_all(
             queryset = Message.objects.all()
         db = queryset.db if queryset._db else router.db_for_write(Message)
         lock_rows = _claims_with_row_locks(db)
-        after = None
+        queries = _PassQueries(queryset, db, lock_rows)
+        after = queries.first_key()
         while pending is None:
             if should_stop is not None and should_stop():
                 logger.info("Stopping the pass on request.")
@@ -333,12 +422,11 @@ def send_all(
             # Row-locking databases: claim, send and record in one
             # transaction. SQLite: no transaction around the SMTP talk.
             with transaction.atomic(using=db) if lock_rows else contextlib.nullcontext():
-                message = _next_message(queryset, after, lock_rows, db)
+                message, after = queries.claim(after)
                 if message is None:
                     break
-                after = (message.priority, message.when_added, message.pk)
                 sent_before = result.sent
-                pending = _deliver_one(message, sender, error_handler, result)
+                pending = _deliver_one(message, queries, sender, error_handler, result)
             throttle = conf.EMAIL_THROTTLE
             if throttle and result.sent > sent_before:
                 sleep(throttle)

@@ -268,3 +268,37 @@ def test_pass_memory_does_not_load_the_queue(smtp_settings, smtp_server, django_
     queue(30)
     with django_assert_max_num_queries(30 * 6 + 5):
         assert send_all().sent == 30
+
+
+def test_signal_receivers_still_fire(smtp_settings, smtp_server):
+    from django.db.models.signals import post_delete, post_save
+
+    saved, deleted = [], []
+
+    def on_log(sender, instance, created, **kwargs):
+        saved.append(instance.result)
+
+    def on_delete(sender, instance, **kwargs):
+        deleted.append(instance.pk)
+
+    post_save.connect(on_log, sender=MessageLog)
+    post_delete.connect(on_delete, sender=Message)
+    try:
+        queue(2)
+        ids = sorted(Message.objects.values_list("pk", flat=True))
+        assert send_all().sent == 2
+    finally:
+        post_save.disconnect(on_log, sender=MessageLog)
+        post_delete.disconnect(on_delete, sender=Message)
+    assert saved == [RESULT_SUCCESS, RESULT_SUCCESS]
+    assert sorted(deleted) == ids
+
+
+def test_claimed_rows_are_what_the_orm_builds(smtp_settings, smtp_server):
+    queue(1)
+    expected = Message.objects.get()
+    send_all()
+    log = MessageLog.objects.get()
+    assert log.when_added == expected.when_added  # converted, tz-aware, exact
+    assert log.priority == expected.priority
+    assert log.message_id == expected.message_id
