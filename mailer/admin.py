@@ -334,6 +334,28 @@ class StoredEmailDisplay:
         "attachments_display",
     )
 
+    email_fieldsets = (
+        (
+            _("Headers"),
+            {
+                "fields": (
+                    "from_display",
+                    "to_display",
+                    "cc_display",
+                    "bcc_display",
+                    "reply_to_display",
+                    "email_subject",
+                    "email_message_id",
+                    "extra_headers_display",
+                )
+            },
+        ),
+        (
+            _("Content"),
+            {"fields": ("stored_data", "text_body", "html_body", "attachments_display")},
+        ),
+    )
+
     def _email(self, obj: Any) -> EmailMessage | None:
         return obj.email
 
@@ -565,25 +587,7 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
                 )
             },
         ),
-        (
-            _("Headers"),
-            {
-                "fields": (
-                    "from_display",
-                    "to_display",
-                    "cc_display",
-                    "bcc_display",
-                    "reply_to_display",
-                    "email_subject",
-                    "email_message_id",
-                    "extra_headers_display",
-                )
-            },
-        ),
-        (
-            _("Content"),
-            {"fields": ("stored_data", "text_body", "html_body", "attachments_display")},
-        ),
+        *StoredEmailDisplay.email_fieldsets,
     ]
     readonly_fields = [
         "id",
@@ -751,25 +755,7 @@ class MessageLogAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
                 )
             },
         ),
-        (
-            _("Headers"),
-            {
-                "fields": (
-                    "from_display",
-                    "to_display",
-                    "cc_display",
-                    "bcc_display",
-                    "reply_to_display",
-                    "email_subject",
-                    "email_message_id",
-                    "extra_headers_display",
-                )
-            },
-        ),
-        (
-            _("Content"),
-            {"fields": ("stored_data", "text_body", "html_body", "attachments_display")},
-        ),
+        *StoredEmailDisplay.email_fieldsets,
     ]
     readonly_fields = [
         "id",
