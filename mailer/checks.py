@@ -39,6 +39,20 @@ def check_numeric_settings(app_configs: Any = None, **kwargs: Any) -> list[check
 
 
 @checks.register("mailer")
+def check_idle_sleep(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    if _is_number(conf.EMPTY_QUEUE_SLEEP) and conf.EMPTY_QUEUE_SLEEP == 0:
+        return [
+            checks.Warning(
+                "MAILER_EMPTY_QUEUE_SLEEP is 0: runmailer and runmailer_pg would query the "
+                "database without pause while the queue is empty.",
+                hint="Use a small positive number, e.g. 1, or the default 30.",
+                id="mailer.W001",
+            )
+        ]
+    return []
+
+
+@checks.register("mailer")
 def check_error_handler(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     path = conf.ERROR_HANDLER
     try:

@@ -91,3 +91,8 @@ class TestMailers:
         }
         settings.MAILER_USING = "smtp"
         assert mailer_errors() == []
+
+
+def test_zero_idle_sleep_warns(settings):
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 0
+    assert mailer_errors() == ["mailer.W001"]
