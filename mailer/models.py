@@ -324,6 +324,12 @@ def queue_emails(
             # Keep who was suppressed, so the log can answer "why no mail?".
             entry.recipients = "\n".join(str(a) for a in email.recipients())
             skipped.append(entry)
+    if len(rows) == 1 and not skipped:
+        # One row: a plain INSERT, which in autocommit needs no BEGIN/COMMIT
+        # round trips (bulk_create always opens a transaction). The row is
+        # already checked, so Message.save's own checks are skipped.
+        models.Model.save(rows[0], force_insert=True)
+        return 1
     if batch_size is None:
         batch_size = conf.MESSAGES_BATCH_SIZE
     with transaction.atomic(savepoint=False):
