@@ -47,6 +47,7 @@ from mailer.models import (
     Message,
     MessageLog,
     MessageQuerySet,
+    RowInserter,
     decode_error,
     get_message_id,
 )
@@ -207,12 +208,7 @@ class _PassQueries:
         self.lock_rows = lock_rows
         self._claim: tuple[Any, ...] | None = None
         quote = self.connection.ops.quote_name
-        self.log_fields = [f for f in MessageLog._meta.concrete_fields if not f.primary_key]
-        self.insert_sql = "INSERT INTO {} ({}) VALUES ({})".format(
-            quote(MessageLog._meta.db_table),
-            ", ".join(quote(f.column) for f in self.log_fields),
-            ", ".join(["%s"] * len(self.log_fields)),
-        )
+        self.log_inserter = RowInserter(MessageLog, db)
         table, pk = quote(Message._meta.db_table), quote(Message._meta.pk.column)
         self.delete_sql = f"DELETE FROM {table} WHERE {pk} = %s"
         self.use_orm = any(
@@ -285,12 +281,8 @@ class _PassQueries:
                 entry.save(force_insert=True, using=self.db)
                 deleted, _ = Message.objects.using(self.db).filter(pk=message.pk).delete()
                 return bool(deleted)
-            values = [
-                f.get_db_prep_save(getattr(entry, f.attname), self.connection)
-                for f in self.log_fields
-            ]
+            self.log_inserter.insert(entry)
             with self.connection.cursor() as cursor:
-                cursor.execute(self.insert_sql, values)
                 cursor.execute(self.delete_sql, [message.pk])
                 return cursor.rowcount != 0
 
