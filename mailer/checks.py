@@ -10,7 +10,13 @@ from django.core import checks
 from django.utils.module_loading import import_string
 
 from mailer.compat import legacy_email_backend, mailers_configured
-from mailer.conf import DB_BACKEND, NUMERIC_SETTINGS, conf
+from mailer.conf import (
+    BOOLEAN_SETTINGS,
+    DB_BACKEND,
+    NUMERIC_SETTINGS,
+    boolean_error,
+    conf,
+)
 
 
 def _is_number(value: Any) -> bool:
@@ -33,6 +39,23 @@ def check_numeric_settings(app_configs: Any = None, **kwargs: Any) -> list[check
                     f"MAILER_{name} must be {wanted}; it is {value!r}.",
                     hint=f"Fix or remove MAILER_{name} in your settings.",
                     id="mailer.E001",
+                )
+            )
+    return errors
+
+
+@checks.register("mailer")
+def check_boolean_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    errors = []
+    for name, default in BOOLEAN_SETTINGS:
+        message = boolean_error(name, getattr(settings, f"MAILER_{name}", default))
+        if message is not None:
+            errors.append(
+                checks.Error(
+                    message,
+                    hint=f"Set MAILER_{name} to True or False (not a string or number), "
+                    "or remove it.",
+                    id="mailer.E006",
                 )
             )
     return errors

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 DB_BACKEND = "mailer.backend.DbBackend"
 DEFAULT_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
@@ -18,6 +19,25 @@ DEFAULT_ERROR_HANDLER = "mailer.engine.handle_delivery_exception"
 
 def _get(name: str, default: Any) -> Any:
     return getattr(settings, "MAILER_" + name, default)
+
+
+def boolean_error(name: str, value: Any) -> str | None:
+    """Why ``MAILER_<name> = value`` is refused, or None for a real bool.
+
+    Only ``True`` and ``False`` are accepted: a string such as ``"no"`` or
+    ``"False"`` is true in Python and would silently do the opposite.
+    """
+    if isinstance(value, bool):
+        return None
+    return f"MAILER_{name} must be True or False; it is {value!r}."
+
+
+def _get_bool(name: str, default: bool) -> bool:
+    value = _get(name, default)
+    error = boolean_error(name, value)
+    if error is not None:
+        raise ImproperlyConfigured(f"{error} Fix MAILER_{name} in your settings.")
+    return value
 
 
 class MailerSettings:
@@ -39,7 +59,7 @@ class MailerSettings:
 
     @property
     def USE_FILE_LOCK(self) -> bool:
-        return bool(_get("USE_FILE_LOCK", True))
+        return _get_bool("USE_FILE_LOCK", True)
 
     @property
     def LOCK_PATH(self) -> str | None:
@@ -79,11 +99,11 @@ class MailerSettings:
 
     @property
     def EMAIL_LOG_MESSAGE_DATA(self) -> bool:
-        return bool(_get("EMAIL_LOG_MESSAGE_DATA", True))
+        return _get_bool("EMAIL_LOG_MESSAGE_DATA", True)
 
     @property
     def PAUSE_SEND(self) -> bool:
-        return bool(_get("PAUSE_SEND", False))
+        return _get_bool("PAUSE_SEND", False)
 
     @property
     def PURGE_BATCH_SIZE(self) -> int:
@@ -103,4 +123,11 @@ NUMERIC_SETTINGS: list[tuple[str, bool, float]] = [
     ("MESSAGES_BATCH_SIZE", True, 1),
     ("EMAIL_MAX_RETRIES", True, 0),
     ("PURGE_BATCH_SIZE", False, 1),
+]
+
+# (setting name, default) for the True/False settings, used by checks.
+BOOLEAN_SETTINGS: list[tuple[str, bool]] = [
+    ("USE_FILE_LOCK", True),
+    ("EMAIL_LOG_MESSAGE_DATA", True),
+    ("PAUSE_SEND", False),
 ]

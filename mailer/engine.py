@@ -387,6 +387,7 @@ def send_all(
     ``sleep`` is used for ``MAILER_EMAIL_THROTTLE``.
     """
     require_no_backend_loop()
+    conf.EMAIL_LOG_MESSAGE_DATA  # a non-boolean value raises now, before anything is sent
     error_handler = import_string(conf.ERROR_HANDLER)
     result = PassResult()
     lock = None

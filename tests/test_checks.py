@@ -34,6 +34,45 @@ def test_bad_numbers(settings, name, value):
     assert name in errors[0].msg
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("MAILER_PAUSE_SEND", "no"),
+        ("MAILER_USE_FILE_LOCK", "False"),
+        ("MAILER_EMAIL_LOG_MESSAGE_DATA", 0),
+        ("MAILER_PAUSE_SEND", None),
+    ],
+)
+def test_booleans_accept_only_booleans(settings, name, value):
+    setattr(settings, name, value)
+    errors = checks.run_checks(tags=["mailer"])
+    assert [e.id for e in errors] == ["mailer.E006"]
+    assert name in errors[0].msg and repr(value) in errors[0].msg
+
+
+def test_wrong_boolean_is_refused_at_use_time_too(settings):
+    """A "no" must never mean "pause" (or a "False" mean "lock") behind the check's back."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from mailer.conf import conf
+    from mailer.engine import send_all
+
+    settings.MAILER_PAUSE_SEND = "no"
+    with pytest.raises(ImproperlyConfigured, match="MAILER_PAUSE_SEND must be True or False"):
+        conf.PAUSE_SEND
+    settings.MAILER_PAUSE_SEND = False
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = "False"
+    with pytest.raises(ImproperlyConfigured, match="MAILER_EMAIL_LOG_MESSAGE_DATA"):
+        send_all()
+
+
+def test_real_booleans_pass(settings):
+    settings.MAILER_PAUSE_SEND = True
+    settings.MAILER_USE_FILE_LOCK = False
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    assert mailer_errors() == []
+
+
 def test_none_allowed_where_documented(settings):
     settings.MAILER_EMAIL_MAX_BATCH = None
     settings.MAILER_EMAIL_MAX_RETRIES = 0
