@@ -3,7 +3,7 @@
 
 Creates ``.venv-tox`` with tox in it, then runs the tox matrix (Python 3.11 +
 Django 4.2, 3.12 + 5.2, 3.13 + 6.1; SQLite, plus PostgreSQL when
-``MAILER_TEST_POSTGRES=1``; docs; lint). Interpreters are found on PATH or
+``MAILER_TEST_POSTGRES=1``; docs; lint; typing). Interpreters are found on PATH or
 under pyenv. Missing interpreters are reported and skipped, unless
 ``MAILER_TEST_STRICT=1`` (CI), where they are an error.
 
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
                 print(f"WARNING: {message}", file=sys.stderr)
                 continue
             envs += [f"{py}-{dj}-{db}" for db in databases]
-        envs += ["docs", "lint"]
+        envs += ["docs", "lint", "typing"]
         if not postgres:
             print("Note: PostgreSQL environments skipped; set MAILER_TEST_POSTGRES=1 to run them.")
     python = tox_python()
