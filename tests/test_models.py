@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 from django.core.mail import EmailMessage
+from django.utils import timezone
 
 from mailer import models
 from mailer.models import (
@@ -64,7 +65,7 @@ def test_undecodable_message_properties_never_raise():
     assert m.email is None
     assert m.to_addresses == []
     assert m.subject == ""
-    assert "3" in str(m)
+    assert str(m) == "<Message repr unavailable>"
     log = MessageLog(message_data=None)
     assert (log.email, log.to_addresses, log.subject) == (None, None, None)
     assert str(log)
@@ -125,4 +126,40 @@ def test_log_copies_the_message():
     assert (log.priority, log.when_added, log.log_message) == (1, msg.when_added, "boom")
     assert log.message_id == msg.message_id
     assert log.to_addresses == ["t@example.com"] and log.subject == "S"
-    assert str(log).startswith("failure")
+    assert str(log) == f'On {log.when_attempted}, "S" to t@example.com'
+
+
+# --- str(): 2.3.2's words, which sites' own tests compare against ------------------
+
+
+@pytest.mark.django_db
+def test_str_of_a_message():
+    when = timezone.now()
+    msg = make_message("Hello", "b", "f@example.com", ["a@example.com", "b@example.com"])
+    msg.when_added = when
+    assert str(msg) == f'On {when}, "Hello" to a@example.com, b@example.com'
+    for data in ("", "garbage", "AAAA\n"):
+        assert str(Message(message_data=data, when_added=when)) == "<Message repr unavailable>"
+
+
+@pytest.mark.django_db
+def test_str_of_a_log_entry():
+    when = timezone.now()
+    msg = make_message("Hello", "b", "f@example.com", ["a@example.com"])
+    with_data = MessageLog(message_data=msg.message_data, when_attempted=when, message_id="<m@x>")
+    assert str(with_data) == f'On {when}, "Hello" to a@example.com'
+    # Content not kept (MAILER_EMAIL_LOG_MESSAGE_DATA = False) or unreadable:
+    # the Message-ID stands in for it.
+    for data in (None, "", "garbage"):
+        entry = MessageLog(message_data=data, when_attempted=when, message_id="<m@x>")
+        assert str(entry) == f'On {when}, "<m@x>"'
+
+
+def test_str_of_a_log_entry_never_raises():
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("no")
+
+    entry = MessageLog(message_data=None, message_id="<m@x>")
+    entry.when_attempted = Unprintable()
+    assert str(entry) == "<MessageLog repr unavailable>"
