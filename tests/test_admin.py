@@ -182,10 +182,10 @@ def test_message_add_and_edit_are_not_offered(admin_client):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_send_now_action_sends_the_selected_messages(admin_client, smtp_settings, smtp_server):
+def test_send_messages_action_sends_the_selected_messages(admin_client, smtp_settings, smtp_server):
     chosen = queue("send me", to=["alice@example.com"])
     left = queue("not me", to=["bob@example.com"])
-    response = run_action(admin_client, MESSAGE_LIST, "send_now", [chosen])
+    response = run_action(admin_client, MESSAGE_LIST, "send_messages", [chosen])
     notes = user_messages(response)
     assert any("1 sent" in n and "0 deferred" in n and "0 failed" in n for n in notes), notes
     assert smtp_server.subjects() == ["send me"]
@@ -197,11 +197,11 @@ def test_send_now_action_sends_the_selected_messages(admin_client, smtp_settings
 
 
 @pytest.mark.django_db(transaction=True)
-def test_send_now_reports_deferred_and_failures(admin_client, smtp_settings, smtp_server):
+def test_send_messages_reports_deferred_and_failures(admin_client, smtp_settings, smtp_server):
     stuck = queue("stuck", priority=PRIORITY_DEFERRED)
     refused = queue("refused")
     smtp_server.fail_with = "554 no thanks"
-    response = run_action(admin_client, MESSAGE_LIST, "send_now", [stuck, refused])
+    response = run_action(admin_client, MESSAGE_LIST, "send_messages", [stuck, refused])
     notes = user_messages(response)
     assert any("0 sent" in n and "1 deferred" in n for n in notes), notes
     assert any("1 selected message is deferred and was not sent" in n for n in notes), notes
@@ -209,7 +209,7 @@ def test_send_now_reports_deferred_and_failures(admin_client, smtp_settings, smt
     assert Message.objects.get(pk=stuck.pk).priority == PRIORITY_DEFERRED
 
 
-def test_send_now_reports_a_held_lock(admin_client, settings):
+def test_send_messages_reports_a_held_lock(admin_client, settings):
     """Another worker (here: another thread) holds the send lock."""
     import threading
 
@@ -230,7 +230,7 @@ def test_send_now_reports_a_held_lock(admin_client, settings):
     thread.start()
     try:
         assert held.wait(10)
-        response = run_action(admin_client, MESSAGE_LIST, "send_now", [msg])
+        response = run_action(admin_client, MESSAGE_LIST, "send_messages", [msg])
     finally:
         done.set()
         thread.join()
@@ -238,10 +238,10 @@ def test_send_now_reports_a_held_lock(admin_client, settings):
     assert Message.objects.filter(pk=msg.pk).exists()
 
 
-def test_send_now_reports_a_misconfiguration_instead_of_failing(admin_client, settings):
+def test_send_messages_reports_a_misconfiguration_instead_of_failing(admin_client, settings):
     settings.MAILER_EMAIL_BACKEND = "mailer.backend.DbBackend"  # would loop forever
     msg = queue()
-    response = run_action(admin_client, MESSAGE_LIST, "send_now", [msg])
+    response = run_action(admin_client, MESSAGE_LIST, "send_messages", [msg])
     assert response.status_code == 200
     assert any("Sending stopped with an error" in n for n in user_messages(response))
     assert Message.objects.filter(pk=msg.pk).exists()
@@ -290,7 +290,7 @@ def test_actions_need_permissions(client, django_user_model):
     )
     client.force_login(viewer)
     text = page_text(client.get(MESSAGE_LIST))
-    assert 'value="send_now"' not in text and 'value="retry"' not in text
+    assert 'value="send_messages"' not in text and 'value="retry"' not in text
     text = page_text(client.get(LOG_LIST))
     assert 'value="requeue"' not in text
     msg = queue(priority=PRIORITY_DEFERRED)
@@ -809,3 +809,70 @@ def test_catalogues_are_complete_and_compiled(language):
             assert compiled.gettext(msgid) == strs[0], msgid
         else:
             assert compiled._catalog[(msgid, 0)] == strs[0], msgid
+
+
+# --- 2.3.2's public names in a project's own admin (tests/urls.py) ----------------------
+
+PROJECT_MESSAGE_LIST = reverse("project_admin:mailer_message_changelist")
+PROJECT_LOG_LIST = reverse("project_admin:mailer_messagelog_changelist")
+
+
+def test_project_admin_built_on_the_old_names_passes_the_system_checks():
+    from tests.urls import ProjectMessageAdmin, ProjectMessageLogAdmin, project_site
+
+    assert ProjectMessageAdmin(Message, project_site).check() == []
+    assert ProjectMessageLogAdmin(MessageLog, project_site).check() == []
+
+
+def test_show_to_and_show_subject():
+    from mailer.admin import show_subject, show_to
+
+    msg = queue("Old columns", to=["a@example.com", "b@example.com"], bcc=["c@example.com"])
+    assert show_to(msg) == "a@example.com, b@example.com"
+    assert show_subject(msg) == "Old columns"
+    entry = log_of(msg)
+    assert (show_to(entry), show_subject(entry)) == ("a@example.com, b@example.com", "Old columns")
+    bcc_only = queue("Bcc only", to=[], bcc=["hidden@example.com"])
+    assert show_to(bcc_only) == "hidden@example.com"
+    not_kept = log_of(msg, keep_data=False)
+    broken = Message(message_data=GARBAGE)
+    for obj in (not_kept, broken):
+        assert (show_to(obj), show_subject(obj)) == ("", "")
+    assert str(show_to.short_description) == "To"
+    assert str(show_subject.short_description) == "Subject"
+
+
+def test_project_changelists_use_the_old_columns(admin_client):
+    msg = queue("Listed the old way", to=["old@example.com"])
+    log_of(msg)
+    Message.objects.create(message_data=GARBAGE)
+    text = page_text(admin_client.get(PROJECT_MESSAGE_LIST))
+    assert "Listed the old way" in text and "old@example.com" in text
+    text = page_text(admin_client.get(PROJECT_LOG_LIST))
+    assert "Listed the old way" in text and "old@example.com" in text
+
+
+def test_plain_text_body_of_the_mixin(admin_client):
+    from mailer.admin import MessageAdminMixin
+
+    mixin = MessageAdminMixin()
+    msg = queue("Body", body="line one\nline <two>")
+    entry = log_of(msg)
+    assert mixin.plain_text_body(msg) == "line one\nline <two>"
+    assert mixin.plain_text_body(entry) == "line one\nline <two>"
+    assert "undecodable" in mixin.plain_text_body(Message(message_data=GARBAGE))
+    assert "not kept" in mixin.plain_text_body(log_of(msg, keep_data=False))
+    url = reverse("project_admin:mailer_messagelog_change", args=[entry.pk])
+    text = page_text(admin_client.get(url))
+    assert "line one<br>line &lt;two&gt;" in text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_project_action_send_messages(admin_client, smtp_settings, smtp_server):
+    chosen = queue("sent from the project's admin")
+    queue("left alone")
+    response = run_action(admin_client, PROJECT_MESSAGE_LIST, "send_messages", [chosen])
+    assert response.status_code == 200
+    assert smtp_server.subjects() == ["sent from the project's admin"]
+    assert not Message.objects.filter(pk=chosen.pk).exists()
+    assert Message.objects.count() == 1
