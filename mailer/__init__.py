@@ -60,7 +60,7 @@ def _deliver(
 
     priority = get_priority(priority)
     if using is not None:
-        from django.core.mail import mailers  # Django 6.1+
+        from django.core.mail import mailers  # type: ignore[attr-defined]  # Django 6.1+
 
         connection = mailers[using]
     if connection is not None and not isinstance(connection, DbBackend):

@@ -71,7 +71,7 @@ def get_sending_backend() -> BaseEmailBackend:
     """A new instance of the backend that really sends."""
     require_no_backend_loop()
     if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
-        from django.core.mail import mailers
+        from django.core.mail import mailers  # type: ignore[attr-defined]  # Django 6.1+
 
         return mailers[conf.USING]
     backend_class = import_string(conf.EMAIL_BACKEND)
@@ -95,7 +95,7 @@ if DJANGO_VERSION >= (6, 0):
     _prep = _SMTPBackend.__new__(_SMTPBackend)
 
     def check_address(address: str, encoding: str) -> None:
-        _prep.prep_address(address)
+        _prep.prep_address(address)  # type: ignore[attr-defined]  # Django 6.0+
 
 else:
     from django.core.mail.message import sanitize_address
@@ -143,7 +143,8 @@ def validate_email(email: EmailMessage) -> None:
 if DJANGO_VERSION >= (5, 2):
     from django.core.mail.message import EmailAlternative, EmailAttachment
 else:  # pragma: no cover - depends on the Django version
-    EmailAlternative = EmailAttachment = None
+    # Neither class exists before Django 5.2 (the stubs describe 5.2).
+    EmailAlternative = EmailAttachment = None  # type: ignore[misc, assignment]
 
 
 def repair_email(email: Any) -> Any:

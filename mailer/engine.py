@@ -402,7 +402,8 @@ def send_all(
     try:
         if queryset is None:
             queryset = Message.objects.all()
-        db = queryset.db if queryset._db else router.db_for_write(Message)
+        # _db: the alias given to .using(), if any (private; not in django-stubs).
+        db = queryset.db if queryset._db else router.db_for_write(Message)  # type: ignore[attr-defined]
         lock_rows = _claims_with_row_locks(db)
         queries = _PassQueries(queryset, db, lock_rows)
         after = queries.first_key()

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # no fcntl on Windows; checked before use
 
 
 def lock_path(configured: str | None) -> str:
