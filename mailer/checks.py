@@ -25,7 +25,7 @@ def _is_number(value: Any) -> bool:
 
 @checks.register("mailer")
 def check_numeric_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    errors = []
+    errors: list[checks.CheckMessage] = []
     for name, allow_none, minimum in NUMERIC_SETTINGS:
         value = getattr(conf, name)
         if value is None and allow_none:
@@ -46,7 +46,7 @@ def check_numeric_settings(app_configs: Any = None, **kwargs: Any) -> list[check
 
 @checks.register("mailer")
 def check_boolean_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    errors = []
+    errors: list[checks.CheckMessage] = []
     for name, default in BOOLEAN_SETTINGS:
         message = boolean_error(name, getattr(settings, f"MAILER_{name}", default))
         if message is not None:
@@ -102,7 +102,7 @@ def check_error_handler(app_configs: Any = None, **kwargs: Any) -> list[checks.C
 
 @checks.register("mailer")
 def check_backends(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    errors = []
+    errors: list[checks.CheckMessage] = []
     if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
         mailers = settings.MAILERS
         alias = conf.USING
