@@ -131,8 +131,7 @@ class _EmailProperties:
 
     message_data: str | None
 
-    @property
-    def email(self) -> EmailMessage | None:
+    def _decode_email(self) -> EmailMessage | None:
         data = self.message_data
         cached = self.__dict__.get("_email_cache")
         if cached is not None and cached[0] is data:
@@ -140,6 +139,10 @@ class _EmailProperties:
         email = db_to_email(data)
         self.__dict__["_email_cache"] = (data, email)
         return email
+
+    @property
+    def email(self) -> EmailMessage | None:
+        return self._decode_email()
 
     @email.setter
     def email(self, value: EmailMessage) -> None:
@@ -153,7 +156,7 @@ class _EmailProperties:
     @property
     def subject(self) -> str:
         email = self.email
-        return email.subject if email is not None else ""
+        return str(email.subject) if email is not None else ""
 
 
 # --- Message ---------------------------------------------------------------
@@ -530,9 +533,10 @@ class MessageLog(_EmailProperties, models.Model):
         except Exception:
             return "<MessageLog repr unavailable>"
 
-    @property
-    def email(self) -> EmailMessage | None:  # type: ignore[override]
-        return _EmailProperties.email.fget(self) if self.message_data else None
+    # Read-only here, as in 2.3.2 (a log entry's message is not replaced).
+    @property  # type: ignore[misc]
+    def email(self) -> EmailMessage | None:
+        return self._decode_email() if self.message_data else None
 
     @property
     def to_addresses(self) -> list[str] | None:  # type: ignore[override]
@@ -542,7 +546,7 @@ class MessageLog(_EmailProperties, models.Model):
     @property
     def subject(self) -> str | None:  # type: ignore[override]
         email = self.email
-        return None if email is None else email.subject
+        return None if email is None else str(email.subject)
 
     @classmethod
     def from_message(
