@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from email.utils import make_msgid
 from typing import Any
 
+import lockfile  # noqa: F401  - sites patch mailer.engine.lockfile.FileLock
 from django.core.mail import EmailMessage
 from django.core.mail.utils import DNS_NAME
-from django.db import connections, router, transaction
+from django.db import connections, models, router, transaction
 from django.db.models import signals
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -53,6 +54,26 @@ from mailer.models import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Module attributes 2.3.2 read from settings at import and that sites patch in
+# their tests: here they give the current setting unless patched.
+_SETTING_ATTRIBUTES = ("LOCK_WAIT_TIMEOUT", "EMPTY_QUEUE_SLEEP")
+_UNSET = object()
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SETTING_ATTRIBUTES:
+        return getattr(conf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _setting(name: str) -> Any:
+    """``LOCK_WAIT_TIMEOUT``/``EMPTY_QUEUE_SLEEP``: a value patched onto this
+    module (``mock.patch("mailer.engine.EMPTY_QUEUE_SLEEP", 1)``), else the
+    current setting."""
+    patched = globals().get(name, _UNSET)
+    return getattr(conf, name) if patched is _UNSET else patched
+
 
 __all__ = [
     "PassResult",
@@ -127,8 +148,12 @@ def ensure_message_id(email: EmailMessage, message: Message | None = None) -> st
 
 
 def acquire_lock() -> tuple[bool, Any]:
-    """Take the ``send_mail`` file lock: ``(acquired, lock)``."""
-    return locking.acquire(conf.LOCK_PATH, conf.LOCK_WAIT_TIMEOUT)
+    """Take the ``send_mail`` file lock: ``(acquired, lock)``.
+
+    ``lockfile.FileLock(path).acquire(LOCK_WAIT_TIMEOUT)``, with the
+    take-over of a lock left by a dead worker (see ``mailer.locking``).
+    """
+    return locking.acquire(conf.LOCK_PATH, _setting("LOCK_WAIT_TIMEOUT"), log=logger)
 
 
 def release_lock(lock: Any) -> None:
@@ -140,7 +165,7 @@ def handle_delivery_exception(
 ) -> tuple[Any, str]:
     """Default ``MAILER_ERROR_HANDLER``: defer on SMTP/socket errors, else raise."""
     if isinstance(exc, DEFERRABLE_ERRORS):
-        logger.warning("Message %s deferred: %s: %s", message.pk, type(exc).__name__, exc)
+        logger.info("message deferred due to failure: %s", exc)
         message.defer()
         MessageLog.objects.log(message, RESULT_FAILURE, log_message=str(exc))
         return None, "deferred"
@@ -364,13 +389,14 @@ def _deliver_one(
 
 
 def _limits_reached(result: PassResult) -> bool:
+    # 2.3.2's levels and words, which operators' log alerts match.
     max_batch = conf.EMAIL_MAX_BATCH
     if max_batch is not None and result.sent >= max_batch:
-        logger.info("MAILER_EMAIL_MAX_BATCH (%s) reached; stopping this pass.", max_batch)
+        logger.info("EMAIL_MAX_BATCH (%s) reached, stopping for this round", max_batch)
         return True
     max_deferred = conf.EMAIL_MAX_DEFERRED
     if max_deferred is not None and result.deferred >= max_deferred:
-        logger.info("MAILER_EMAIL_MAX_DEFERRED (%s) reached; stopping this pass.", max_deferred)
+        logger.warning("EMAIL_MAX_DEFERRED (%s) reached, stopping for this round", max_deferred)
         return True
     return False
 
@@ -379,12 +405,14 @@ def send_all(
     queryset: MessageQuerySet | None = None,
     *,
     should_stop: Callable[[], bool] | None = None,
-    sleep: Callable[[float], Any] = time.sleep,
+    sleep: Callable[[float], Any] | None = None,
 ) -> PassResult:
     """One pass over the queue (or over ``queryset``); see the module doc.
 
+    The lock is taken with ``acquire_lock()`` and the messages are those of
+    ``prioritize(queryset)``, both looked up here at each call, as in 2.3.2.
     ``should_stop`` is asked between messages (a worker's shutdown flag);
-    ``sleep`` is used for ``MAILER_EMAIL_THROTTLE``.
+    ``sleep`` is used for ``MAILER_EMAIL_THROTTLE`` (default ``time.sleep``).
     """
     require_no_backend_loop()
     conf.EMAIL_LOG_MESSAGE_DATA  # a non-boolean value raises now, before anything is sent
@@ -400,8 +428,7 @@ def send_all(
     sender = _Sender()
     pending: BaseException | None = None
     try:
-        if queryset is None:
-            queryset = Message.objects.all()
+        queryset = _as_queryset(prioritize(queryset))
         # _db: the alias given to .using(), if any (private; not in django-stubs).
         db = queryset.db if queryset._db else router.db_for_write(Message)  # type: ignore[attr-defined]
         lock_rows = _claims_with_row_locks(db)
@@ -423,7 +450,7 @@ def send_all(
                 pending = _deliver_one(message, queries, sender, error_handler, result)
             throttle = conf.EMAIL_THROTTLE
             if throttle and result.sent > sent_before:
-                sleep(throttle)
+                (sleep or time.sleep)(throttle)
     finally:
         sender.close()
         if lock is not None:
@@ -435,12 +462,30 @@ def send_all(
     return result
 
 
+def _as_queryset(messages: Any) -> MessageQuerySet:
+    """``prioritize()``'s result as a queryset (a test may patch it to a list)."""
+    if isinstance(messages, models.QuerySet):
+        return messages
+    return Message.objects.filter(pk__in=[m.pk for m in messages])
+
+
 def has_sendable(queryset: MessageQuerySet | None = None) -> bool:
-    return prioritize(queryset).exists()
+    messages = prioritize(queryset)
+    return messages.exists() if isinstance(messages, models.QuerySet) else bool(messages)
 
 
 def send_loop() -> None:
-    """Forever: wait while the queue is empty, then ``send_all()``."""
-    from mailer.worker import Worker
+    """Forever: while nothing is sendable, sleep ``EMPTY_QUEUE_SLEEP``
+    seconds; then ``send_all()``.
 
-    Worker(install_signal_handlers=False).run()
+    2.3.2's plain loop, with its patch points (``time.sleep``,
+    ``mailer.engine.send_all``, ``EMPTY_QUEUE_SLEEP``). ``runmailer`` uses
+    :class:`mailer.worker.Worker` instead, which also stops cleanly on
+    SIGTERM, honours ``MAILER_PAUSE_SEND`` and survives database outages.
+    """
+    while True:
+        while not has_sendable():
+            seconds = _setting("EMPTY_QUEUE_SLEEP")
+            logger.debug("sleeping for %s seconds before checking queue again", seconds)
+            time.sleep(seconds)
+        send_all()

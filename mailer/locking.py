@@ -1,7 +1,10 @@
 """The ``send_mail`` file lock, with take-over of locks left by dead workers.
 
-The lock is ``lockfile.FileLock`` (a hard link to a per-process file on POSIX)
-at ``MAILER_LOCK_PATH + ".lock"``, as in django-mailer 2.3.2. On top of it we
+The lock is ``lockfile.FileLock(path).acquire(timeout)`` (a hard link to a
+per-process file on POSIX) at ``MAILER_LOCK_PATH + ".lock"``, as in
+django-mailer 2.3.2; ``lockfile.FileLock`` is looked up at each call, so a test
+that replaces it is obeyed. Everything beyond taking and releasing works from
+the path we computed, never from attributes of the lock object. On top of it we
 write the owner's host and pid into the lock file once we hold it. When the
 lock is held and that owner is a process on this host that no longer exists
 (it was killed with SIGKILL, the machine lost power...), the lock is stale: we
@@ -34,6 +37,11 @@ def lock_path(configured: str | None) -> str:
     return configured or "send_mail"
 
 
+def lock_file_of(configured: str | None) -> str:
+    """The file ``FileLock`` holds for ``configured``: the path plus ``.lock``."""
+    return lock_path(configured) + ".lock"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -57,8 +65,18 @@ def read_owner(lock_file: str) -> tuple[str, int] | None:
     return parts[0], int(parts[1])
 
 
-def _write_owner(lock: Any) -> None:
-    with contextlib.suppress(OSError), open(lock.lock_file, "w", encoding="utf-8") as fh:
+def _write_owner(lock_file: str) -> None:
+    """Write our host and pid into the lock file we now hold.
+
+    The file is never created here: a lock implementation that holds no file
+    at that path (a test's replacement ``FileLock``) leaves nothing behind
+    that a real lock would take for a held one.
+    """
+    try:
+        fd = os.open(lock_file, os.O_WRONLY | os.O_TRUNC)
+    except OSError:
+        return
+    with contextlib.suppress(OSError), os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(f"{socket.gethostname()} {os.getpid()}\n")
 
 
@@ -72,56 +90,68 @@ def _stale_owner(lock_file: str) -> tuple[str, int] | None:
     return owner
 
 
-def break_if_stale(lock: Any) -> bool:
-    """Remove ``lock``'s lock file if its owner is dead; True if removed."""
+def break_if_stale(lock_file: str) -> bool:
+    """Remove ``lock_file`` if the process that holds it is dead; True if removed."""
     if fcntl is None:  # pragma: no cover
         return False
-    guard_path = lock.lock_file + ".guard"
+    guard_path = lock_file + ".guard"
     with open(guard_path, "a") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         try:
-            owner = _stale_owner(lock.lock_file)
+            owner = _stale_owner(lock_file)
             if owner is None:
                 return False
-            stale_ino = os.stat(lock.lock_file).st_ino
+            stale_ino = os.stat(lock_file).st_ino
             # The per-process file the lock links to is named after the dead
             # owner: remove it as well so it doesn't pile up.
-            directory = os.path.dirname(lock.lock_file) or "."
+            directory = os.path.dirname(lock_file) or "."
             for name in os.listdir(directory):
                 full = os.path.join(directory, name)
-                if full != lock.lock_file:
+                if full != lock_file:
                     with contextlib.suppress(OSError):
                         if os.stat(full).st_ino == stale_ino:
                             os.unlink(full)
-            os.unlink(lock.lock_file)
+            os.unlink(lock_file)
         finally:
             fcntl.flock(guard, fcntl.LOCK_UN)
     logger.warning(
         "Took over the lock %s: its owner (pid %s on %s) is gone.",
-        lock.lock_file,
+        lock_file,
         owner[1],
         owner[0],
     )
     return True
 
 
-def acquire(path: str | None, timeout: float) -> tuple[bool, Any]:
-    """Take the file lock. Returns ``(acquired, lock)``."""
+def acquire(
+    path: str | None, timeout: float, log: logging.Logger = logger
+) -> tuple[bool, Any]:
+    """Take the file lock. Returns ``(acquired, lock)``.
+
+    When the lock is held elsewhere, ``log`` gets 2.3.2's ERROR line
+    (``lock already in place. quitting.`` or, after waiting ``timeout``
+    seconds, ``waiting for the lock timed out. quitting.``).
+    """
+    lock_file = lock_file_of(path)
     lock = lockfile.FileLock(lock_path(path))
     for attempt in (1, 2):
         try:
             lock.acquire(timeout)
-        except (lockfile.AlreadyLocked, lockfile.LockTimeout):
-            if attempt == 1 and break_if_stale(lock):
+        except (lockfile.AlreadyLocked, lockfile.LockTimeout) as err:
+            if attempt == 1 and break_if_stale(lock_file):
                 continue
-            owner = read_owner(lock.lock_file)
+            if isinstance(err, lockfile.LockTimeout):
+                log.error("waiting for the lock timed out. quitting.")
+            else:
+                log.error("lock already in place. quitting.")
+            owner = read_owner(lock_file)
             logger.info(
                 "Lock %s is held by %s; not sending now.",
-                lock.lock_file,
+                lock_file,
                 f"pid {owner[1]} on {owner[0]}" if owner else "another process",
             )
             return False, lock
-        _write_owner(lock)
+        _write_owner(lock_file)
         return True, lock
     return False, lock  # pragma: no cover
 
@@ -131,6 +161,6 @@ def release(lock: Any) -> None:
     try:
         lock.release()
     except lockfile.NotLocked:
-        logger.warning("Lock %s was already released.", lock.lock_file)
+        logger.warning("The send lock was already released.")
     except lockfile.NotMyLock:
-        logger.warning("Lock %s was taken over by another process.", lock.lock_file)
+        logger.warning("The send lock was taken over by another process.")

@@ -8,7 +8,7 @@ import copy
 import logging
 import pickle
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from email.utils import make_msgid
 from typing import Any
 
@@ -59,6 +59,15 @@ RESULT_LABELS = {
     RESULT_DONT_SEND: _("don't send"),
     RESULT_FAILURE: _("failure"),
 }
+
+
+def datetime_now() -> datetime:
+    """Now: the clock of age-based decisions (``purge_old_entries``).
+
+    Looked up at each use, so a test can move it with
+    ``mock.patch.object(mailer.models, "datetime_now")`` as in 2.3.2.
+    """
+    return timezone.now()
 
 
 # --- stored form of a message ---------------------------------------------
@@ -488,7 +497,7 @@ class MessageLogQuerySet(models.QuerySet):
         if result_codes is None:
             result_codes = [RESULT_SUCCESS]
         batch_size = batch_size or conf.PURGE_BATCH_SIZE
-        limit = timezone.now() - timedelta(days=days)
+        limit = datetime_now() - timedelta(days=days)
         qs = self.filter(when_attempted__lt=limit, result__in=list(result_codes))
         total = 0
         while True:

@@ -10,6 +10,7 @@ from typing import Any
 
 from django.db import close_old_connections
 
+from mailer import engine
 from mailer.conf import conf
 
 logger = logging.getLogger(__name__)
@@ -77,14 +78,11 @@ class Worker:
         return conf.EMPTY_QUEUE_SLEEP if self.sleep is None else self.sleep
 
     def has_work(self) -> bool:
-        from mailer.engine import has_sendable
-
-        return has_sendable()
+        return engine.has_sendable()
 
     def run_pass(self) -> Any:
-        from mailer.engine import send_all
-
-        return send_all(should_stop=self.should_stop, sleep=self.wait)
+        # Looked up at each pass, so patching mailer.engine.send_all works.
+        return engine.send_all(should_stop=self.should_stop, sleep=self.wait)
 
     # -- hooks for subclasses (runmailer_pg) ----------------------------------------
 

@@ -2,6 +2,7 @@
 
 import signal
 import time
+from unittest.mock import patch
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -105,6 +106,19 @@ def test_purge_mail_log_keeps_recent():
     make_logs(RESULT_SUCCESS, 3, days_ago=1)
     call_command("purge_mail_log", "5")
     assert MessageLog.objects.count() == 3
+
+
+@pytest.mark.django_db
+def test_purge_mail_log_follows_a_patched_clock():
+    """2.3.2's patch point: mailer.models.datetime_now is the clock of ages."""
+    import mailer.models
+
+    make_logs(RESULT_SUCCESS, 3, days_ago=1)
+    later = timezone.now() + timezone.timedelta(days=5)
+    with patch.object(mailer.models, "datetime_now", return_value=later) as clock:
+        call_command("purge_mail_log", "5")
+    clock.assert_called()
+    assert MessageLog.objects.count() == 0
 
 
 @pytest.mark.django_db

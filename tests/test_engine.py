@@ -1,5 +1,12 @@
 """mailer/engine.py against a real SMTP server on loopback."""
 
+import logging
+import os
+import threading
+import time
+from unittest.mock import Mock, patch
+
+import lockfile
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
@@ -302,3 +309,165 @@ def test_claimed_rows_are_what_the_orm_builds(smtp_settings, smtp_server):
     assert log.when_added == expected.when_added  # converted, tz-aware, exact
     assert log.priority == expected.priority
     assert log.message_id == expected.message_id
+
+
+# --- 2.3.2's patch points, patched the way a site's own tests do ---------------------
+
+
+class Stop(Exception):
+    """Ends a send_loop() in tests, as 2.3.2's own tests do."""
+
+
+def test_module_setting_attributes_read_the_current_setting(settings):
+    settings.MAILER_LOCK_WAIT_TIMEOUT = 7
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 11
+    assert (engine.LOCK_WAIT_TIMEOUT, engine.EMPTY_QUEUE_SLEEP) == (7, 11)
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 3
+    assert engine.EMPTY_QUEUE_SLEEP == 3
+    with pytest.raises(AttributeError, match="NO_SUCH_SETTING"):
+        engine.NO_SUCH_SETTING  # noqa: B018
+
+
+def test_send_loop_sleeps_while_empty_then_sends(settings):
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 7
+    with patch("mailer.engine.send_all", side_effect=Stop) as send, patch(
+        "time.sleep", side_effect=Stop
+    ) as sleep:
+        with pytest.raises(Stop):
+            engine.send_loop()
+        sleep.assert_called_once_with(engine.EMPTY_QUEUE_SLEEP)
+        assert sleep.call_args.args == (7,)
+        send.assert_not_called()
+        queue(1)
+        with pytest.raises(Stop):
+            engine.send_loop()
+        send.assert_called_once_with()
+        sleep.assert_called_once()
+
+
+def test_send_loop_obeys_a_patched_empty_queue_sleep(settings):
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 30
+    with patch("mailer.engine.EMPTY_QUEUE_SLEEP", 0.5), patch(
+        "time.sleep", side_effect=Stop
+    ) as sleep:
+        with pytest.raises(Stop):
+            engine.send_loop()
+    sleep.assert_called_once_with(0.5)
+    # Unpatched again: the setting, read now.
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 4
+    assert engine.EMPTY_QUEUE_SLEEP == 4
+
+
+def test_worker_passes_go_through_a_patched_send_all(settings):
+    from mailer.engine import PassResult
+    from mailer.worker import Worker
+
+    queue(1)
+    with patch("mailer.engine.send_all", return_value=PassResult(sent=1)) as send:
+        assert Worker(install_signal_handlers=False, max_passes=2, sleep=0).run() == 2
+    assert send.call_count == 2
+    assert Message.objects.count() == 1  # the real send_all never ran
+
+
+def test_send_all_walks_prioritize(smtp_settings, smtp_server):
+    queue(3)
+    first, *rest = Message.objects.order_by("id")
+    with patch("mailer.engine.prioritize", wraps=engine.prioritize) as prioritize:
+        assert send_all().sent == 3
+    prioritize.assert_called_once_with(None)
+    queue(3)
+    chosen = Message.objects.order_by("id").last()
+    only_one = Message.objects.filter(pk=chosen.pk)
+    with patch("mailer.engine.prioritize", return_value=only_one):
+        assert send_all().sent == 1
+    with patch("mailer.engine.prioritize", return_value=list(Message.objects.all()[:1])):
+        assert send_all().sent == 1
+    assert Message.objects.count() == 1
+
+
+def test_a_replaced_filelock_is_used_with_the_patched_timeout(smtp_settings, smtp_server, settings):
+    queue(1)
+    with patch("mailer.engine.LOCK_WAIT_TIMEOUT", 5), patch("lockfile.FileLock") as FileLock:
+        assert send_all().sent == 1
+    FileLock.assert_called_once_with(settings.MAILER_LOCK_PATH)
+    FileLock.return_value.acquire.assert_called_once_with(5)
+    FileLock.return_value.release.assert_called_once_with()
+    # Nothing was written where the real lock lives: a real lock still works.
+    assert not os.path.exists(settings.MAILER_LOCK_PATH + ".lock")
+    acquired, lock = engine.acquire_lock()
+    assert acquired
+    engine.release_lock(lock)
+
+
+def test_a_frozen_replacement_lock_stops_the_pass(smtp_settings, smtp_server, caplog):
+    caplog.set_level(logging.DEBUG, logger="mailer")
+    frozen = Mock()
+    frozen.acquire.side_effect = lockfile.AlreadyLocked
+    queue(1)
+    with patch("mailer.engine.lockfile.FileLock", return_value=frozen), patch(
+        "mailer.engine.prioritize"
+    ) as prioritize:
+        result = send_all()
+    assert result.locked_out
+    frozen.acquire.assert_called_once_with(engine.LOCK_WAIT_TIMEOUT)
+    frozen.release.assert_not_called()
+    prioritize.assert_not_called()
+    assert Message.objects.count() == 1
+    assert ("mailer.engine", logging.ERROR, "lock already in place. quitting.") in (
+        caplog.record_tuples
+    )
+
+
+def test_patched_lock_wait_timeout_waits_for_a_held_lock(settings, caplog):
+    held = threading.Event()
+    done = threading.Event()
+
+    def hold():
+        # Made in this thread: lockfile names its link file after the thread.
+        holder = lockfile.FileLock(settings.MAILER_LOCK_PATH)
+        holder.acquire()
+        held.set()
+        done.wait(10)
+        holder.release()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        held.wait(5)
+        start = time.monotonic()
+        with patch("mailer.engine.LOCK_WAIT_TIMEOUT", 0.3):
+            acquired, _ = engine.acquire_lock()
+        assert not acquired
+        assert time.monotonic() - start >= 0.3
+    finally:
+        done.set()
+        thread.join()
+    assert ("mailer.engine", logging.ERROR, "waiting for the lock timed out. quitting.") in (
+        caplog.record_tuples
+    )
+
+
+# --- log lines operators' alerts match (2.3.2's levels and words) ------------------------
+
+
+def test_limit_and_deferral_log_lines(smtp_settings, smtp_server, settings, caplog):
+    caplog.set_level(logging.DEBUG, logger="mailer")
+    settings.MAILER_EMAIL_MAX_BATCH = 1
+    queue(2)
+    send_all()
+    assert (
+        "mailer.engine", logging.INFO, "EMAIL_MAX_BATCH (1) reached, stopping for this round"
+    ) in caplog.record_tuples
+    settings.MAILER_EMAIL_MAX_BATCH = None
+    settings.MAILER_EMAIL_MAX_DEFERRED = 1
+    smtp_server.fail_with = "451 4.3.0 later"
+    caplog.clear()
+    send_all()
+    assert (
+        "mailer.engine", logging.WARNING, "EMAIL_MAX_DEFERRED (1) reached, stopping for this round"
+    ) in caplog.record_tuples
+    deferrals = [r for r in caplog.records if r.getMessage().startswith("message deferred")]
+    assert [(r.name, r.levelno) for r in deferrals] == [("mailer.engine", logging.INFO)]
+    assert deferrals[0].getMessage().startswith("message deferred due to failure: ")
+    assert "451" in deferrals[0].getMessage()
+    assert any(r.getMessage().startswith("Pass done: ") for r in caplog.records)  # ours stays
