@@ -464,9 +464,13 @@ def send_all(
 
 def _as_queryset(messages: Any) -> MessageQuerySet:
     """``prioritize()``'s result as a queryset (a test may patch it to a list)."""
-    if isinstance(messages, models.QuerySet):
+    if isinstance(messages, MessageQuerySet):
         return messages
-    return Message.objects.filter(pk__in=[m.pk for m in messages])
+    if isinstance(messages, models.QuerySet):
+        messages = messages.values_list("pk", flat=True)
+    else:
+        messages = [m.pk for m in messages]
+    return Message.objects.filter(pk__in=messages)
 
 
 def has_sendable(queryset: MessageQuerySet | None = None) -> bool:
