@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
@@ -46,10 +46,14 @@ from mailer.models import (
     DontSendEntry,
     Message,
     MessageLog,
+    MessageQuerySet,
     decode_error,
     get_message_id,
     queue_emails,
 )
+
+if TYPE_CHECKING:
+    from django.contrib.admin.options import _FieldsetSpec
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +145,11 @@ class CappedCountPaginator(Paginator):
         if self.count_is_exact:
             return super().page(number)
         bottom = (number - 1) * self.per_page
-        return self._get_page(self.object_list[bottom : bottom + self.per_page], number, self)
+        # _get_page: Paginator's hook for the Page class (all supported
+        # Djangos have it; django-stubs leaves it out as private).
+        return self._get_page(  # type: ignore[attr-defined]
+            self.object_list[bottom : bottom + self.per_page], number, self
+        )
 
 
 class _CheckboxRow:
@@ -391,7 +399,7 @@ class StoredEmailDisplay(MessageAdminMixin):
         "attachments_display",
     )
 
-    email_fieldsets = (
+    email_fieldsets: _FieldsetSpec = (
         (
             _("Headers"),
             {
@@ -656,7 +664,7 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
         return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
 
     @admin.action(description=_("Send selected messages now"), permissions=["send"])
-    def send_messages(self, request: HttpRequest, queryset: QuerySet) -> None:
+    def send_messages(self, request: HttpRequest, queryset: MessageQuerySet) -> None:
         deferred = queryset.filter(priority=PRIORITY_DEFERRED).count()
         try:
             result = send_all(queryset=queryset)
