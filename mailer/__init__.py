@@ -82,6 +82,9 @@ def _make_email(
     from django.core.mail import EmailMessage, EmailMultiAlternatives
     from django.utils.encoding import force_str
 
+    if isinstance(recipient_list, str):
+        # Django's own words; list("a@example.com") would be single letters.
+        raise TypeError('"to" argument must be a list or tuple')
     # Lazy (translated) strings become plain strings now.
     kwargs = {
         "subject": force_str(subject),
@@ -111,14 +114,15 @@ def send_mail(
     connection: Any = None,
     using: str | None = None,
 ) -> int:
-    """Queue one message (with an optional HTML alternative); return 1.
+    """Queue one message (with an optional HTML alternative).
 
-    ``fail_silently``, ``auth_user`` and ``auth_password`` are accepted for
-    compatibility and ignored: nothing is sent now.
+    Returns how many messages were queued: 1, or 0 when there is nobody to
+    send to (an empty ``recipient_list``, or every address on the don't-send
+    list). ``fail_silently``, ``auth_user`` and ``auth_password`` are
+    accepted for compatibility and ignored: nothing is sent now.
     """
     email = _make_email(subject, message, from_email, recipient_list, html_message=html_message)
-    _deliver([email], priority, using=using, connection=connection)
-    return 1
+    return _deliver([email], priority, using=using, connection=connection)
 
 
 def send_html_mail(
@@ -136,12 +140,14 @@ def send_html_mail(
     connection: Any = None,
     using: str | None = None,
 ) -> int:
-    """Queue a text message with a ``text/html`` alternative; return 1."""
+    """Queue a text message with a ``text/html`` alternative.
+
+    Returns how many were queued (1, or 0 with nobody to send to).
+    """
     email = _make_email(
         subject, message, from_email, recipient_list, html_message=message_html, headers=headers
     )
-    _deliver([email], priority, using=using, connection=connection)
-    return 1
+    return _deliver([email], priority, using=using, connection=connection)
 
 
 def send_mass_mail(

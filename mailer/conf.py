@@ -105,6 +105,11 @@ class MailerSettings:
     def PAUSE_SEND(self) -> bool:
         return _get_bool("PAUSE_SEND", False)
 
+    def require_booleans(self) -> None:
+        """Raise ``ImproperlyConfigured`` if a True/False setting is anything else."""
+        for name, default in BOOLEAN_SETTINGS:
+            _get_bool(name, default)
+
     @property
     def PURGE_BATCH_SIZE(self) -> int:
         """Rows deleted per statement by ``purge_mail_log``."""

@@ -415,7 +415,7 @@ def send_all(
     ``sleep`` is used for ``MAILER_EMAIL_THROTTLE`` (default ``time.sleep``).
     """
     require_no_backend_loop()
-    conf.EMAIL_LOG_MESSAGE_DATA  # a non-boolean value raises now, before anything is sent
+    conf.require_booleans()  # before anything is sent
     error_handler = import_string(conf.ERROR_HANDLER)
     result = PassResult()
     lock = None

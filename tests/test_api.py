@@ -130,7 +130,7 @@ def test_dont_send_list_filters_to():
 
 def test_everyone_blocked_is_logged_not_queued():
     DontSendEntry.objects.create(to_address="blocked@example.com")
-    mailer.send_mail("S", "b", "f@example.com", ["blocked@example.com"])
+    assert mailer.send_mail("S", "b", "f@example.com", ["blocked@example.com"]) == 0
     assert not Message.objects.exists()
     log = MessageLog.objects.get()
     assert log.result == RESULT_DONT_SEND
@@ -200,3 +200,28 @@ def test_display_names_and_unicode_addresses_are_accepted():
                      ['"Doe, Jane" <jane@example.com>', "webmaster"])
     _, email = only_message()
     assert email.to == ['"Doe, Jane" <jane@example.com>', "webmaster"]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda to: mailer.send_mail("S", "b", "f@example.com", to),
+        lambda to: mailer.send_html_mail("S", "b", "<p>b</p>", "f@example.com", to),
+        lambda to: mailer.send_mass_mail([("S", "b", "f@example.com", to)]),
+    ],
+    ids=["send_mail", "send_html_mail", "send_mass_mail"],
+)
+def test_a_string_instead_of_a_recipient_list_is_refused_like_django(call):
+    with pytest.raises(TypeError, match='"to" argument must be a list or tuple'):
+        call("a@example.com")
+    assert not Message.objects.exists()
+
+
+def test_nobody_to_send_to_returns_0():
+    """The functions return how many were queued (docs/usage.rst), not a constant 1."""
+    assert mailer.send_mail("S", "b", "f@example.com", []) == 0
+    assert mailer.send_html_mail("S", "b", "<p>b</p>", "f@example.com", ()) == 0
+    DontSendEntry.objects.create(to_address="blocked@example.com")
+    assert mailer.send_html_mail("S", "b", "<p>b</p>", "f@example.com", ["blocked@example.com"]) == 0
+    assert not Message.objects.exists()
+    assert mailer.send_mail("S", "b", "f@example.com", ("t@example.com",)) == 1

@@ -53,13 +53,13 @@ def test_booleans_accept_only_booleans(settings, name, value):
 def test_wrong_boolean_is_refused_at_use_time_too(settings):
     """A "no" must never mean "pause" (or a "False" mean "lock") behind the check's back."""
     from django.core.exceptions import ImproperlyConfigured
+    from django.core.management import call_command
 
-    from mailer.conf import conf
     from mailer.engine import send_all
 
     settings.MAILER_PAUSE_SEND = "no"
     with pytest.raises(ImproperlyConfigured, match="MAILER_PAUSE_SEND must be True or False"):
-        conf.PAUSE_SEND
+        call_command("send_mail")
     settings.MAILER_PAUSE_SEND = False
     settings.MAILER_EMAIL_LOG_MESSAGE_DATA = "False"
     with pytest.raises(ImproperlyConfigured, match="MAILER_EMAIL_LOG_MESSAGE_DATA"):

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 import mailer
 from mailer.models import (
+    PRIORITY_DEFERRED,
     RESULT_DONT_SEND,
     RESULT_FAILURE,
     RESULT_SUCCESS,
@@ -71,6 +72,27 @@ def test_retry_deferred_respects_max_retries(settings):
     assert Message.objects.retry_deferred() == 0
     settings.MAILER_EMAIL_MAX_RETRIES = 0
     assert Message.objects.retry_deferred() == 0
+
+
+@pytest.mark.django_db
+def test_retry_deferred_says_what_it_left_behind(settings, capsys):
+    settings.MAILER_EMAIL_MAX_RETRIES = 1
+    queue(3)
+    Message.objects.update(priority=PRIORITY_DEFERRED)
+    Message.objects.filter(pk__in=list(Message.objects.values_list("pk", flat=True)[:2])).update(
+        retry_count=1
+    )
+    call_command("retry_deferred")
+    out = capsys.readouterr().out
+    assert "retry_deferred: 1 message(s) back on the queue" in out
+    assert "2 message(s) left deferred: retry_count reached MAILER_EMAIL_MAX_RETRIES (1)" in out
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_runmailer_refuses_a_max_passes_below_1(value):
+    with pytest.raises(CommandError, match="--max-passes must be 1 or more"):
+        call_command("runmailer", "--max-passes", value)
 
 
 def make_logs(result, count, days_ago):

@@ -1,6 +1,7 @@
 import logging
 from typing import Any
 
+from mailer.conf import conf
 from mailer.management.base import MailerCommand
 from mailer.models import Message
 
@@ -16,3 +17,18 @@ class Command(MailerCommand):
         count = Message.objects.retry_deferred()
         logger.info("%s message(s) retried", count)
         self.say(options, f"retry_deferred: {count} message(s) back on the queue")
+        max_retries = conf.EMAIL_MAX_RETRIES
+        if max_retries is not None:
+            left = Message.objects.deferred().filter(retry_count__gte=max_retries).count()
+            if left:
+                logger.warning(
+                    "%s deferred message(s) left deferred: they have used up "
+                    "MAILER_EMAIL_MAX_RETRIES (%s); retry them from the admin, or raise it",
+                    left,
+                    max_retries,
+                )
+                self.say(
+                    options,
+                    f"retry_deferred: {left} message(s) left deferred: retry_count reached "
+                    f"MAILER_EMAIL_MAX_RETRIES ({max_retries})",
+                )

@@ -1,6 +1,6 @@
 from typing import Any
 
-from django.core.management.base import CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from mailer.compat import require_no_backend_loop
 from mailer.management.base import MailerCommand
@@ -18,6 +18,10 @@ class Command(MailerCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.setup_logging(options, debug=options["debug"])
+        if options["max_passes"] is not None and options["max_passes"] < 1:
+            raise CommandError(
+                "--max-passes must be 1 or more (leave it out to run until stopped)."
+            )
         require_no_backend_loop()
         passes = Worker(max_passes=options["max_passes"]).run()
         self.say(options, f"runmailer: stopped after {passes} pass(es)")
