@@ -3,7 +3,7 @@
 
     python3 demo.py
 
-Stage 1 (any Python >= 3.10, standard library only): create ``.venv-demo``
+Stage 1 (any Python >= 3.11, standard library only): create ``.venv-demo``
 next to this file if needed and install this checkout (editable) plus
 aiosmtpd into it, then run this same file again with the venv's Python.
 
@@ -72,8 +72,8 @@ def prepare_venv() -> str:
 
 
 def stage_one() -> int:
-    if sys.version_info < (3, 10):  # noqa: UP036 - run by whatever python3 is on PATH
-        sys.exit("demo: needs Python 3.10 or newer.")
+    if sys.version_info < (3, 11):  # run by whatever python3 is on PATH
+        sys.exit("demo: needs Python 3.11 or newer.")
     try:
         python = prepare_venv()
     except subprocess.CalledProcessError as err:

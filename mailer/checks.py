@@ -9,7 +9,13 @@ from django.conf import settings
 from django.core import checks
 from django.utils.module_loading import import_string
 
-from mailer.compat import legacy_email_backend, mailers_configured
+from mailer.compat import (
+    delivery_alias,
+    implicit_delivery_alias,
+    legacy_email_backend,
+    mailer_backend,
+    mailers_configured,
+)
 from mailer.conf import (
     BOOLEAN_SETTINGS,
     DB_BACKEND,
@@ -104,35 +110,7 @@ def check_error_handler(app_configs: Any = None, **kwargs: Any) -> list[checks.C
 def check_backends(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     errors: list[checks.CheckMessage] = []
     if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
-        mailers = settings.MAILERS
-        alias = conf.USING
-        if not alias or alias not in mailers:
-            queue_aliases = sorted(a for a, c in mailers.items() if c.get("BACKEND") == DB_BACKEND)
-            real = sorted(a for a, c in mailers.items() if c.get("BACKEND") != DB_BACKEND)
-            suggestion = repr(real[0]) if real else "'smtp'"
-            hint = (
-                f"Add MAILER_USING = {suggestion} to your settings"
-                + (
-                    ""
-                    if real
-                    else f", and a MAILERS[{suggestion}] entry with the backend that "
-                    "really sends, e.g. {'BACKEND': 'django.core.mail.backends.smtp.EmailBackend'}"
-                )
-                + "."
-            )
-            what = "is not set" if not alias else f"is {alias!r}, which is not in MAILERS"
-            errors.append(
-                checks.Error(
-                    f"MAILERS is defined, so django-mailer delivers through the MAILERS alias "
-                    f"named by MAILER_USING, but MAILER_USING {what}."
-                    + (f" (Queue aliases: {', '.join(queue_aliases)}.)" if queue_aliases else ""),
-                    hint=hint,
-                    id="mailer.E004",
-                )
-            )
-        elif mailers[alias].get("BACKEND") == DB_BACKEND:
-            errors.append(_loop_error(f"MAILERS[{alias!r}]['BACKEND']"))
-        return errors
+        return _check_mailers()
     sending = conf.EMAIL_BACKEND
     if sending == DB_BACKEND:
         both = legacy_email_backend() == DB_BACKEND
@@ -155,6 +133,47 @@ def check_backends(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 )
             )
     return errors
+
+
+def _check_mailers() -> list[checks.CheckMessage]:
+    """Django 6.1 ``MAILERS``: is there exactly one alias to deliver through?"""
+    mailers = settings.MAILERS
+    alias = conf.USING
+    if alias and alias in mailers or not alias and implicit_delivery_alias(mailers):
+        chosen = delivery_alias()
+        if mailer_backend(mailers[chosen]) == DB_BACKEND:
+            return [_loop_error(f"MAILERS[{chosen!r}]['BACKEND']")]
+        return []
+    queue_aliases = sorted(a for a, c in mailers.items() if mailer_backend(c) == DB_BACKEND)
+    real = sorted(a for a, c in mailers.items() if mailer_backend(c) != DB_BACKEND)
+    if alias:
+        what = f"MAILER_USING is {alias!r}, which is not in MAILERS."
+    elif real:
+        what = (
+            f"MAILER_USING is not set and several MAILERS entries really send "
+            f"({', '.join(real)}): django-mailer can't tell which one to use."
+        )
+    else:
+        what = (
+            "MAILER_USING is not set and every MAILERS entry is a DbBackend: nothing "
+            "would deliver the queued mail."
+        )
+    if real:
+        hint = f"Add MAILER_USING = {real[0]!r} (or another of: {', '.join(real)})."
+    else:
+        target = alias or "smtp"
+        hint = (
+            f"Add a MAILERS[{target!r}] entry with the backend that really sends, e.g. "
+            "{'BACKEND': 'django.core.mail.backends.smtp.EmailBackend', 'OPTIONS': {...}}."
+        )
+    return [
+        checks.Error(
+            f"django-mailer delivers queued mail through one MAILERS alias, but {what}"
+            + (f" (Queue aliases: {', '.join(queue_aliases)}.)" if queue_aliases else ""),
+            hint=hint,
+            id="mailer.E004",
+        )
+    ]
 
 
 def _loop_error(what: str) -> checks.Error:

@@ -41,25 +41,68 @@ def legacy_email_backend() -> str | None:
         return getattr(settings, "EMAIL_BACKEND", None)
 
 
+SMTP_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+
+
+def mailer_backend(config: dict[str, Any]) -> str:
+    """The backend path of one ``MAILERS`` entry (Django's default: SMTP)."""
+    return config.get("BACKEND", SMTP_BACKEND)
+
+
+def implicit_delivery_alias(mailers: dict[str, dict[str, Any]]) -> str | None:
+    """The alias to deliver through when ``MAILER_USING`` is not set.
+
+    ``"default"`` when it is not a ``DbBackend`` (a new Django 6.1 project:
+    mail queued with ``mailer.send_mail`` goes out the way Django would send
+    it); otherwise the only entry that is not a ``DbBackend``. ``None`` when
+    there is no such entry or several (the project must choose).
+    """
+    default = mailers.get("default")
+    if default is not None and mailer_backend(default) != DB_BACKEND:
+        return "default"
+    real = [alias for alias, config in mailers.items() if mailer_backend(config) != DB_BACKEND]
+    return real[0] if len(real) == 1 else None
+
+
+def delivery_alias() -> str:
+    """The ``MAILERS`` alias the worker delivers through (``MAILERS`` in use).
+
+    ``MAILER_USING`` when set, else :func:`implicit_delivery_alias`.
+    """
+    mailers = settings.MAILERS
+    alias = conf.USING
+    if alias:
+        if alias not in mailers:
+            raise ImproperlyConfigured(
+                f"MAILER_USING is {alias!r}, which is not in MAILERS (aliases: "
+                f"{', '.join(sorted(mailers)) or 'none'})."
+            )
+        return alias
+    alias = implicit_delivery_alias(mailers)
+    if alias is None:
+        raise ImproperlyConfigured(
+            "MAILERS has no single entry to deliver queued mail through: set MAILER_USING "
+            "to the alias of the backend that really sends (see `manage.py check`, "
+            "mailer.E004)."
+        )
+    return alias
+
+
 def sending_backend_path() -> str:
     """Dotted path of the backend the worker delivers through."""
     if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
-        alias = conf.USING
-        mailers = settings.MAILERS
-        if not alias or alias not in mailers:
-            raise ImproperlyConfigured(
-                "MAILERS is defined, so django-mailer needs MAILER_USING to name the "
-                f"MAILERS alias to deliver through (got {alias!r}; aliases: "
-                f"{', '.join(sorted(mailers)) or 'none'})."
-            )
-        return mailers[alias].get("BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+        return mailer_backend(settings.MAILERS[delivery_alias()])
     return conf.EMAIL_BACKEND
 
 
 def require_no_backend_loop() -> None:
     """Refuse to deliver through the queue itself (it would re-queue forever)."""
     if sending_backend_path() == DB_BACKEND:
-        where = "MAILERS[MAILER_USING]" if mailers_configured() else "MAILER_EMAIL_BACKEND"
+        where = (
+            f"MAILERS[{delivery_alias()!r}]"
+            if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET
+            else "MAILER_EMAIL_BACKEND"
+        )
         raise ImproperlyConfigured(
             f"{where} is {DB_BACKEND!r}: the worker would put every message back on "
             "the queue. Set it to the backend that really sends, e.g. "
@@ -73,7 +116,7 @@ def get_sending_backend() -> BaseEmailBackend:
     if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
         from django.core.mail import mailers  # type: ignore[attr-defined]  # Django 6.1+
 
-        return mailers[conf.USING]
+        return mailers[delivery_alias()]
     backend_class = import_string(conf.EMAIL_BACKEND)
     if HAS_MAILERS:
         # MAILER_EMAIL_BACKEND names a class, which we create as we always

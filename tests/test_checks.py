@@ -2,6 +2,8 @@
 
 import pytest
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
 
 from mailer.compat import HAS_MAILERS
 
@@ -52,9 +54,6 @@ def test_booleans_accept_only_booleans(settings, name, value):
 
 def test_wrong_boolean_is_refused_at_use_time_too(settings):
     """A "no" must never mean "pause" (or a "False" mean "lock") behind the check's back."""
-    from django.core.exceptions import ImproperlyConfigured
-    from django.core.management import call_command
-
     from mailer.engine import send_all
 
     settings.MAILER_PAUSE_SEND = "no"
@@ -101,17 +100,47 @@ def test_sending_backend_must_import(settings):
 
 @pytest.mark.skipif(not HAS_MAILERS, reason="MAILERS is Django 6.1+")
 class TestMailers:
-    def test_missing_using_says_what_to_add(self, settings):
-        settings.MAILERS = {
-            "default": {"BACKEND": "mailer.backend.DbBackend"},
-            "smtp": {"BACKEND": "django.core.mail.backends.smtp.EmailBackend"},
-        }
+    DB = {"BACKEND": "mailer.backend.DbBackend"}
+    SMTP = {"BACKEND": "django.core.mail.backends.smtp.EmailBackend"}
+    CONSOLE = {"BACKEND": "django.core.mail.backends.console.EmailBackend"}
+
+    def test_a_new_projects_default_mailer_needs_nothing_else(self, settings):
+        """Django 6.1's startproject: MAILERS = {"default": console}; add "mailer", done."""
+        from mailer.compat import sending_backend_path
+
+        settings.MAILERS = {"default": self.CONSOLE}
+        assert mailer_errors() == []
+        assert sending_backend_path() == self.CONSOLE["BACKEND"]
+
+    def test_default_is_not_the_queue_delivers_through_it(self, settings):
+        settings.MAILERS = {"default": self.SMTP, "bulk": self.DB}
+        assert mailer_errors() == []
+
+    def test_queue_by_default_and_one_real_mailer_needs_no_using(self, settings):
+        from mailer.compat import delivery_alias
+
+        settings.MAILERS = {"default": self.DB, "smtp": self.SMTP}
+        assert mailer_errors() == []
+        assert delivery_alias() == "smtp"
+
+    def test_several_real_mailers_are_ambiguous(self, settings):
+        settings.MAILERS = {"default": self.DB, "smtp": self.SMTP, "console": self.CONSOLE}
         (error,) = checks.run_checks(tags=["mailer"])
         assert error.id == "mailer.E004"
-        assert "MAILER_USING = 'smtp'" in error.hint
+        assert "several MAILERS entries really send (console, smtp)" in error.msg
+        assert "MAILER_USING = 'console'" in error.hint
+        with pytest.raises(ImproperlyConfigured, match="MAILER_USING"):
+            call_command("send_mail")
+
+    def test_nothing_that_really_sends(self, settings):
+        settings.MAILERS = {"default": self.DB}
+        (error,) = checks.run_checks(tags=["mailer"])
+        assert error.id == "mailer.E004"
+        assert "every MAILERS entry is a DbBackend" in error.msg
+        assert "MAILERS['smtp']" in error.hint
 
     def test_unknown_alias(self, settings):
-        settings.MAILERS = {"default": {"BACKEND": "mailer.backend.DbBackend"}}
+        settings.MAILERS = {"default": self.DB}
         settings.MAILER_USING = "smtp"
         (error,) = checks.run_checks(tags=["mailer"])
         assert error.id == "mailer.E004"
@@ -119,17 +148,17 @@ class TestMailers:
         assert "MAILERS['smtp']" in error.hint
 
     def test_using_the_queue_itself_is_a_loop(self, settings):
-        settings.MAILERS = {"default": {"BACKEND": "mailer.backend.DbBackend"}}
+        settings.MAILERS = {"default": self.DB, "smtp": self.SMTP}
         settings.MAILER_USING = "default"
         assert mailer_errors() == ["mailer.E003"]
 
-    def test_good_configuration(self, settings):
-        settings.MAILERS = {
-            "default": {"BACKEND": "mailer.backend.DbBackend"},
-            "smtp": {"BACKEND": "django.core.mail.backends.smtp.EmailBackend"},
-        }
+    def test_explicit_using_wins(self, settings):
+        from mailer.compat import delivery_alias
+
+        settings.MAILERS = {"default": self.CONSOLE, "smtp": self.SMTP}
         settings.MAILER_USING = "smtp"
         assert mailer_errors() == []
+        assert delivery_alias() == "smtp"
 
 
 def test_zero_idle_sleep_warns(settings):
