@@ -123,9 +123,12 @@ if os.environ.get("MAILER_TEST_CONN_MAX_AGE"):
     _age = os.environ["MAILER_TEST_CONN_MAX_AGE"]
     DATABASES["default"]["CONN_MAX_AGE"] = None if _age == "none" else float(_age)
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"mailer": {"handlers": ["console"], "level": "INFO"}},
-}
+# MAILER_TEST_NO_LOGGING=1: no LOGGING at all, as in a new project (the
+# commands must then show their work on stderr by themselves).
+if not os.environ.get("MAILER_TEST_NO_LOGGING"):
+    LOGGING = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"console": {"class": "logging.StreamHandler"}},
+        "loggers": {"mailer": {"handlers": ["console"], "level": "INFO"}},
+    }

@@ -259,3 +259,98 @@ def test_sqlite_queueing_during_a_long_drain(manage, smtp_server):
     manage.run("send_mail")
     assert len(smtp_server.messages) == 190
     assert len(set(smtp_server.message_ids())) == 190
+
+
+# --- showing their work without LOGGING -------------------------------------------------
+
+
+@pytest.fixture
+def no_logging(manage):
+    """Subprocesses run with no LOGGING setting, like a new project."""
+    manage.env["MAILER_TEST_NO_LOGGING"] = "1"
+    return manage
+
+
+@pytest.mark.slow
+def test_send_mail_logs_to_stderr_without_logging_config(no_logging, smtp_server):
+    queue(2)
+    proc = no_logging.run("send_mail")
+    assert "send_mail: sent 2" in proc.stdout
+    assert " INFO mailer.engine: Pass done: sent 2, deferred 0, failed 0" in proc.stderr
+    assert "DEBUG" not in proc.stderr
+    queue(1)
+    verbose = no_logging.run("send_mail", "-v", "2").stderr
+    assert " DEBUG mailer.engine: Sent message " in verbose
+    queue(1)
+    quiet = no_logging.run("send_mail", "-v", "0")
+    assert quiet.stdout == "" and quiet.stderr == ""
+
+
+@pytest.mark.slow
+def test_runmailer_shows_start_passes_and_deferrals(no_logging, smtp_server):
+    smtp_server.fail_with = "451 4.3.0 try again later"
+    queue(1)
+    proc = no_logging.run("runmailer", "--max-passes", "1", "--debug")
+    assert " INFO mailer.worker: Worker started" in proc.stderr
+    assert "deferred" in proc.stderr and "451" in proc.stderr
+    assert " INFO mailer.worker: Worker stopped after 1 passes." in proc.stderr
+    assert "runmailer: stopped after 1 pass(es)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_retry_deferred_and_purge_log_without_logging_config(no_logging):
+    proc = no_logging.run("retry_deferred")
+    assert "INFO mailer.commands: 0 message(s) retried" in proc.stderr
+    proc = no_logging.run("purge_mail_log", "7")
+    assert "INFO mailer.commands: 0 log entries deleted" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_configured_handler_is_not_doubled(manage, smtp_server):
+    """tests/settings.py's LOGGING sends mailer records to stderr: once, not twice."""
+    queue(1)
+    stderr = manage.run("send_mail").stderr
+    assert stderr.count("Pass done: sent 1") == 1
+    assert "INFO mailer.engine" not in stderr  # our format is not used
+
+
+@pytest.mark.django_db
+def test_no_handler_is_added_when_the_project_has_one(capsys):
+    import io
+    import logging
+
+
+    root = logging.getLogger()
+    stream = io.StringIO()
+    project_handler = logging.StreamHandler(stream)
+    mailer_logger = logging.getLogger("mailer")
+    saved = mailer_logger.handlers[:], mailer_logger.propagate
+    mailer_logger.handlers[:] = []  # as if LOGGING configured only the root
+    root.addHandler(project_handler)
+    try:
+        call_command("purge_mail_log", "7", verbosity=1)
+    finally:
+        root.removeHandler(project_handler)
+        mailer_logger.handlers[:], mailer_logger.propagate = saved
+    assert "0 log entries deleted" in stream.getvalue()
+    assert "mailer.commands" not in capsys.readouterr().err
+
+
+@pytest.mark.django_db
+def test_in_process_command_logs_to_its_stderr_and_cleans_up():
+    import io
+    import logging
+
+    from mailer.logutil import CommandLogHandler
+
+    # No handler anywhere (pytest's own capture handlers on the root included).
+    mailer_logger, root = logging.getLogger("mailer"), logging.getLogger()
+    saved = mailer_logger.handlers[:], root.handlers[:]
+    mailer_logger.handlers[:] = root.handlers[:] = []
+    err = io.StringIO()
+    try:
+        call_command("purge_mail_log", "7", stderr=err, verbosity=1)
+        assert not any(isinstance(h, CommandLogHandler) for h in mailer_logger.handlers)
+    finally:
+        mailer_logger.handlers[:], root.handlers[:] = saved
+    assert "INFO mailer.commands: 0 log entries deleted" in err.getvalue()

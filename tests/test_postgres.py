@@ -609,3 +609,15 @@ def test_keepalive_defaults_yield_to_database_options(db):
         assert listen_connection_params("default", driver)["keepalives_idle"] == 5
     finally:
         del connection.settings_dict["OPTIONS"]["keepalives_idle"]
+
+
+def test_shows_its_work_without_logging_config(start, smtp_server):
+    """A new project has no LOGGING: the start-up lines of docs/runmailer_pg.rst still show."""
+    running = start(env={"MAILER_TEST_NO_LOGGING": "1"})
+    assert " INFO mailer.worker: Worker started" in running.log
+    assert " INFO mailer.postgres: Listening on channel django_mailer_new_message" in running.log
+    queue(1, "shown")
+    running.wait_for_log("Pass done: sent 1")
+    assert running.signal(signal.SIGTERM) == 0
+    assert "Stopped listening on channel" in running.log
+    assert "runmailer_pg: stopped after" in running.log

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
+from mailer.logutil import level_for, log_to_stream, stop_logging_to_stream
 
 
 class MailerCommand(BaseCommand):
@@ -25,8 +24,14 @@ class MailerCommand(BaseCommand):
             )
 
     def setup_logging(self, options: dict[str, Any], *, debug: bool = False) -> None:
-        level = logging.DEBUG if debug else LEVELS.get(options.get("verbosity", 1), logging.DEBUG)
-        logging.getLogger("mailer").setLevel(level)
+        """Set the ``mailer`` log level from ``-v``; log to stderr unless LOGGING does.
+
+        See :mod:`mailer.logutil`.
+        """
+        # The raw stream: Django's stderr wrapper would paint every line red.
+        stream = getattr(self.stderr, "_out", self.stderr)
+        level = level_for(options.get("verbosity", 1), debug=debug)
+        self._log_handler = log_to_stream(stream, level)
         if options.get("cron"):
             warnings.warn(
                 "The -c/--cron option is deprecated and does nothing; remove it.",
@@ -34,6 +39,14 @@ class MailerCommand(BaseCommand):
                 stacklevel=2,
             )
             self.stderr.write("The -c/--cron option is deprecated and does nothing; remove it.")
+
+    def execute(self, *args: Any, **options: Any) -> Any:
+        self._log_handler = None
+        try:
+            return super().execute(*args, **options)
+        finally:
+            # Called from code (call_command), leave the process's logging as it was.
+            stop_logging_to_stream(self._log_handler)
 
     def say(self, options: dict[str, Any], text: str) -> None:
         if options.get("verbosity", 1) >= 1:
