@@ -3,9 +3,10 @@
 
 Creates ``.venv-tox`` with tox in it, then runs the tox matrix (Python 3.11 +
 Django 4.2, 3.12 + 5.2, 3.13 + 6.1; SQLite, plus PostgreSQL when
-``MAILER_TEST_POSTGRES=1``; docs; lint; typing). Interpreters are found on PATH or
-under pyenv. Missing interpreters are reported and skipped, unless
-``MAILER_TEST_STRICT=1`` (CI), where they are an error.
+``MAILER_TEST_POSTGRES=1``, plus MariaDB/MySQL when ``MAILER_TEST_MARIADB=1``;
+docs; lint; typing). Interpreters are found on PATH or under pyenv. Missing
+interpreters are reported and skipped, unless ``MAILER_TEST_STRICT=1`` (CI),
+where they are an error.
 
 Extra arguments go to tox, e.g. ``python3 runtests.py -e py313-django61-sqlite
 -- -k engine``.
@@ -23,6 +24,11 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv-tox"
 PYTHONS = {"py311": "3.11", "py312": "3.12", "py313": "3.13"}
 MATRIX = [("py311", "django42"), ("py312", "django52"), ("py313", "django61")]
+# Database servers beyond SQLite: tox factor, name, the variable that enables them.
+SERVERS = [
+    ("postgres", "PostgreSQL", "MAILER_TEST_POSTGRES"),
+    ("mariadb", "MariaDB/MySQL", "MAILER_TEST_MARIADB"),
+]
 
 
 def tox_python() -> Path:
@@ -54,14 +60,14 @@ def find_interpreters() -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     strict = os.environ.get("MAILER_TEST_STRICT") == "1"
-    postgres = os.environ.get("MAILER_TEST_POSTGRES") == "1"
+    enabled = [factor for factor, _, variable in SERVERS if os.environ.get(variable) == "1"]
     interpreters = find_interpreters()
     path = os.pathsep.join([*dict.fromkeys(interpreters.values()), os.environ.get("PATH", "")])
     env = {**os.environ, "PATH": path}
     if "-e" in argv:
         envs = None
     else:
-        databases = ["sqlite", "postgres"] if postgres else ["sqlite"]
+        databases = ["sqlite", *enabled]
         envs = []
         for py, dj in MATRIX:
             if py not in interpreters:
@@ -73,8 +79,9 @@ def main(argv: list[str]) -> int:
                 continue
             envs += [f"{py}-{dj}-{db}" for db in databases]
         envs += ["docs", "lint", "typing"]
-        if not postgres:
-            print("Note: PostgreSQL environments skipped; set MAILER_TEST_POSTGRES=1 to run them.")
+        for factor, label, variable in SERVERS:
+            if factor not in enabled:
+                print(f"Note: {label} environments skipped; set {variable}=1 to run them.")
     python = tox_python()
     command = [str(python), "-m", "tox", "run-parallel" if envs else "run"]
     if envs:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
-from django.conf import settings
 from django.db import connection
 
 from mailer.compat import HAS_MAILERS
@@ -24,22 +23,37 @@ from tests.settings import smtp_mailers
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Servers that must answer when they were asked for: vendor -> (name, MAILER_TEST_DB).
+SERVERS = {"postgresql": ("PostgreSQL", "postgres"), "mysql": ("MariaDB/MySQL", "mysql")}
+
+# Markers for tests that need a kind of database: marker -> (vendors, reason to skip).
+NEEDS = {
+    "postgres": ({"postgresql"}, "needs MAILER_TEST_DB=postgres"),
+    "mysql": ({"mysql"}, "needs MAILER_TEST_DB=mysql (MariaDB or MySQL)"),
+    "rowlocks": (
+        {"postgresql", "mysql"},
+        "needs a database with row locks (MAILER_TEST_DB=postgres or mysql)",
+    ),
+}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _require_database(django_db_blocker):
-    """With MAILER_TEST_DB=postgres, an unreachable server is an error, not a skip."""
-    if settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    """With MAILER_TEST_DB=postgres or mysql, an unreachable server is an error, not a skip."""
+    if connection.vendor in SERVERS:
+        name, value = SERVERS[connection.vendor]
         with django_db_blocker.unblock():
             try:
                 connection.ensure_connection()
             except Exception as err:  # pragma: no cover - environment problem
-                pytest.exit(f"PostgreSQL requested (MAILER_TEST_DB=postgres) but unreachable: {err}", 3)
+                pytest.exit(f"{name} requested (MAILER_TEST_DB={value}) but unreachable: {err}", 3)
 
 
 def pytest_collection_modifyitems(config, items):
-    vendor = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
     for item in items:
-        if "postgres" in item.keywords and vendor != "postgresql":
-            item.add_marker(pytest.mark.skip(reason="needs MAILER_TEST_DB=postgres"))
+        for marker, (vendors, reason) in NEEDS.items():
+            if marker in item.keywords and connection.vendor not in vendors:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 # --- SMTP ---------------------------------------------------------------------------
