@@ -21,6 +21,7 @@ from django.utils.translation import gettext_lazy as _
 
 from mailer.compat import repair_email, strip_connection, validate_email
 from mailer.conf import conf
+from mailer.mysql import packet_limit
 
 logger = logging.getLogger(__name__)
 
@@ -248,9 +249,12 @@ class Message(_EmailProperties, models.Model):
             if email is not None:
                 if prepare_for_queue(email):
                     self.email = email
-        if update_fields is None or "message_data" in update_fields:
+        data_saved = update_fields is None or "message_data" in update_fields
+        if data_saved:
             self.fill_search_fields()
-        super().save(*args, **kwargs)
+        using = kwargs.get("using") or router.db_for_write(Message, instance=self)
+        with packet_limit(using, [self] if data_saved else []):
+            super().save(*args, **kwargs)
 
     def fill_search_fields(self) -> None:
         """Copy recipients, subject and Message-ID out of the pickle."""
@@ -367,16 +371,17 @@ def queue_emails(
     if batch_size is None:
         batch_size = conf.MESSAGES_BATCH_SIZE
     using = router.db_for_write(Message)
-    if len(rows) == 1 and not skipped:
-        # One send_mail call: a plain INSERT, which in autocommit needs no
-        # BEGIN/COMMIT round trips (bulk_create always opens a transaction).
-        RowInserter(Message, using).insert(rows[0])
-        return 1
-    with transaction.atomic(using=using, savepoint=False):
-        if rows:
-            Message.objects.using(using).bulk_create(rows, batch_size=batch_size)
-        if skipped:
-            MessageLog.objects.using(using).bulk_create(skipped)
+    with packet_limit(using, [*rows, *skipped]) as fit:
+        if len(rows) == 1 and not skipped:
+            # One send_mail call: a plain INSERT, which in autocommit needs no
+            # BEGIN/COMMIT round trips (bulk_create always opens a transaction).
+            RowInserter(Message, using).insert(rows[0])
+            return 1
+        with transaction.atomic(using=using, savepoint=False):
+            if rows:
+                Message.objects.using(using).bulk_create(rows, batch_size=fit(batch_size))
+            if skipped:
+                MessageLog.objects.using(using).bulk_create(skipped, batch_size=fit(None))
     return len(rows)
 
 
