@@ -40,6 +40,7 @@ from django.utils.module_loading import import_string
 from mailer import locking
 from mailer.compat import get_sending_backend, require_no_backend_loop
 from mailer.conf import conf
+from mailer.errors import describe_delivery_error
 from mailer.models import (
     PRIORITY_DEFERRED,
     RESULT_DONT_SEND,
@@ -165,9 +166,10 @@ def handle_delivery_exception(
 ) -> tuple[Any, str]:
     """Default ``MAILER_ERROR_HANDLER``: defer on SMTP/socket errors, else raise."""
     if isinstance(exc, DEFERRABLE_ERRORS):
-        logger.info("message deferred due to failure: %s", exc)
+        text = describe_delivery_error(exc, connection)  # names the server
+        logger.info("message deferred due to failure: %s", text)
         message.defer()
-        MessageLog.objects.log(message, RESULT_FAILURE, log_message=str(exc))
+        MessageLog.objects.log(message, RESULT_FAILURE, log_message=text)
         return None, "deferred"
     raise exc
 
