@@ -1,7 +1,8 @@
 """A database created by django-mailer 2.3.2 keeps working after the swap.
 
-The fixture was made once with django-mailer 2.3.2 from PyPI (see
-tests/fixtures/dm232/README.rst) and is committed as data.
+The fixtures (SQLite, PostgreSQL, MariaDB) were made once with django-mailer
+2.3.2 from PyPI (see tests/fixtures/dm232/README.rst) and are committed as
+data.
 """
 
 import json
@@ -47,6 +48,24 @@ def old_database(manage, tmp_path):
         finally:
             subprocess.run([*psql, "-d", "postgres", "-c", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'],
                            env=env, capture_output=True)
+    elif vendor == "mysql":
+        name = f"dm232_{uuid.uuid4().hex[:8]}"
+        params = connection.settings_dict
+        client = shutil.which("mariadb") or shutil.which("mysql")
+        assert client, "the mariadb (or mysql) client loads the 2.3.2 dump: install it"
+        command = [client, "-h", params["HOST"] or "127.0.0.1", "-P", str(params["PORT"] or 3306),
+                   "-u", params["USER"], "--default-character-set=utf8mb4", name]
+        env = {**os.environ, "MYSQL_PWD": params["PASSWORD"] or ""}
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+        try:
+            with open(FIXTURES / "mailer232_mysql.sql", "rb") as dump:
+                subprocess.run(command, stdin=dump, check=True, env=env, capture_output=True)
+            manage.env["MAILER_TEST_DB_NAME"] = name
+            yield manage
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
     else:  # pragma: no cover
         pytest.skip(f"no 2.3.2 fixture for {vendor}")
 
