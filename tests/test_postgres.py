@@ -621,3 +621,81 @@ def test_shows_its_work_without_logging_config(start, smtp_server):
     assert running.signal(signal.SIGTERM) == 0
     assert "Stopped listening on channel" in running.log
     assert "runmailer_pg: stopped after" in running.log
+
+
+# --- a database user with fewer rights ------------------------------------------------------
+
+
+@pytest.fixture
+def limited_role(transactional_db):
+    """A login role that may use the tables but not create functions or triggers.
+
+    (PostgreSQL 15+ lets only the schema's owner create in ``public``.) The
+    trigger is put back afterwards, as the superuser installs it.
+    """
+    role = f"mailer_limited_{os.getpid()}"
+    with connection.cursor() as cur:
+        cur.execute(f'CREATE ROLE "{role}" LOGIN')
+        cur.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"')
+        cur.execute(f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+    try:
+        yield role
+    finally:
+        with connection.cursor() as cur:
+            cur.execute(f'DROP OWNED BY "{role}"')
+            cur.execute(f'DROP ROLE "{role}"')
+        driver, conn = raw_connection()
+        try:
+            install_trigger(conn, table(), driver)
+        finally:
+            conn.close()
+
+
+def test_no_right_to_install_the_trigger_is_a_clear_error(start, limited_role):
+    with connection.cursor() as cur:
+        cur.execute(f"DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {table()}")
+    running = start(env={"MAILER_TEST_PG_USER": limited_role}, wait=False)
+    code = running.proc.wait(60)
+    for reader in running.readers:
+        reader.join(5)
+    assert code == 1, running.log
+    assert "CommandError" in running.log
+    assert "Traceback" not in running.log, running.log
+    assert f"could not install trigger {TRIGGER_NAME}" in running.log
+    assert "Grant the database user" in running.log
+    assert trigger_rows() == []
+
+
+def test_no_right_to_update_the_trigger_uses_the_one_in_place(start, limited_role, smtp_server):
+    driver, conn = raw_connection()
+    try:
+        install_trigger(conn, table(), driver)
+    finally:
+        conn.close()
+    running = start(env={"MAILER_TEST_PG_USER": limited_role})
+    assert f"Could not update trigger {TRIGGER_NAME}" in running.log
+    assert "using the one in place" in running.log
+    subjects = queue(2, "limited")
+    smtp_server.wait_for(2)
+    assert sorted(smtp_server.subjects()) == subjects
+    assert running.signal(signal.SIGTERM) == 0
+
+
+def test_disabled_trigger_is_reported(start):
+    driver, conn = raw_connection()
+    try:
+        install_trigger(conn, table(), driver)
+        with conn.cursor() as cur:
+            cur.execute(f"ALTER TABLE {table()} DISABLE TRIGGER {TRIGGER_NAME}")
+        running = start()
+        assert f"Trigger {TRIGGER_NAME} on {table()} is disabled" in running.log
+        assert running.signal(signal.SIGTERM) == 0
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"ALTER TABLE {table()} ENABLE TRIGGER {TRIGGER_NAME}")
+        conn.close()
+
+
+def test_probe_interval_must_be_positive(manage):
+    proc = manage.run("runmailer_pg", "--probe-interval", "0", check=False)
+    assert_clean_error(proc, "--probe-interval must be a positive number")
