@@ -9,7 +9,8 @@ The database comes from the environment:
 * ``MAILER_TEST_MYSQL_HOST``/``PORT``/``USER``/``PASSWORD`` (default
   127.0.0.1:3306, user root, no password). The test database is created by
   the test run itself, in utf8mb4, with the options a site should use
-  (docs/installation.rst).
+  (docs/installation.rst); ``MAILER_TEST_MYSQL_ISOLATION`` overrides the
+  isolation level (default "read committed").
 * ``MAILER_TEST_DB_NAME``: set for subprocesses so they use the database of
   the test run that started them.
 """
@@ -44,7 +45,10 @@ elif DB == "mysql":
         "PASSWORD": os.environ.get("MAILER_TEST_MYSQL_PASSWORD", ""),
         # What docs/installation.rst asks of a site (Django 4.2's default
         # charset is still utf8mb3; read committed is Django's default).
-        "OPTIONS": {"charset": "utf8mb4", "isolation_level": "read committed"},
+        "OPTIONS": {
+            "charset": "utf8mb4",
+            "isolation_level": os.environ.get("MAILER_TEST_MYSQL_ISOLATION", "read committed"),
+        },
         "TEST": {
             "NAME": f"test_mailer_{os.getpid()}" if not NAME_OVERRIDE else NAME_OVERRIDE,
             "CHARSET": "utf8mb4",

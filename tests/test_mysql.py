@@ -137,3 +137,12 @@ def test_a_refused_statement_becomes_the_same_clear_error():
     assert_clear_error(info.value)
     assert info.value.__cause__.args[0] in PACKET_TOO_LARGE
     assert Message.objects.count() == 0  # a new connection
+
+
+def test_four_byte_characters_are_stored():
+    """With charset utf8mb4 (docs/installation.rst) an emoji subject queues;
+    Django 4.2's default, utf8 (utf8mb3), refuses it with error 1366."""
+    mailer.send_mail("Party \U0001f389", "b", "from@example.com", ["to@example.com"])
+    message = Message.objects.get()
+    assert message.subject_text == "Party \U0001f389"
+    assert message.email.subject == "Party \U0001f389"
