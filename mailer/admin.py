@@ -863,10 +863,21 @@ class MessageLogAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
         groups: dict[int, list[EmailMessage]] = defaultdict(list)
 
         def flush() -> int:
+            # Queueing no longer consults the don't-send list (delivery
+            # does), but a requeue of mail nobody may receive is pointless:
+            # one query per chunk leaves those out.
+            blocked = DontSendEntry.objects.blocked_among(
+                a for emails in groups.values() for e in emails for a in e.recipients()
+            )
             count = 0
             with transaction.atomic(using=queryset.db):
                 for priority, emails in groups.items():
-                    count += queue_emails(emails, priority=priority)
+                    wanted = [
+                        e
+                        for e in emails
+                        if not all(DontSendEntry.matches(a, blocked) for a in e.recipients())
+                    ]
+                    count += queue_emails(wanted, priority=priority)
             groups.clear()
             return count
 

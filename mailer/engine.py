@@ -46,6 +46,7 @@ from mailer.models import (
     RESULT_DONT_SEND,
     RESULT_FAILURE,
     RESULT_SUCCESS,
+    DontSendEntry,
     Message,
     MessageLog,
     MessageQuerySet,
@@ -203,6 +204,50 @@ class _Sender:
             self.backend = None
 
 
+#: How long a pass trusts its copy of the don't-send list before reading it again.
+DONT_SEND_REFRESH_SECONDS = 30.0
+
+
+class DontSendSnapshot:
+    """The don't-send list as a pass sees it, applied to each claimed message.
+
+    Read with one query when the pass meets its first message, and again
+    whenever the copy is older than ``DONT_SEND_REFRESH_SECONDS``: no query
+    per message, and an address added during a long pass is honoured for
+    every message whose turn comes at least that long after it was added
+    (and for every message of the next pass).
+    """
+
+    def __init__(self, refresh_seconds: float | None = None) -> None:
+        self.refresh_seconds = refresh_seconds
+        self.addresses: frozenset[str] | None = None
+        self.loaded_at = 0.0
+        self.loads = 0
+
+    def current(self) -> frozenset[str]:
+        refresh = DONT_SEND_REFRESH_SECONDS if self.refresh_seconds is None else self.refresh_seconds
+        now = time.monotonic()
+        if self.addresses is None or now - self.loaded_at >= refresh:
+            self.addresses = DontSendEntry.objects.all_addresses()
+            self.loaded_at = now
+            self.loads += 1
+        return self.addresses
+
+    def apply(self, email: EmailMessage) -> list[str]:
+        """Drop listed addresses from ``email``'s To, Cc and Bcc; return them."""
+        blocked = self.current()
+        if not blocked:
+            return []
+        dropped: list[str] = []
+        for field in ("to", "cc", "bcc"):
+            values = list(getattr(email, field, None) or [])
+            kept = [a for a in values if not DontSendEntry.matches(a, blocked)]
+            if len(kept) != len(values):
+                dropped.extend(str(a) for a in values if DontSendEntry.matches(a, blocked))
+                setattr(email, field, kept)
+        return dropped
+
+
 def _claims_with_row_locks(db_alias: str) -> bool:
     features = connections[db_alias].features
     return connections[db_alias].vendor != "sqlite" and features.has_select_for_update
@@ -233,6 +278,7 @@ class _PassQueries:
         self.connection = connections[db]
         self.queryset = queryset
         self.lock_rows = lock_rows
+        self.dont_send = DontSendSnapshot()
         self._claim: tuple[Any, ...] | None = None
         quote = self.connection.ops.quote_name
         self.log_inserter = RowInserter(MessageLog, db)
@@ -297,12 +343,17 @@ class _PassQueries:
         *,
         email: EmailMessage | None = None,
         keep_data: bool | None = None,
+        recipients: list[str] | None = None,
     ) -> bool:
         """Log ``message`` with ``code`` and take it off the queue, atomically.
 
-        Returns False when the row was already gone.
+        ``recipients``: the addresses the entry names, when not those of
+        ``email`` (a don't-send entry names who was suppressed). Returns False
+        when the row was already gone.
         """
         entry = MessageLog.from_message(message, code, note, email=email, keep_data=keep_data)
+        if recipients is not None:
+            entry.recipients = "\n".join(recipients)
         with transaction.atomic(using=self.db, savepoint=False):
             if self.use_orm:
                 entry.save(force_insert=True, using=self.db)
@@ -337,6 +388,15 @@ def _record_success(
         )
 
 
+def _record_dont_send(
+    message: Message, email: EmailMessage, queries: _PassQueries, suppressed: list[str]
+) -> None:
+    """Nobody left to send to: log "don't send", naming who was suppressed."""
+    note = "every recipient is on the don't-send list" if suppressed else "no recipients"
+    if not queries.record(message, RESULT_DONT_SEND, note, email=email, recipients=suppressed):
+        logger.warning("Message %s was removed from the queue by someone else.", message.pk)
+
+
 def _record_unhandled(message: Message, exc: BaseException) -> None:
     """The error handler raised: defer the message so later passes move on."""
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -361,8 +421,15 @@ def _deliver_one(
     if email is None:
         _record_undecodable(message, queries, result)
         return None
+    suppressed = queries.dont_send.apply(email)
+    if suppressed:
+        logger.info(
+            "Not sending message %s to %s: on the don't-send list",
+            message.pk,
+            ", ".join(suppressed),
+        )
     if not email.recipients():
-        _record_success(message, email, queries, RESULT_DONT_SEND, "no recipients")
+        _record_dont_send(message, email, queries, suppressed)
         result.dont_send += 1
         return None
     ensure_message_id(email, message)

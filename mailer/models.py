@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import logging
 import pickle
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from email.utils import make_msgid
+from email.utils import make_msgid, parseaddr
 from typing import Any
 
 from django.core.mail import EmailMessage
@@ -330,58 +329,36 @@ def queue_emails(
 ) -> int:
     """Store messages on the queue in one bulk insert; return how many.
 
-    To, Cc and Bcc go through the don't-send list (one query for the whole
-    batch); a message left with nobody to send to is logged as "don't send"
-    instead of queued. Each message gets its ``Message-ID`` now, written back
-    onto the caller's object. A message Django would refuse raises
-    ``ValueError`` (like Django, even with ``fail_silently``) and nothing is
-    stored. Joins the caller's transaction.
+    Messages without any recipient are skipped. The don't-send list is not
+    consulted here: it applies when each message's turn comes (see
+    ``mailer.engine``), so an address added after queueing is honoured too
+    and queueing costs no query for it. Each message gets its
+    ``Message-ID`` now, written back onto the caller's object. A message
+    Django would refuse raises ``ValueError`` (like Django, even with
+    ``fail_silently``) and nothing is stored. Joins the caller's transaction.
     """
-    emails = [e for e in emails if e.recipients()]
-    if not emails:
-        return 0
-    blocked = DontSendEntry.objects.blocked_among(a for e in emails for a in e.recipients())
     rows: list[Message] = []
-    skipped: list[MessageLog] = []
     for email in emails:
+        if not email.recipients():
+            continue
         prepare_for_queue(email)
-        stored = email
-        if blocked:
-            stored = copy.copy(email)
-            for field in ("to", "cc", "bcc"):
-                kept = [a for a in getattr(email, field) or [] if str(a).lower() not in blocked]
-                if len(kept) != len(getattr(email, field) or []):
-                    logger.info(
-                        "Not sending to %s: on the don't-send list",
-                        ", ".join(a for a in getattr(email, field) if str(a).lower() in blocked),
-                    )
-                setattr(stored, field, kept)
         row = Message(priority=priority)
-        row.email = stored
-        fill_search_fields(row, stored)
-        if stored.recipients():
-            rows.append(row)
-        else:
-            entry = MessageLog.from_message(
-                row, RESULT_DONT_SEND, "every recipient is on the don't-send list", email=stored
-            )
-            # Keep who was suppressed, so the log can answer "why no mail?".
-            entry.recipients = "\n".join(str(a) for a in email.recipients())
-            skipped.append(entry)
+        row.email = email
+        fill_search_fields(row, email)
+        rows.append(row)
+    if not rows:
+        return 0
     if batch_size is None:
         batch_size = conf.MESSAGES_BATCH_SIZE
     using = router.db_for_write(Message)
-    with packet_limit(using, [*rows, *skipped]) as fit:
-        if len(rows) == 1 and not skipped:
+    with packet_limit(using, rows) as fit:
+        if len(rows) == 1:
             # One send_mail call: a plain INSERT, which in autocommit needs no
             # BEGIN/COMMIT round trips (bulk_create always opens a transaction).
             RowInserter(Message, using).insert(rows[0])
             return 1
         with transaction.atomic(using=using, savepoint=False):
-            if rows:
-                Message.objects.using(using).bulk_create(rows, batch_size=fit(batch_size))
-            if skipped:
-                MessageLog.objects.using(using).bulk_create(skipped, batch_size=fit(None))
+            Message.objects.using(using).bulk_create(rows, batch_size=fit(batch_size))
     return len(rows)
 
 
@@ -395,13 +372,27 @@ class DontSendEntryQuerySet(models.QuerySet):
 
     def blocked_among(self, addresses: Iterable[str]) -> set[str]:
         """The lower-cased members of ``addresses`` on the list, in one query."""
-        lowered = {str(a).lower() for a in addresses if a}
+        lowered: set[str] = set()
+        for address in addresses:
+            if address:
+                text = str(address).lower()
+                lowered.add(text)
+                lowered.add(parseaddr(text)[1] or text)
         if not lowered:
             return set()
         return set(
             self.annotate(lower_address=Lower("to_address"))
             .filter(lower_address__in=lowered)
             .values_list("lower_address", flat=True)
+        )
+
+
+    def all_addresses(self) -> frozenset[str]:
+        """Every address on the list, lower-cased, in one query."""
+        return frozenset(
+            self.annotate(lower_address=Lower("to_address")).values_list(
+                "lower_address", flat=True
+            )
         )
 
 
@@ -420,6 +411,15 @@ class DontSendEntry(models.Model):
 
     def __str__(self) -> str:
         return self.to_address
+
+    @staticmethod
+    def matches(address: Any, lowered: frozenset[str] | set[str]) -> bool:
+        """Is ``address`` (``"a@x"`` or ``"Name <a@x>"``) among ``lowered``?"""
+        text = str(address).lower()
+        if text in lowered:
+            return True
+        parsed = parseaddr(text)[1]
+        return bool(parsed) and parsed in lowered
 
 
 def filter_recipient_list(lst: Iterable[str] | None) -> list[str] | None:

@@ -121,20 +121,51 @@ def test_message_django_would_refuse_raises_and_stores_nothing(kwargs):
     assert not Message.objects.exists()
 
 
-def test_dont_send_list_filters_to():
+@pytest.mark.django_db(transaction=True)
+def test_dont_send_list_filters_to_at_delivery(smtp_settings, smtp_server):
+    from mailer.engine import send_all
+
     DontSendEntry.objects.create(to_address="Blocked@Example.com")
     mailer.send_mail("S", "b", "f@example.com", ["blocked@example.com", "ok@example.com"])
-    _, email = only_message()
-    assert email.to == ["ok@example.com"]
-
-
-def test_everyone_blocked_is_logged_not_queued():
-    DontSendEntry.objects.create(to_address="blocked@example.com")
-    assert mailer.send_mail("S", "b", "f@example.com", ["blocked@example.com"]) == 0
-    assert not Message.objects.exists()
+    assert send_all().sent == 1
+    assert [m["to"] for m in smtp_server.messages] == [["ok@example.com"]]
     log = MessageLog.objects.get()
-    assert log.result == RESULT_DONT_SEND
-    assert log.recipients == "blocked@example.com"  # who was suppressed
+    assert log.recipients == "ok@example.com"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_everyone_blocked_is_queued_then_logged_dont_send(smtp_settings, smtp_server):
+    """As in 2.3.2: the row is queued, and logged "don't send" when its turn comes."""
+    from mailer.engine import send_all
+
+    DontSendEntry.objects.create(to_address="blocked@example.com")
+    assert mailer.send_mail("S", "b", "f@example.com", ["blocked@example.com"]) == 1
+    assert mailer.send_html_mail("H", "b", "<p>b</p>", "f@example.com", ["BLOCKED@example.com"]) == 1
+    assert Message.objects.count() == 2
+    result = send_all()
+    assert (result.dont_send, result.sent) == (2, 0)
+    assert smtp_server.messages == []
+    assert not Message.objects.exists()
+    logs = MessageLog.objects.order_by("id")
+    assert [log.result for log in logs] == [RESULT_DONT_SEND] * 2
+    assert [log.recipients for log in logs] == ["blocked@example.com", "BLOCKED@example.com"]
+    assert all("don't-send list" in log.log_message for log in logs)
+    assert logs[1].email.alternatives  # the content is kept
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: mailer.send_mail("S", "b", "f@example.com", ["t@example.com"]),
+        lambda: mailer.send_html_mail("S", "b", "<p>b</p>", "f@example.com", ["t@example.com"]),
+    ],
+    ids=["send_mail", "send_html_mail"],
+)
+def test_queueing_one_message_is_one_statement(call, django_assert_num_queries):
+    DontSendEntry.objects.create(to_address="someone@example.com")
+    with django_assert_num_queries(1) as captured:
+        assert call() == 1
+    assert captured.captured_queries[0]["sql"].startswith("INSERT")
 
 
 def test_mail_admins_accepts_pairs(settings):

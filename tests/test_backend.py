@@ -2,7 +2,7 @@
 
 import pytest
 from django.core import mail
-from django.core.mail import EmailMessage, EmailMultiAlternatives
+from django.core.mail import EmailMessage
 
 from mailer.backend import DbBackend
 from mailer.compat import HAS_MAILERS
@@ -35,42 +35,49 @@ def test_batch_size(settings, django_assert_num_queries):
     settings.MAILER_MESSAGES_BATCH_SIZE = 10
     messages = [EmailMessage("S", "b", "f@example.com", [f"t{i}@example.com"]) for i in range(25)]
     backend = DbBackend()
-    # One don't-send lookup, then three INSERTs of at most 10 rows.
-    with django_assert_num_queries(1 + 3):
+    # Three INSERTs of at most 10 rows; no don't-send lookup at queue time.
+    with django_assert_num_queries(3):
         assert backend.send_messages(messages) == 25
 
 
-def test_message_id_written_back_to_caller(queue_backend):
-    email = EmailMultiAlternatives("S", "b", "f@example.com", ["t@example.com"])
-    email.attach_alternative("<p>x</p>", "text/html")
-    email.attach("a.txt", "hello", "text/plain")
-    email.send()
-    msg_id = email.extra_headers["Message-ID"]
-    stored = Message.objects.get()
-    assert stored.email.extra_headers["Message-ID"] == msg_id
-    assert stored.message_id == msg_id
-    assert stored.email.attachments[0][0] == "a.txt"
-
-
-def test_dont_send_list_applies(queue_backend):
+def test_one_message_is_one_statement(queue_backend, django_assert_num_queries):
     DontSendEntry.objects.create(to_address="no@example.com")
+    with django_assert_num_queries(1):
+        assert mail.send_mail("S", "b", "f@example.com", ["no@example.com", "t@example.com"]) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dont_send_list_applies_at_delivery(queue_backend, smtp_settings, smtp_server):
+    from mailer.engine import send_all
+
     email = EmailMessage("S", "b", "f@example.com", ["no@example.com", "yes@example.com"],
                          cc=["NO@example.com"], bcc=["no@example.com", "b@example.com"])
     email.send()
-    stored = Message.objects.get().email
-    assert (stored.to, stored.cc, stored.bcc) == (["yes@example.com"], [], ["b@example.com"])
+    # Added after queueing: still honoured when the message's turn comes.
+    DontSendEntry.objects.create(to_address="no@example.com")
+    assert send_all().sent == 1
+    (received,) = smtp_server.messages
+    assert sorted(received["to"]) == ["b@example.com", "yes@example.com"]
+    assert received["message"]["To"] == "yes@example.com"
+    assert received["message"]["Cc"] is None
     # The caller's object is not changed (only its Message-ID is added).
     assert email.to == ["no@example.com", "yes@example.com"]
 
 
-def test_all_recipients_blocked_logs_dont_send(queue_backend):
+@pytest.mark.django_db(transaction=True)
+def test_all_recipients_blocked_logs_dont_send(queue_backend, smtp_settings, smtp_server):
+    from mailer.engine import send_all
+
     DontSendEntry.objects.create(to_address="no@example.com")
-    assert mail.send_mail("S", "b", "f@example.com", ["no@example.com"]) == 0
+    assert mail.send_mail("S", "b", "f@example.com", ["no@example.com"]) == 1
+    assert send_all().dont_send == 1
+    assert smtp_server.messages == []
     assert not Message.objects.exists()
     log = MessageLog.objects.get()
     assert log.result == RESULT_DONT_SEND
     assert log.email.subject == "S"
     assert log.message_id
+    assert log.recipients == "no@example.com"  # who was suppressed
 
 
 def test_invalid_message_raises_and_stores_nothing(queue_backend):

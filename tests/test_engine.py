@@ -471,3 +471,81 @@ def test_limit_and_deferral_log_lines(smtp_settings, smtp_server, settings, capl
     assert deferrals[0].getMessage().startswith("message deferred due to failure: ")
     assert "451" in deferrals[0].getMessage()
     assert any(r.getMessage().startswith("Pass done: ") for r in caplog.records)  # ours stays
+
+
+# --- the don't-send list at delivery time -------------------------------------------------
+
+
+def dont_send_queries(captured):
+    return [q for q in captured if "mailer_dontsendentry" in q["sql"]]
+
+
+def test_dont_send_list_is_read_once_per_pass(smtp_settings, smtp_server):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from mailer.models import RESULT_DONT_SEND, DontSendEntry
+
+    DontSendEntry.objects.create(to_address="to1@example.com")
+    DontSendEntry.objects.create(to_address="To3@Example.com")
+    queue(5)
+    with CaptureQueriesContext(connection) as captured:
+        result = send_all()
+    assert (result.sent, result.dont_send) == (3, 2)
+    assert len(dont_send_queries(captured)) == 1
+    assert sorted(m["to"][0] for m in smtp_server.messages) == [
+        "to0@example.com", "to2@example.com", "to4@example.com"
+    ]
+    skipped = MessageLog.objects.filter(result=RESULT_DONT_SEND).order_by("id")
+    assert [e.recipients for e in skipped] == ["to1@example.com", "to3@example.com"]
+    # Each skipped entry keeps the content it would have sent.
+    assert [e.subject for e in skipped] == ["Subject 1", "Subject 3"]
+    # An empty pass never reads the list.
+    with CaptureQueriesContext(connection) as captured:
+        send_all()
+    assert dont_send_queries(captured) == []
+
+
+def test_named_addresses_are_matched(smtp_settings, smtp_server):
+    from mailer.models import DontSendEntry
+
+    DontSendEntry.objects.create(to_address="ada@example.com")
+    mailer.send_mail("S", "b", "f@example.com", ["Ada Lovelace <ADA@example.com>", "b@example.com"])
+    assert send_all().sent == 1
+    assert smtp_server.messages[0]["to"] == ["b@example.com"]
+
+
+def listing_backend_factory():
+    """A sending backend that puts an address on the don't-send list while
+    the pass runs (as a bounce handler on another machine would)."""
+    from django.core.mail.backends.smtp import EmailBackend
+
+    from mailer.models import DontSendEntry
+
+    class Backend(EmailBackend):
+        def send_messages(self, messages):
+            sent = super().send_messages(messages)
+            DontSendEntry.objects.get_or_create(to_address="late@example.com")
+            return sent
+
+    return Backend
+
+
+ListingBackend = listing_backend_factory()
+
+
+@pytest.mark.parametrize(("refresh", "late_sent"), [(30.0, True), (0.0, False)])
+def test_address_added_during_a_pass(refresh, late_sent, settings, smtp_settings, smtp_server):
+    """Honoured once the pass's copy is older than DONT_SEND_REFRESH_SECONDS."""
+    settings.MAILER_EMAIL_BACKEND = "tests.test_engine.ListingBackend"
+    if hasattr(settings, "MAILERS"):
+        del settings.MAILERS
+    settings.EMAIL_HOST, settings.EMAIL_PORT = smtp_server.host, smtp_server.port
+    mailer.send_mail("first", "b", "f@example.com", ["early@example.com"])
+    mailer.send_mail("second", "b", "f@example.com", ["late@example.com"])
+    with patch.object(engine, "DONT_SEND_REFRESH_SECONDS", refresh):
+        result = send_all()
+    assert (result.sent, result.dont_send) == ((2, 0) if late_sent else (1, 1))
+    # The next pass reads the list afresh whatever the refresh interval.
+    mailer.send_mail("third", "b", "f@example.com", ["late@example.com"])
+    assert send_all().dont_send == 1
