@@ -116,9 +116,10 @@ def send_mail(
 ) -> int:
     """Queue one message (with an optional HTML alternative).
 
-    Returns how many messages were queued: 1, or 0 when there is nobody to
-    send to (an empty ``recipient_list``, or every address on the don't-send
-    list). ``fail_silently``, ``auth_user`` and ``auth_password`` are
+    Returns how many messages were queued: 1, or 0 for an empty
+    ``recipient_list``. Addresses on the don't-send list are queued like any
+    other and dropped when the message's turn comes (a message left with
+    nobody is then logged "don't send", as in 2.3.2). ``fail_silently``, ``auth_user`` and ``auth_password`` are
     accepted for compatibility and ignored: nothing is sent now.
     """
     email = _make_email(subject, message, from_email, recipient_list, html_message=html_message)
