@@ -26,11 +26,15 @@ from django.contrib.admin.views.main import ChangeList
 from django.core.mail import EmailMessage
 from django.core.paginator import EmptyPage, Page, PageNotAnInteger, Paginator
 from django.db import connections, transaction
-from django.db.models import F, QuerySet
+from django.db.models import F, Max, QuerySet
 from django.http import HttpRequest
 from django.template.defaultfilters import filesizeformat
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.formats import date_format
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
@@ -42,6 +46,7 @@ from mailer.models import (
     PRIORITY_DEFERRED,
     PRIORITY_LABELS,
     PRIORITY_MEDIUM,
+    RESULT_FAILURE,
     RESULT_LABELS,
     DontSendEntry,
     Message,
@@ -180,6 +185,7 @@ class LeanChangeList(ChangeList):
     def get_results(self, request: HttpRequest) -> None:
         self.queryset = self.queryset.defer("message_data")
         super().get_results(request)
+        self.model_admin.prepare_rows(self.result_list)
 
 
 class LargeTableAdmin(admin.ModelAdmin):
@@ -199,6 +205,21 @@ class LargeTableAdmin(admin.ModelAdmin):
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return LeanChangeList
+
+    def prepare_rows(self, rows: list[Any]) -> None:
+        """Fetch what the list columns need for the rows of one page, at once."""
+
+    def detail_title(self, obj: Any) -> str:
+        """The detail page's heading (and ``<title>``): what, to whom, when."""
+        return str(obj)
+
+    def render_change_form(
+        self, request: HttpRequest, context: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        obj = kwargs.get("obj", args[3] if len(args) > 3 else None)
+        if obj is not None:
+            context["subtitle"] = self.detail_title(obj)
+        return super().render_change_form(request, context, *args, **kwargs)
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -286,6 +307,34 @@ def _pre(text: str) -> SafeString:
     return format_html(
         '<pre style="white-space: pre-wrap; overflow-wrap: anywhere; margin: 0">{}</pre>', text
     )
+
+
+def when(value: Any) -> str:
+    """A datetime as the admin shows dates (``DATETIME_FORMAT``, current time zone)."""
+    if value is None:
+        return EMPTY
+    if timezone.is_aware(value):
+        value = timezone.localtime(value)
+    return date_format(value, "DATETIME_FORMAT")
+
+
+def short_message_id(value: str | None, limit: int = 28) -> Any:
+    """A Message-ID cut to ``limit`` characters for a list column; full in the tooltip."""
+    if not value:
+        return EMPTY
+    if len(value) <= limit:
+        return value
+    return format_html(
+        '<span title="{}" class="mailer-message-id">{}…</span>', value, value[: limit - 1]
+    )
+
+
+def _header(email: EmailMessage, name: str) -> Any:
+    """The value of extra header ``name`` (any case), or None."""
+    for key, value in (getattr(email, "extra_headers", None) or {}).items():
+        if str(key).lower() == name.lower():
+            return value
+    return None
 
 
 def _html_body(email: EmailMessage) -> str | None:
@@ -469,7 +518,14 @@ class StoredEmailDisplay(MessageAdminMixin):
     @admin.display(description=_("Reply-To"))
     @_guarded
     def reply_to_display(self, obj: Any) -> Any:
-        return self._from_email(obj, lambda e: _addresses(getattr(e, "reply_to", None)))
+        def render(email: EmailMessage) -> Any:
+            # A Reply-To given through headers= is the one that goes out.
+            header = _header(email, "Reply-To")
+            if header is not None:
+                return _text(header)
+            return _addresses(getattr(email, "reply_to", None))
+
+        return self._from_email(obj, render)
 
     @admin.display(description=_("Subject"))
     @_guarded
@@ -490,7 +546,7 @@ class StoredEmailDisplay(MessageAdminMixin):
             headers = [
                 (name, _text(value))
                 for name, value in (getattr(email, "extra_headers", None) or {}).items()
-                if str(name).lower() != "message-id"
+                if str(name).lower() not in ("message-id", "reply-to")  # shown above
             ]
             if not headers:
                 return EMPTY
@@ -557,6 +613,16 @@ class DenormalisedColumns:
     def message_id_display(self, obj: Any) -> str:
         return obj.message_id or EMPTY
 
+    @admin.display(description=_("Message-ID"), ordering="message_id")
+    def message_id_column(self, obj: Any) -> Any:
+        return short_message_id(obj.message_id)
+
+    def _who(self, obj: Any) -> str:
+        return _recipient_list(obj.recipients, limit=2)
+
+    def _what(self, obj: Any) -> str:
+        return Truncator(obj.subject_text or "").chars(80) or str(_("(no subject)"))
+
     @admin.display(description=_("priority"), ordering="priority")
     def priority_display(self, obj: Any) -> str:
         return str(PRIORITY_LABELS.get(obj.priority, obj.priority))
@@ -621,8 +687,9 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
         "subject_display",
         "priority_display",
         "retry_count_display",
+        "last_error_column",
         "when_added_display",
-        "message_id_display",
+        "message_id_column",
     ]
     list_filter = [PriorityFilter]
     date_hierarchy = "when_added"
@@ -644,6 +711,7 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
                 )
             },
         ),
+        (_("Delivery attempts"), {"fields": ("last_error", "attempts")}),
         *StoredEmailDisplay.email_fieldsets,
     ]
     readonly_fields = [
@@ -652,12 +720,112 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
         "retry_count_display",
         "when_added_display",
         "all_recipients",
+        "last_error",
+        "attempts",
         *StoredEmailDisplay.email_fields,
     ]
+    #: Log entries shown on a message's page (the newest; all are one search away).
+    attempts_shown = 20
 
     @admin.display(description=_("retry count"), ordering="retry_count")
     def retry_count_display(self, obj: Message) -> int:
         return obj.retry_count
+
+    # -- why wasn't it sent? -------------------------------------------------------
+
+    def attempts_of(self, obj: Message) -> QuerySet:
+        """The log entries of this queue row, newest first.
+
+        They carry the row's ``when_added`` (an indexed column, so this is no
+        scan of a large log) and its Message-ID.
+        """
+        entries = MessageLog.objects.using(obj._state.db).filter(when_added=obj.when_added)
+        if obj.message_id:
+            entries = entries.filter(message_id=obj.message_id)
+        else:
+            entries = entries.filter(message_id__isnull=True)
+        return entries.defer("message_data").order_by("-id")
+
+    def prepare_rows(self, rows: list[Any]) -> None:
+        """One query for the last error of every row on the page."""
+        if not rows:
+            return
+        found: dict[tuple[Any, Any], str] = {}
+        failures = (
+            MessageLog.objects.using(rows[0]._state.db)
+            .filter(result=RESULT_FAILURE, when_added__in={row.when_added for row in rows})
+            .order_by("id")
+            .values_list("when_added", "message_id", "log_message")
+        )
+        for when_added, message_id, text in failures:
+            found[(when_added, message_id)] = text
+        for row in rows:
+            row.last_error_text = found.get((row.when_added, row.message_id))
+
+    @admin.display(description=_("last error"))
+    def last_error_column(self, obj: Message) -> Any:
+        text = getattr(obj, "last_error_text", None)
+        if not text:
+            return EMPTY
+        return format_html('<span title="{}">{}</span>', text, Truncator(text).chars(70))
+
+    @admin.display(description=_("last error"))
+    def last_error(self, obj: Message) -> Any:
+        entry = self.attempts_of(obj).filter(result=RESULT_FAILURE).first()
+        if entry is None:
+            if obj.priority == PRIORITY_DEFERRED:
+                return _placeholder(_("deferred, but no failure is logged for it"))
+            return EMPTY
+        return format_html(
+            '{}<div class="help">{}</div>', _pre(entry.log_message), when(entry.when_attempted)
+        )
+
+    @admin.display(description=_("attempts"))
+    def attempts(self, obj: Message) -> Any:
+        entries = list(self.attempts_of(obj)[: self.attempts_shown])
+        if not entries:
+            return _placeholder(_("not attempted yet"))
+        rows = format_html_join(
+            "",
+            '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td></tr>',
+            (
+                (
+                    reverse(f"{self.admin_site.name}:mailer_messagelog_change", args=[entry.pk]),
+                    when(entry.when_attempted),
+                    RESULT_LABELS.get(entry.result, entry.result),
+                    entry.log_message or EMPTY,
+                )
+                for entry in entries
+            ),
+        )
+        table = format_html(
+            '<table class="mailer-attempts"><thead><tr><th>{}</th><th>{}</th><th>{}</th>'
+            "</tr></thead><tbody>{}</tbody></table>",
+            _("when attempted"),
+            _("result"),
+            _("log message"),
+            rows,
+        )
+        if not obj.message_id:
+            return table
+        search = reverse(f"{self.admin_site.name}:mailer_messagelog_changelist")
+        return format_html(
+            '{}<p><a href="{}?{}">{}</a></p>',
+            table,
+            search,
+            urlencode({"q": obj.message_id}),
+            _("Every log entry with this Message-ID"),
+        )
+
+    def detail_title(self, obj: Message) -> str:
+        return str(
+            _("%(subject)s to %(recipients)s, queued %(when)s")
+            % {
+                "subject": self._what(obj),
+                "recipients": self._who(obj),
+                "when": when(obj.when_added),
+            }
+        )
 
     def has_send_permission(self, request: HttpRequest) -> bool:
         opts = self.opts
@@ -666,6 +834,7 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
     @admin.action(description=_("Send selected messages now"), permissions=["send"])
     def send_messages(self, request: HttpRequest, queryset: MessageQuerySet) -> None:
         deferred = queryset.filter(priority=PRIORITY_DEFERRED).count()
+        last_log_id = MessageLog.objects.aggregate(last=Max("id"))["last"] or 0
         try:
             result = send_all(queryset=queryset)
         except Exception as exc:
@@ -703,6 +872,8 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
                 },
                 level,
             )
+            if result.deferred or result.failed:
+                self.report_errors(request, last_log_id)
         if deferred:
             self.message_user(
                 request,
@@ -714,6 +885,30 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
                 % {"count": deferred},
                 messages.WARNING,
             )
+
+    #: Errors quoted after a "Send now" (the rest are in the log).
+    errors_reported = 5
+
+    def report_errors(self, request: HttpRequest, after_log_id: int) -> None:
+        """Quote the failures the pass just logged, so "deferred" comes with a why."""
+        entries = list(
+            MessageLog.objects.filter(pk__gt=after_log_id, result=RESULT_FAILURE)
+            .only("id", "recipients", "subject_text", "log_message")
+            .order_by("id")[: self.errors_reported + 1]
+        )
+        for entry in entries[: self.errors_reported]:
+            self.message_user(
+                request,
+                _("Not sent: %(subject)s to %(recipients)s: %(error)s")
+                % {
+                    "subject": self._what(entry),
+                    "recipients": self._who(entry),
+                    "error": entry.log_message,
+                },
+                messages.ERROR,
+            )
+        if len(entries) > self.errors_reported:
+            self.message_user(request, _("More errors are in the message log."), messages.ERROR)
 
     @admin.action(description=_("Retry selected deferred messages"), permissions=["send"])
     def retry(self, request: HttpRequest, queryset: QuerySet) -> None:
@@ -781,14 +976,16 @@ REQUEUE_CHUNK = 500
 
 @admin.register(MessageLog)
 class MessageLogAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
+    # What happened comes first; the long Message-ID is shortened (in full in
+    # its tooltip and on the detail page) so the row fits a laptop screen.
     list_display = [
-        "id",
+        "result_display",
+        "when_attempted_display",
         "recipients_display",
         "subject_display",
-        "message_id_display",
-        "when_attempted_display",
-        "result_display",
         "log_message_display",
+        "message_id_column",
+        "id",
     ]
     # No date hierarchy: on a log of millions of rows it would scan the table
     # for its year/month links on every page; a date filter costs nothing.
@@ -843,6 +1040,19 @@ class MessageLogAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
     @admin.display(description=_("log message"))
     def full_log_message(self, obj: MessageLog) -> Any:
         return _pre(obj.log_message) if obj.log_message else EMPTY
+
+    def detail_title(self, obj: MessageLog) -> str:
+        # From the columns, not the stored email: a don't-send entry's email
+        # has nobody left in To, its recipients column keeps who was suppressed.
+        return str(
+            _("%(result)s: %(subject)s to %(recipients)s, %(when)s")
+            % {
+                "result": RESULT_LABELS.get(obj.result, obj.result),
+                "subject": self._what(obj),
+                "recipients": self._who(obj),
+                "when": when(obj.when_attempted),
+            }
+        )
 
     def has_requeue_permission(self, request: HttpRequest) -> bool:
         opts = Message._meta

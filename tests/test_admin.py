@@ -654,7 +654,7 @@ def _assert_lean(queries: CaptureQueriesContext) -> None:
 def test_large_message_changelist_is_lean(admin_client, django_assert_max_num_queries, params):
     _bulk_messages(N_ROWS)
     with CaptureQueriesContext(connection) as queries:
-        with django_assert_max_num_queries(6):  # 2 auth + count + rows + 2 date hierarchy
+        with django_assert_max_num_queries(7):  # 2 auth + count + rows + 2 date hierarchy + last errors
             text = page_text(admin_client.get(MESSAGE_LIST, params))
     _assert_lean(queries)
     assert "undecodable" not in text
@@ -876,3 +876,129 @@ def test_project_action_send_messages(admin_client, smtp_settings, smtp_server):
     assert smtp_server.subjects() == ["sent from the project's admin"]
     assert not Message.objects.filter(pk=chosen.pk).exists()
     assert Message.objects.count() == 1
+
+
+# --- "why wasn't this sent?" -------------------------------------------------------------
+
+
+def _smtp_down(settings):
+    """Point the worker at a port nothing listens on; return the port."""
+    from mailer.compat import HAS_MAILERS
+    from tests.conftest import free_port
+    from tests.settings import smtp_mailers
+
+    port = free_port()
+    if HAS_MAILERS:
+        settings.MAILERS = smtp_mailers(port)
+    else:
+        settings.EMAIL_PORT = port
+    return port
+
+
+def test_send_now_with_the_server_down_says_why(admin_client, smtp_settings, settings):
+    port = _smtp_down(settings)
+    msg = queue("Order #1001", to=["alice@example.com"])
+    notes = user_messages(run_action(admin_client, MESSAGE_LIST, "send_messages", [msg]))
+    assert any("1 deferred" in n for n in notes), notes
+    (why,) = [n for n in notes if n.startswith("Not sent:")]
+    assert "Order #1001" in why and "alice@example.com" in why
+    assert f"Connection refused by 127.0.0.1:{port}" in why
+
+
+def test_deferred_message_page_shows_last_error_and_attempts(admin_client, smtp_settings, settings):
+    from mailer.engine import send_all
+
+    msg = queue("Order #1002")
+    other = queue("Someone else's")
+    log_of(other, RESULT_FAILURE, "not this one")
+    port = _smtp_down(settings)
+    send_all()  # both deferred
+    Message.objects.filter(pk=msg.pk).update(priority=PRIORITY_MEDIUM)  # as retry_deferred does
+    send_all()  # deferred again: two attempts
+    msg.refresh_from_db()
+    text = page_text(admin_client.get(change_url(msg)))
+    error = f"Connection refused by 127.0.0.1:{port}"
+    assert "Delivery attempts" in text and "Last error" in text
+    assert text.count(error) == 3  # last error + two rows of the history
+    assert "not this one" not in text
+    entries = MessageLog.objects.filter(message_id=msg.message_id)
+    assert entries.count() == 2
+    for entry in entries:
+        assert change_url(entry) in text
+    assert f"{LOG_LIST}?q={msg.message_id.replace('<', '%3C').replace('>', '%3E').replace('@', '%40')}" in text
+
+
+def test_message_list_shows_the_last_error(admin_client):
+    failing = queue("Failing", priority=PRIORITY_DEFERRED)
+    log_of(failing, RESULT_FAILURE, "first error")
+    log_of(failing, RESULT_FAILURE, "(451, b'4.3.0 later') (from smtp.example.com:587, EMAIL_HOST/EMAIL_PORT)")
+    queue("Fine")
+    text = page_text(admin_client.get(MESSAGE_LIST))
+    assert "column-last_error_column" in text
+    assert "(451, b&#x27;4.3.0 later&#x27;) (from smtp.example.com:587" in text
+    assert "first error" not in text
+
+
+def test_never_attempted_message_page(admin_client):
+    msg = queue("Waiting")
+    text = page_text(admin_client.get(change_url(msg)))
+    assert "not attempted yet" in text
+
+
+def test_log_list_puts_the_result_first_and_shortens_long_ids(admin_client):
+    long_id = "<20260504101502.123456.98765.verylonglocalpart@mail-01.shop.example.com>"
+    msg = queue("Long id", headers={"Message-ID": long_id})
+    log_of(msg, RESULT_FAILURE, "refused")
+    text = page_text(admin_client.get(LOG_LIST))
+    start = text.index("<thead>")
+    header = text[start : text.index("</thead>", start)]
+    columns = re.findall(r'class="sortable column-(\w+)|class="column-(\w+)', header)
+    names = [a or b for a, b in columns]
+    assert names.index("result_display") < names.index("recipients_display")
+    assert names.index("message_id_column") > names.index("log_message_display")
+    assert f'title="{escape(long_id)}"' in text  # in full in the tooltip
+    assert f">{escape(long_id)}<" not in text  # shortened in the cell
+
+
+def test_detail_titles_name_what_to_whom_and_a_formatted_date(admin_client, settings):
+    from django.utils.formats import date_format
+
+    settings.TIME_ZONE = "Europe/Paris"
+    msg = queue("Order #1003", to=["bob@example.com"])
+    with timezone.override("Europe/Paris"):
+        expected = date_format(timezone.localtime(msg.when_added), "DATETIME_FORMAT")
+    text = page_text(admin_client.get(change_url(msg)))
+    title = re.search(r"<title>(.*?)</title>", text, re.S).group(1)
+    assert f"Order #1003 to bob@example.com, queued {escape(expected)}" in title
+    assert "+00:00" not in title and "+01:00" not in title
+    entry = log_of(msg, RESULT_FAILURE, "refused")
+    text = page_text(admin_client.get(change_url(entry)))
+    title = re.search(r"<title>(.*?)</title>", text, re.S).group(1)
+    assert title.startswith("failure: Order #1003 to bob@example.com, ")
+    assert "+00:00" not in title
+
+
+def test_dont_send_entry_title_names_the_suppressed_recipients(admin_client):
+    DontSendEntry.objects.create(to_address="eve@example.com")
+    email = EmailMultiAlternatives("Blocked", "b", "sender@example.com", ["eve@example.com"])
+    assert queue_emails([email]) == 0
+    entry = MessageLog.objects.get(result=RESULT_DONT_SEND)
+    text = page_text(admin_client.get(change_url(entry)))
+    title = re.search(r"<title>(.*?)</title>", text, re.S).group(1)
+    assert "Blocked to eve@example.com" in title
+
+
+def test_reply_to_given_through_headers_is_shown_as_the_reply_to(admin_client):
+    import mailer
+
+    mailer.send_html_mail(
+        "With Reply-To", "b", "<p>b</p>", "sender@example.com", ["alice@example.com"],
+        headers={"Reply-To": "support@example.com"},
+    )
+    msg = Message.objects.get()
+    text = page_text(admin_client.get(change_url(msg)))
+    reply_to = text[text.index("field-reply_to_display") :]
+    reply_to = reply_to[: reply_to.index("</div>\n")]
+    assert "support@example.com" in reply_to
+    other = text[text.index("field-extra_headers_display") :]
+    assert "<th>Reply-To</th>" not in other[: other.index("</div>\n")]
