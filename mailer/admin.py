@@ -182,6 +182,8 @@ class LeanChangeList(ChangeList):
     (they get a fresh queryset from ``get_queryset``).
     """
 
+    model_admin: LargeTableAdmin  # the only admin that uses this change list
+
     def get_results(self, request: HttpRequest) -> None:
         self.queryset = self.queryset.defer("message_data")
         super().get_results(request)
