@@ -50,9 +50,8 @@ class Project:
             f.write("\n" + text + "\n")
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Project:
-    """``startproject``, then step 2 of the README: ``"mailer"`` in INSTALLED_APPS."""
+def make_project(tmp_path: Path) -> Project:
+    """``startproject``, and ``"mailer"`` in INSTALLED_APPS (README step 2)."""
     subprocess.run(
         [sys.executable, "-m", "django", "startproject", "proj", str(tmp_path)],
         check=True,
@@ -66,6 +65,13 @@ def project(tmp_path: Path) -> Project:
     )
     check = project.manage("check")
     assert "no issues" in check.stdout, check.stdout + check.stderr
+    return project
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    """A new project with django-mailer installed and migrated (SQLite)."""
+    project = make_project(tmp_path)
     project.manage("migrate")
     return project
 
@@ -125,3 +131,72 @@ def test_new_project_everything_through_the_queue(project, smtp_server):
     assert smtp_server.subjects() == []  # queued, not sent
     project.manage("send_mail")
     assert smtp_server.subjects() == ["Welcome"]
+
+
+@pytest.mark.postgres
+def test_new_project_on_postgresql_with_runmailer_pg(tmp_path, smtp_server, django_db_blocker):
+    """Installation on PostgreSQL as the docs give it, then the notify-driven worker.
+
+    Its own database (created and dropped here), the driver the test run
+    uses, no LOGGING: ``runmailer_pg`` must show what it does on stderr.
+    """
+    import signal
+    import time
+    import uuid
+
+    from django.db import connection
+
+    name = f"mailer_quickstart_{uuid.uuid4().hex[:8]}"
+    params = connection.settings_dict
+    with django_db_blocker.unblock(), connection._nodb_cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        project = make_project(tmp_path)
+        database = {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": name,
+            "HOST": params["HOST"],
+            "PORT": params["PORT"],
+            "USER": params["USER"],
+            "PASSWORD": params["PASSWORD"],
+        }
+        project.add_settings(f"DATABASES = {{'default': {database!r}}}")
+        if HAS_MAILERS:
+            project.add_settings(
+                "MAILERS = {'default': {'BACKEND': 'django.core.mail.backends.smtp.EmailBackend',"
+                f" 'OPTIONS': {{'host': '127.0.0.1', 'port': {smtp_server.port}}}}}}}"
+            )
+        else:
+            project.add_settings(f'EMAIL_HOST = "127.0.0.1"\nEMAIL_PORT = {smtp_server.port}')
+        assert "no issues" in project.manage("check").stdout
+        project.manage("migrate")
+        worker = subprocess.Popen(
+            [sys.executable, "manage.py", "runmailer_pg"],
+            cwd=project.path,
+            env=project.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            lines: list[str] = []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                line = worker.stderr.readline()
+                lines.append(line)
+                if "Listening on channel" in line or not line:
+                    break
+            assert any("INFO mailer.postgres: Listening on channel" in ln for ln in lines), lines
+            project.shell(QUEUE_DIRECTLY)
+            smtp_server.wait_for(1)
+            worker.send_signal(signal.SIGTERM)
+            out, err = worker.communicate(timeout=30)
+        finally:
+            worker.kill()
+        assert worker.returncode == 0, err
+        assert "INFO mailer.engine: Pass done: sent 1" in err
+        assert "runmailer_pg: stopped after" in out
+        assert smtp_server.subjects() == ["Your order #1001"]
+    finally:
+        with django_db_blocker.unblock(), connection._nodb_cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
