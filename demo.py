@@ -244,7 +244,10 @@ def queue_messages() -> dict[str, dict]:
 
     DontSendEntry.objects.create(to_address="eve@example.com")
     mailer.send_mail("Weekly digest", "Here is your digest.", SENDER, ["EVE@example.com"])
-    print("mailer.send_mail(...) to eve, who is on the don't-send list -> logged, not queued")
+    print(
+        "mailer.send_mail(...) to eve, who is on the don't-send list -> queued; "
+        'logged "don\'t send" when its turn comes'
+    )
     return expected
 
 
