@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from numbers import Real
 from typing import Any
 
@@ -183,3 +184,33 @@ def _loop_error(what: str) -> checks.Error:
         "'django.core.mail.backends.smtp.EmailBackend'.",
         id="mailer.E003",
     )
+
+
+@checks.register("mailer")
+def check_lock_path(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """An explicit ``MAILER_LOCK_PATH`` must be in a writable directory.
+
+    The default (the working directory) is not checked here: where cron or
+    the service manager starts ``send_mail`` is not where ``check`` runs.
+    """
+    from mailer.locking import lock_path_problem
+
+    path = conf.LOCK_PATH
+    if not conf.USE_FILE_LOCK or path is None or path == "":
+        return []  # the default
+    if not isinstance(path, (str, os.PathLike)):
+        problem = "it must be a file path (a string)"
+    else:
+        problem = lock_path_problem(os.fspath(path))
+    if problem is None:
+        return []
+    return [
+        checks.Error(
+            f"MAILER_LOCK_PATH {path!r} can't hold the send_mail lock file: {problem}.",
+            hint="Create that directory and make it writable by the user that runs "
+            "send_mail/runmailer, or point MAILER_LOCK_PATH (without '.lock') into one "
+            "that is, e.g. '/run/mailer/send_mail'. On a host that never sends, add "
+            "'mailer.E007' to SILENCED_SYSTEM_CHECKS.",
+            id="mailer.E007",
+        )
+    ]

@@ -12,6 +12,11 @@ remove it, with a warning, and try once more. Removal happens under an
 ``flock`` on a side file so two workers never both "break" a lock one of them
 has just taken. A lock we can't attribute (written by django-mailer 2.3.2,
 another host, or too new to carry its owner yet) is always respected.
+
+A lock that can't be created at all (its directory is missing, not a
+directory, or not writable) raises :class:`LockPathError`, which names the
+path, the reason and the fix; ``mailer.E007`` reports an explicit
+``MAILER_LOCK_PATH`` with that problem before anything runs.
 """
 
 from __future__ import annotations
@@ -32,9 +37,52 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]  # no fcntl on Windows; checked before use
 
 
+DEFAULT_LOCK_PATH = "send_mail"
+
+
+class LockPathError(lockfile.LockFailed):
+    """The lock file can't be created where the settings put it.
+
+    A subclass of ``lockfile.LockFailed`` (what django-mailer 2.3.2 let
+    through in this case), so code catching that keeps working.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return (
+            f"Can't create the send_mail lock file {self.path}.lock: {self.reason}. "
+            "Set MAILER_LOCK_PATH to a path (without '.lock') in a directory that "
+            "exists and that this user can write to, e.g. '/run/mailer/send_mail'."
+        )
+
+
 def lock_path(configured: str | None) -> str:
     """The path given to ``FileLock`` (``.lock`` is appended by it)."""
-    return configured or "send_mail"
+    return configured or DEFAULT_LOCK_PATH
+
+
+def lock_path_problem(path: str) -> str | None:
+    """Why no lock file can be created at ``path`` + ``.lock``, or ``None``.
+
+    Checks the directory only: it must exist, be a directory and be writable.
+    (For root, permission bits don't matter; ``acquire`` still reports what
+    the file system actually refuses.)
+    """
+    try:
+        directory = os.path.dirname(os.path.abspath(path))
+    except OSError as err:  # the working directory was removed
+        return f"the working directory is gone ({err.strerror})"
+    if not os.path.exists(directory):
+        return f"the directory {directory} does not exist"
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"the directory {directory} is not writable by this user"
+    return None
 
 
 def lock_file_of(configured: str | None) -> str:
@@ -123,6 +171,18 @@ def break_if_stale(lock_file: str) -> bool:
     return True
 
 
+def _failure_reason(path: str, err: BaseException) -> str:
+    problem = lock_path_problem(path)
+    if problem:
+        return problem
+    # lockfile drops the OSError (e.g. a read-only file system) but keeps it
+    # as the exception's context.
+    cause = err.__cause__ or err.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(err)
+
+
 def acquire(
     path: str | None, timeout: float, log: logging.Logger = logger
 ) -> tuple[bool, Any]:
@@ -130,13 +190,20 @@ def acquire(
 
     When the lock is held elsewhere, ``log`` gets 2.3.2's ERROR line
     (``lock already in place. quitting.`` or, after waiting ``timeout``
-    seconds, ``waiting for the lock timed out. quitting.``).
+    seconds, ``waiting for the lock timed out. quitting.``). Raises
+    :class:`LockPathError` when the lock file can't be created at all.
     """
+    target = lock_path(path)
     lock_file = lock_file_of(path)
-    lock = lockfile.FileLock(lock_path(path))
+    try:
+        lock = lockfile.FileLock(target)  # makes the path absolute
+    except OSError as err:  # the working directory was removed
+        raise LockPathError(target, lock_path_problem(target) or str(err)) from err
     for attempt in (1, 2):
         try:
             lock.acquire(timeout)
+        except lockfile.LockFailed as err:
+            raise LockPathError(target, _failure_reason(target, err)) from err
         except (lockfile.AlreadyLocked, lockfile.LockTimeout) as err:
             if attempt == 1 and break_if_stale(lock_file):
                 continue

@@ -12,6 +12,7 @@ from django.db import close_old_connections
 
 from mailer import engine
 from mailer.conf import conf
+from mailer.locking import LockPathError
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,12 @@ class Worker:
     * ``max_passes`` stops after that many passes (for tests and one-shots).
     * Between passes stale database connections are closed, so a database
       restart or ``CONN_MAX_AGE`` never kills a long-running worker.
+    * A lock file that can't be created (``LockPathError``) is reported once;
+      the worker then retries after 1, 2, 4... seconds, up to
+      ``MAILER_EMPTY_QUEUE_SLEEP`` (at least 1 s), until it can, and says so.
     """
+
+    LOCK_RETRY_FIRST = 1.0
 
     def __init__(
         self,
@@ -39,6 +45,7 @@ class Worker:
         self.running = False
         self.passes = 0
         self._wake = threading.Event()
+        self._lock_retry: float | None = None  # set while the lock path fails
 
     # -- control -----------------------------------------------------------------
 
@@ -92,6 +99,22 @@ class Worker:
     def on_stop(self) -> None:
         """Called by ``run`` on the way out, before the handlers are restored."""
 
+    def lock_path_failed(self, err: LockPathError) -> float:
+        """Report a lock path problem (once) and return the back-off wait."""
+        cap = max(self.idle_seconds(), self.LOCK_RETRY_FIRST)
+        if self._lock_retry is None:
+            self._lock_retry = min(self.LOCK_RETRY_FIRST, cap)
+            logger.error("%s Retrying until it can.", err)
+        else:
+            self._lock_retry = min(self._lock_retry * 2, cap)
+            logger.debug("Lock file still can't be created: %s", err.reason)
+        return self._lock_retry
+
+    def lock_path_ok(self) -> None:
+        if self._lock_retry is not None:
+            self._lock_retry = None
+            logger.info("The send_mail lock file can be created again; sending resumes.")
+
     def pause_after(self, result: Any) -> float | None:
         """Seconds to wait after a pass that returned ``result`` (None: go on)."""
         if result.locked_out or result.attempted == 0:
@@ -118,6 +141,10 @@ class Worker:
                         self.wait(self.idle_seconds())
                         continue
                     result = self.run_pass()
+                except LockPathError as err:
+                    self.passes += 1
+                    self.wait(self.lock_path_failed(err))
+                    continue
                 except Exception:
                     # A database outage must not end the worker: log, back off.
                     logger.exception("Pass failed; retrying in %ss.", self.idle_seconds())
@@ -125,6 +152,7 @@ class Worker:
                     self.passes += 1
                     self.wait(self.idle_seconds())
                     continue
+                self.lock_path_ok()
                 self.passes += 1
                 pause = self.pause_after(result)
                 if pause is not None:

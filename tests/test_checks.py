@@ -164,3 +164,40 @@ class TestMailers:
 def test_zero_idle_sleep_warns(settings):
     settings.MAILER_EMPTY_QUEUE_SLEEP = 0
     assert mailer_errors() == ["mailer.W001"]
+
+
+def test_lock_path_in_a_missing_directory(settings, tmp_path):
+    settings.MAILER_LOCK_PATH = str(tmp_path / "missing" / "send_mail")
+    (error,) = checks.run_checks(tags=["mailer"])
+    assert error.id == "mailer.E007"
+    assert "MAILER_LOCK_PATH" in error.msg and "does not exist" in error.msg
+    assert "writable" in error.hint
+
+
+def test_lock_path_under_a_file(settings, tmp_path):
+    (tmp_path / "f").write_text("")
+    settings.MAILER_LOCK_PATH = str(tmp_path / "f" / "send_mail")
+    assert mailer_errors() == ["mailer.E007"]
+    settings.MAILER_USE_FILE_LOCK = False  # no lock, nothing to check
+    assert mailer_errors() == []
+
+
+@pytest.mark.parametrize("value", [3, ["/run/mailer/send_mail"]])
+def test_lock_path_must_be_a_path(settings, value):
+    settings.MAILER_LOCK_PATH = value
+    assert mailer_errors() == ["mailer.E007"]
+
+
+def test_lock_path_accepts_path_objects(settings, tmp_path):
+    settings.MAILER_LOCK_PATH = tmp_path / "send_mail"
+    assert mailer_errors() == []
+
+
+def test_default_lock_path_is_not_checked(settings, tmp_path, monkeypatch):
+    """The working directory of ``check`` is not the one cron will use."""
+    settings.MAILER_LOCK_PATH = None
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert mailer_errors() == []

@@ -1,6 +1,8 @@
 """The management commands, in process and as real subprocesses."""
 
 import signal
+import subprocess
+import threading
 import time
 from unittest.mock import patch
 
@@ -17,6 +19,7 @@ from mailer.models import (
     Message,
     MessageLog,
 )
+from tests.conftest import ROOT
 
 
 def queue(n, prefix="S"):
@@ -354,3 +357,105 @@ def test_in_process_command_logs_to_its_stderr_and_cleans_up():
     finally:
         mailer_logger.handlers[:], root.handlers[:] = saved
     assert "INFO mailer.commands: 0 log entries deleted" in err.getvalue()
+# --- a lock file that can't be created (real processes, real file system) -------------
+# Paths under a regular file, a missing directory or a removed working directory
+# fail for root as well, where permission bits would not.
+
+
+def assert_one_clear_line(stderr, *needles):
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if "Can't create the send_mail lock" in line]
+    assert len(lines) == 1, stderr
+    for needle in needles:
+        assert needle in lines[0], stderr
+
+
+@pytest.mark.slow
+def test_send_mail_default_lock_path_unusable(manage, smtp_server, tmp_path):
+    """No MAILER_LOCK_PATH, and cron's working directory can't hold the lock."""
+    queue(1)
+    del manage.env["MAILER_TEST_LOCK_PATH"]
+    manage.env["PYTHONPATH"] = str(ROOT)  # no relative entry: there is no cwd
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    # Start in the directory, then remove it: nothing can be created there.
+    proc = subprocess.run(
+        ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone),
+         *manage.command("send_mail")],
+        env=manage.env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert_one_clear_line(proc.stderr, "send_mail.lock", "MAILER_LOCK_PATH")
+    assert Message.objects.count() == 1
+    assert smtp_server.messages == []
+
+
+@pytest.mark.slow
+def test_send_mail_lock_path_under_a_file(manage, smtp_server, tmp_path):
+    queue(1)
+    (tmp_path / "plain").write_text("")
+    manage.env["MAILER_TEST_LOCK_PATH"] = str(tmp_path / "plain" / "send_mail")
+    # The system check stops it first...
+    checked = manage.run("send_mail", check=False)
+    assert checked.returncode != 0
+    assert "mailer.E007" in checked.stderr and "Traceback" not in checked.stderr
+    # ...and without the checks (the directory went away after start) the
+    # pass itself says the same in one line.
+    proc = manage.run("send_mail", "--skip-checks", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert_one_clear_line(proc.stderr, "is not a directory", "MAILER_LOCK_PATH")
+    assert Message.objects.count() == 1
+
+
+@pytest.mark.slow
+def test_runmailer_backs_off_and_recovers_when_the_lock_directory_appears(
+    manage, smtp_server, tmp_path
+):
+    lock_dir = tmp_path / "locks"
+    manage.env["MAILER_TEST_LOCK_PATH"] = str(lock_dir / "send_mail")
+    manage.env["MAILER_TEST_EMPTY_QUEUE_SLEEP"] = "1"
+    queue(1)
+    proc = manage.popen("runmailer", "--skip-checks", "--debug")
+    try:
+        time.sleep(4)  # several attempts: 1 s apart
+        assert smtp_server.messages == []
+        lock_dir.mkdir()
+        smtp_server.wait_for(1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert_one_clear_line(stderr, "does not exist", "MAILER_LOCK_PATH")
+    assert stderr.count("still can't be created") >= 2  # it kept trying
+    assert "Pass failed" not in stderr
+    assert "can be created again" in stderr
+    assert Message.objects.count() == 0
+
+
+@pytest.mark.slow
+def test_runmailer_stops_promptly_while_backing_off(manage, smtp_server, tmp_path):
+    manage.env["MAILER_TEST_LOCK_PATH"] = str(tmp_path / "missing" / "send_mail")
+    manage.env["MAILER_TEST_EMPTY_QUEUE_SLEEP"] = "600"
+    queue(1)
+    proc = manage.popen("runmailer", "--skip-checks")
+    try:
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 20
+        while not any("Can't create the send_mail lock" in line for line in lines):
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        time.sleep(3.5)  # into the 4 s wait
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        elapsed = time.monotonic() - start
+        reader.join(timeout=5)
+    finally:
+        proc.kill()
+    stderr = "".join(lines)
+    assert proc.returncode == 0, stderr
+    assert elapsed < 3
+    assert_one_clear_line(stderr, "MAILER_LOCK_PATH")

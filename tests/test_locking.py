@@ -6,10 +6,11 @@ import signal
 import subprocess
 import sys
 
+import lockfile
 import pytest
 
 import mailer
-from mailer import engine
+from mailer import engine, locking
 from mailer.engine import send_all
 from mailer.models import Message
 
@@ -113,3 +114,54 @@ def test_default_lock_path_is_the_working_directory(settings, tmp_path, monkeypa
     finally:
         engine.release_lock(lock)
     assert not os.path.exists(tmp_path / "send_mail.lock")
+
+
+# --- a lock file that can't be created ------------------------------------------------
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "plain-file"
+    path.write_text("not a directory")
+    return path
+
+
+def test_lock_path_under_a_file_raises_lock_path_error(settings, a_file):
+    """Fails for root too: nothing can be created under a regular file."""
+    settings.MAILER_LOCK_PATH = str(a_file / "send_mail")
+    mailer.send_mail("S", "b", "f@example.com", ["t@example.com"])
+    with pytest.raises(locking.LockPathError) as info:
+        send_all()
+    err = info.value
+    assert isinstance(err, lockfile.LockFailed)  # what 2.3.2 let through
+    assert err.path == str(a_file / "send_mail")
+    assert err.reason == f"{a_file} is not a directory"
+    assert "MAILER_LOCK_PATH" in str(err)
+    assert Message.objects.count() == 1
+
+
+def test_missing_lock_directory(settings, tmp_path):
+    settings.MAILER_LOCK_PATH = str(tmp_path / "missing" / "send_mail")
+    with pytest.raises(locking.LockPathError, match="does not exist"):
+        engine.acquire_lock()
+    (tmp_path / "missing").mkdir()
+    acquired, lock = engine.acquire_lock()
+    assert acquired
+    engine.release_lock(lock)
+
+
+def test_default_lock_path_in_a_removed_working_directory(settings, tmp_path, monkeypatch):
+    settings.MAILER_LOCK_PATH = None
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(locking.LockPathError, match="working directory is gone") as info:
+        engine.acquire_lock()
+    assert info.value.path == "send_mail"
+
+
+def test_lock_path_problem(tmp_path, a_file):
+    assert locking.lock_path_problem(str(tmp_path / "send_mail")) is None
+    assert "does not exist" in locking.lock_path_problem(str(tmp_path / "no" / "send_mail"))
+    assert "not a directory" in locking.lock_path_problem(str(a_file / "send_mail"))

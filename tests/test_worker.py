@@ -1,5 +1,6 @@
 """mailer/worker.py in process: the loop stops by itself, no sleep patching."""
 
+import logging
 import threading
 
 import pytest
@@ -55,3 +56,43 @@ def test_a_failing_pass_does_not_end_the_worker(settings, caplog):
     assert "Pass failed" in caplog.text
     assert Message.objects.deferred().count() == 1
     assert Message.objects.non_deferred().count() == 0
+
+
+class WaitRecorder(Worker):
+    """Records how long the loop asks to wait; fixes the lock directory after
+    ``fix_after`` waits and stops after ``stop_after``."""
+
+    def __init__(self, lock_dir, fix_after, stop_after, **kwargs):
+        super().__init__(install_signal_handlers=False, **kwargs)
+        self.lock_dir, self.fix_after, self.stop_after = lock_dir, fix_after, stop_after
+        self.waits = []
+
+    def wait(self, seconds):
+        self.waits.append(seconds)
+        if len(self.waits) == self.fix_after:
+            self.lock_dir.mkdir()
+        if len(self.waits) >= self.stop_after:
+            self.stop()
+        super().wait(0)
+
+
+def test_unusable_lock_path_backs_off_reports_once_and_recovers(
+    locmem, settings, tmp_path, caplog
+):
+    caplog.set_level(logging.DEBUG, logger="mailer")
+    lock_dir = tmp_path / "locks"
+    settings.MAILER_LOCK_PATH = str(lock_dir / "send_mail")
+    mailer.send_mail("S", "b", "f@example.com", ["t@example.com"])
+    worker = WaitRecorder(lock_dir, fix_after=6, stop_after=7, sleep=5)
+    worker.run()
+    # 1, 2, 4 seconds, then capped at the idle sleep; after the fix the
+    # message goes out and the idle wait is the normal one.
+    assert worker.waits == [1, 2, 4, 5, 5, 5, 5]
+    assert len(mail.outbox) == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "MAILER_LOCK_PATH" in errors[0].getMessage()
+    assert "does not exist" in errors[0].getMessage()
+    assert errors[0].exc_info is None  # no traceback
+    assert "Pass failed" not in caplog.text
+    assert "can be created again" in caplog.text

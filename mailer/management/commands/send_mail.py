@@ -1,7 +1,10 @@
 from typing import Any
 
+from django.core.management.base import CommandError
+
 from mailer.conf import conf
 from mailer.engine import send_all
+from mailer.locking import LockPathError
 from mailer.management.base import MailerCommand
 
 
@@ -14,5 +17,8 @@ class Command(MailerCommand):
         if conf.PAUSE_SEND:
             self.say(options, "MAILER_PAUSE_SEND is set: not sending.")
             return
-        result = send_all()
+        try:
+            result = send_all()
+        except LockPathError as err:
+            raise CommandError(str(err)) from None
         self.say(options, f"send_mail: {result}")
