@@ -196,8 +196,9 @@ def check_lock_path(app_configs: Any = None, **kwargs: Any) -> list[checks.Check
     from mailer.locking import lock_path_problem
 
     path = conf.LOCK_PATH
-    if not conf.USE_FILE_LOCK or path is None or path == "":
-        return []  # the default
+    use_lock = getattr(settings, "MAILER_USE_FILE_LOCK", True)
+    if use_lock is False or path is None or path == "":
+        return []  # no lock (a non-boolean is mailer.E006's), or the default
     if not isinstance(path, (str, os.PathLike)):
         problem = "it must be a file path (a string)"
     else:
