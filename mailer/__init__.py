@@ -191,7 +191,7 @@ def _mail_server_people(
         if isinstance(entry, (list, tuple)) and len(entry) == 2:
             addresses.append(entry[1])  # (name, address), Django < 6.0 style
         elif not isinstance(entry, (list, tuple)):
-            addresses.append(force_str(entry))  # a plain (maybe lazy) address
+            addresses.append(entry)  # a plain (maybe lazy) address, checked when queued
         else:
             raise ImproperlyConfigured(
                 f"{setting_name} must be a list of email addresses (or of "

@@ -40,7 +40,6 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from mailer.compat import validate_email
 from mailer.engine import send_all
 from mailer.models import (
     PRIORITY_DEFERRED,
@@ -56,6 +55,7 @@ from mailer.models import (
     get_message_id,
     queue_emails,
 )
+from mailer.validation import validate_email
 
 if TYPE_CHECKING:
     from django.contrib.admin.options import _FieldsetSpec

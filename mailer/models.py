@@ -18,9 +18,10 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from mailer.compat import repair_email, strip_connection, validate_email
+from mailer.compat import repair_email, strip_connection
 from mailer.conf import conf
 from mailer.mysql import packet_limit
+from mailer.validation import force_lazy, unpicklable_error, validate_email
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,10 @@ class _EmailProperties:
 
     @email.setter
     def email(self, value: EmailMessage) -> None:
-        self.message_data = email_to_db(value)
+        try:
+            self.message_data = email_to_db(value)
+        except (pickle.PicklingError, TypeError, AttributeError) as err:
+            raise unpicklable_error(value, err) from err
         self.__dict__["_email_cache"] = (self.message_data, value)
 
     @property
@@ -246,8 +250,7 @@ class Message(_EmailProperties, models.Model):
             # Message-ID now, as every other way of queueing does.
             email = self.email
             if email is not None:
-                if prepare_for_queue(email):
-                    self.email = email
+                self.email = prepare_for_queue(email)
         data_saved = update_fields is None or "message_data" in update_fields
         if data_saved:
             self.fill_search_fields()
@@ -281,17 +284,26 @@ def fill_search_fields(obj: Any, email: EmailMessage | None) -> None:
     obj.message_id = get_message_id(email)
 
 
-def prepare_for_queue(email: EmailMessage) -> bool:
-    """Check ``email`` and give it a Message-ID; True when it was changed.
+def prepare_for_queue(email: EmailMessage) -> EmailMessage:
+    """Check ``email``, give it a Message-ID; return the form to store.
 
-    Raises ``ValueError`` for a message Django would refuse to send, so
-    nothing unsendable is ever stored.
+    Raises ``ValueError`` naming the field for a message that can't be sent
+    (see :mod:`mailer.validation`), so nothing unsendable is ever stored.
+    The Message-ID is written onto ``email`` itself; lazy strings are forced
+    in the active language in the returned form only (a copy when there were
+    any).
     """
-    validate_email(email)
+    stored = force_lazy(email)
+    validate_email(stored)
     if get_message_id(email) is None:
         email.extra_headers = {**email.extra_headers, "Message-ID": make_msgid(domain=DNS_NAME)}
-        return True
-    return False
+        if stored is not email:
+            stored.extra_headers = {**stored.extra_headers, **_message_id_header(email)}
+    return stored
+
+
+def _message_id_header(email: EmailMessage) -> dict[str, str]:
+    return {"Message-ID": get_message_id(email) or ""}
 
 
 class RowInserter:
@@ -337,11 +349,13 @@ def queue_emails(
     Django would refuse raises ``ValueError`` (like Django, even with
     ``fail_silently``) and nothing is stored. Joins the caller's transaction.
     """
+    # Every message is checked before anything is stored: one bad message
+    # refuses the whole batch.
+    prepared = [prepare_for_queue(e) for e in emails]
     rows: list[Message] = []
-    for email in emails:
+    for email in prepared:
         if not email.recipients():
             continue
-        prepare_for_queue(email)
         row = Message(priority=priority)
         row.email = email
         fill_search_fields(row, email)

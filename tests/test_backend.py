@@ -2,7 +2,7 @@
 
 import pytest
 from django.core import mail
-from django.core.mail import EmailMessage
+from django.core.mail import EmailMessage, EmailMultiAlternatives
 
 from mailer.backend import DbBackend
 from mailer.compat import HAS_MAILERS
@@ -126,3 +126,27 @@ def test_unknown_mailers_option_is_reported(settings):
     settings.MAILERS = {"default": {"BACKEND": "mailer.backend.DbBackend", "OPTIONS": {"nope": 1}}}
     with pytest.raises(InvalidMailer, match="nope"):
         mail.mailers["default"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_lazy_subject_is_delivered_in_the_language_it_was_queued_in(smtp_settings, smtp_server):
+    """Queued under "ru", sent by a worker whose language is English."""
+    from django.utils import translation
+    from django.utils.translation import gettext_lazy
+
+    from mailer.engine import send_all
+
+    email = EmailMultiAlternatives(
+        gettext_lazy("Password"), gettext_lazy("Save"), "f@example.com", ["t@example.com"]
+    )
+    email.attach_alternative(gettext_lazy("Email address"), "text/html")
+    with translation.override("ru"):
+        DbBackend().send_messages([email])
+    assert Message.objects.get().subject_text == "Пароль"  # what the admin shows
+    assert translation.get_language() != "ru"
+    assert send_all().sent == 1
+    (received,) = smtp_server.wait_for(1)
+    message = received["message"]
+    assert message["Subject"] == "Пароль"
+    assert message.get_body(("plain",)).get_content().strip() == "Сохранить"
+    assert message.get_body(("html",)).get_content().strip() == "Адрес электронной почты"

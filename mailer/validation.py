@@ -1,0 +1,240 @@
+"""What queue time refuses: a message is checked before anything is stored.
+
+A message that could never be sent must fail in the caller's code, not later
+in the worker (where it would be deferred and stop a pass again after every
+``retry_deferred``). :func:`validate_email` raises ``ValueError`` naming the
+field (``to[0]``, ``extra_headers['X-Tag']``, ``attachments[1] filename``...):
+
+* a newline or another control character in anything that becomes a header
+  (subject, addresses, extra headers, attachment file names and MIME types):
+  Django's own ``BadHeaderError``, a ``ValueError``;
+* an empty or unparseable address in from, to, cc, bcc or reply-to.
+
+:func:`force_lazy` turns lazy (translated) strings into plain ones under the
+caller's active language, so a message is sent in the language it was queued
+in. :func:`find_unpicklable` names the attribute that makes a message
+impossible to store.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import re
+from typing import Any, NoReturn
+
+from django.conf import settings
+from django.core.mail import EmailMessage
+from django.utils.functional import Promise
+
+from mailer.compat import BadHeaderError, check_address
+
+REFUSED = "django-mailer refused to queue this message"
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+# A bare ASCII addr-spec (local@domain.tld) that every Django accepts as is:
+# those skip the full RFC 5322 parser, which would dominate queueing time.
+_PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*\Z")
+# Every control character but tab, and the Unicode line separators: Python's
+# email package turns some of them (e.g. \x0b, \x1c, \u2028) into line breaks
+# when it writes a header, which is header injection without a "\n".
+_UNSAFE_IN_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _refuse_header(field: str, text: str, char: str) -> NoReturn:
+    if char in "\r\n":
+        problem = "can't contain newlines"
+    else:
+        problem = f"can't contain the control character U+{ord(char):04X}"
+    raise BadHeaderError(f"{REFUSED}: {field} {problem} (got {text!r}).")
+
+
+def check_header(field: str, value: Any) -> str:
+    """``value`` as text; ``BadHeaderError`` if it can't go into a header."""
+    text = str(value)
+    found = _UNSAFE_IN_HEADER.search(text)
+    if found:
+        _refuse_header(field, text, found.group())
+    return text
+
+
+def check_address_field(field: str, address: Any, encoding: str) -> None:
+    """Refuse an empty, header-unsafe or unparseable address."""
+    if address is None or (isinstance(address, str) and not address.strip()):
+        raise ValueError(f"{REFUSED}: {field} is empty ({address!r}).")
+    if not isinstance(address, (str, Promise)):
+        raise ValueError(
+            f"{REFUSED}: {field} must be a string, not {type(address).__name__} ({address!r})."
+        )
+    text = check_header(field, address)
+    if _PLAIN_ADDRESS.match(text):
+        return
+    try:
+        check_address(text, encoding)
+    except (ValueError, TypeError, IndexError) as err:
+        # Django < 6 raises TypeError for "<>" (an address without addr-spec).
+        raise ValueError(f"{REFUSED}: {field} is not a valid address: {text!r} ({err}).") from err
+
+
+def _attachment_parts(attachment: Any) -> tuple[Any, Any] | None:
+    """``(filename, mimetype)`` of an attachment tuple, or None (a MIME part)."""
+    if isinstance(attachment, (tuple, list)) and len(attachment) == 3:
+        return attachment[0], attachment[2]
+    return None
+
+
+def validate_email(email: EmailMessage) -> None:
+    """Raise ``ValueError`` (naming the field) for a message that can't be sent.
+
+    Checks what Django checks when it sends, and what it lets through but the
+    email package turns into header injection. Plain ``local@domain``
+    addresses are recognised cheaply; anything else goes through Django's
+    own address check.
+    """
+    check_header("subject", email.subject)
+    for name, value in email.extra_headers.items():
+        check_header(f"the name of extra_headers[{name!r}]", name)
+        check_header(f"extra_headers[{name!r}]", value)
+    encoding = email.encoding or settings.DEFAULT_CHARSET
+    check_address_field("from_email", email.from_email, encoding)
+    for field in ("to", "cc", "bcc", "reply_to"):
+        for index, address in enumerate(getattr(email, field, None) or []):
+            check_address_field(f"{field}[{index}]", address, encoding)
+    for index, alternative in enumerate(getattr(email, "alternatives", None) or []):
+        if isinstance(alternative, (tuple, list)) and len(alternative) == 2:
+            check_header(f"alternatives[{index}] mimetype", alternative[1])
+    for index, attachment in enumerate(email.attachments or []):
+        parts = _attachment_parts(attachment)
+        if parts is None:
+            for name, value in getattr(attachment, "items", list)():
+                check_header(f"attachments[{index}] header {name!r}", value)
+            continue
+        filename, mimetype = parts
+        if filename is not None:
+            check_header(f"attachments[{index}] filename", filename)
+        if mimetype is not None:
+            check_header(f"attachments[{index}] mimetype", mimetype)
+
+
+# --- lazy strings ------------------------------------------------------------
+
+
+def _force(value: Any) -> Any:
+    return str(value) if isinstance(value, Promise) else value
+
+
+def _force_list(values: Any) -> Any:
+    if values and any(isinstance(v, Promise) for v in values):
+        return [_force(v) for v in values]
+    return values
+
+
+def _force_pair_items(items: Any, positions: tuple[int, ...]) -> Any:
+    """Alternatives/attachments with their lazy strings forced, same types."""
+    if not items:
+        return items
+    changed = False
+    result = []
+    for item in items:
+        if isinstance(item, tuple) and any(isinstance(item[i], Promise) for i in positions):
+            values = [_force(v) if i in positions else v for i, v in enumerate(item)]
+            item = item._make(values) if hasattr(item, "_make") else tuple(values)
+            changed = True
+        result.append(item)
+    return result if changed else items
+
+
+def force_lazy(email: EmailMessage) -> EmailMessage:
+    """``email`` with lazy (translated) strings made plain, in the active language.
+
+    Subject, body, addresses, extra header names and values, alternatives'
+    content and attachments' file names and text content. Returns ``email``
+    itself when nothing was lazy, else a shallow copy (the caller's object is
+    not changed).
+    """
+    state = email.__dict__
+    changes: dict[str, Any] = {}
+    for name in ("subject", "body", "from_email"):
+        if isinstance(state.get(name), Promise):
+            changes[name] = str(state[name])
+    for name in ("to", "cc", "bcc", "reply_to"):
+        forced = _force_list(state.get(name))
+        if forced is not state.get(name):
+            changes[name] = forced
+    headers = state.get("extra_headers") or {}
+    if any(isinstance(k, Promise) or isinstance(v, Promise) for k, v in headers.items()):
+        changes["extra_headers"] = {_force(k): _force(v) for k, v in headers.items()}
+    for name, positions in (("alternatives", (0,)), ("attachments", (0, 1))):
+        forced = _force_pair_items(state.get(name), positions)
+        if forced is not state.get(name):
+            changes[name] = forced
+    if not changes:
+        return email
+    forced_email = copy.copy(email)
+    forced_email.__dict__.update(changes)
+    return forced_email
+
+
+# --- what can't be stored ----------------------------------------------------
+
+_MAX_DEPTH = 8
+
+
+def _pickles(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:
+        return False
+    return True
+
+
+def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
+    def join(name: str) -> str:
+        return f"{path}.{name}" if path else name
+
+    if isinstance(obj, dict):
+        return [(f"{path}[{key!r}]", value) for key, value in obj.items()]
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # EmailAttachment...
+        return [(join(name), value) for name, value in zip(obj._fields, obj, strict=False)]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [(f"{path}[{index}]", value) for index, value in enumerate(obj)]
+    state = getattr(obj, "__dict__", None)
+    if isinstance(state, dict):
+        return [(join(name), value) for name, value in state.items()]
+    return []
+
+
+def find_unpicklable(obj: Any, path: str = "", *, skip: tuple[str, ...] = ()) -> str | None:
+    """Where in ``obj`` pickling fails, or ``None`` when ``obj`` pickles.
+
+    The path of the innermost attribute, item or key that can't be pickled,
+    as written in Python: ``custom_attr``, ``attachments[0].content``,
+    ``extra_headers['X-Foo']``. Top-level attributes named in ``skip`` are
+    ignored (the connection, which is never stored). ``""`` when ``obj``
+    itself is the problem.
+    """
+    return _find(obj, path, skip, 0)
+
+
+def _find(obj: Any, path: str, skip: tuple[str, ...], depth: int) -> str | None:
+    children = [(p, v) for p, v in _children(obj, path) if p not in skip]
+    if depth >= _MAX_DEPTH or not children:
+        return None if _pickles(obj) else path
+    for child_path, child in children:
+        if not _pickles(child):
+            return _find(child, child_path, (), depth + 1) or child_path
+    if skip or _pickles(obj):
+        return None
+    return path
+
+
+def unpicklable_error(email: EmailMessage, err: BaseException) -> ValueError:
+    """The ``ValueError`` to raise when ``email`` could not be pickled."""
+    where = find_unpicklable(email, skip=("connection", "_connection"))
+    what = f"its attribute {where}" if where else "it"
+    return ValueError(
+        f"{REFUSED}: {what} can't be stored ({type(err).__name__}: {err}). Queued "
+        "messages are pickled: keep only plain data (strings, bytes, numbers, lists, "
+        "dicts, dates, email.message objects) on the message."
+    )

@@ -1,0 +1,289 @@
+"""What queue time refuses (mailer/validation.py), on every path that queues.
+
+Each case: the error type, a message that names the field, and nothing
+stored (neither a queue row nor a log entry) for the whole batch.
+"""
+
+import threading
+
+import pytest
+from django.core import mail
+from django.core.mail import BadHeaderError, EmailMessage, EmailMultiAlternatives
+from django.utils import translation
+from django.utils.translation import gettext_lazy
+
+import mailer
+from mailer.backend import DbBackend
+from mailer.models import Message, MessageLog, make_message
+from mailer.validation import find_unpicklable
+
+pytestmark = pytest.mark.django_db
+
+GOOD = {
+    "subject": "S",
+    "body": "b",
+    "from_email": "f@example.com",
+    "to": ["t@example.com"],
+}
+
+
+def _email(**fields):
+    fields = {**GOOD, **fields}
+    attachments = fields.pop("attachments", None)
+    custom = fields.pop("custom", None)
+    email = EmailMultiAlternatives(**fields)
+    for attachment in attachments or []:
+        email.attach(*attachment)
+    if custom is not None:
+        email.custom_attr = custom
+    return email
+
+
+# Every way of queueing, fed the same fields. A path that can't express a
+# field (send_mail has no headers) is left out of that case.
+
+
+def via_send_mail(**f):
+    f = {**GOOD, **f}
+    return mailer.send_mail(f["subject"], f["body"], f["from_email"], f["to"])
+
+
+def via_send_html_mail(**f):
+    f = {**GOOD, **f}
+    return mailer.send_html_mail(
+        f["subject"], f["body"], "<p>b</p>", f["from_email"], f["to"], headers=f.get("headers")
+    )
+
+
+def via_send_mass_mail(**f):
+    f = {**GOOD, **f}
+    good = ("fine", "b", "f@example.com", ["ok@example.com"])
+    # The bad message comes second: the first must not be stored either.
+    return mailer.send_mass_mail([good, (f["subject"], f["body"], f["from_email"], f["to"])])
+
+
+def via_mail_admins(settings, **f):
+    f = {**GOOD, **f}
+    settings.ADMINS = f["to"]
+    settings.SERVER_EMAIL = f["from_email"]
+    return mailer.mail_admins(f["subject"], f["body"])
+
+
+def via_mail_managers(settings, **f):
+    f = {**GOOD, **f}
+    settings.MANAGERS = f["to"]
+    settings.SERVER_EMAIL = f["from_email"]
+    return mailer.mail_managers(f["subject"], f["body"])
+
+
+def via_db_backend(**f):
+    good = _email(to=["ok@example.com"])
+    return DbBackend().send_messages([good, _email(**f)])
+
+
+def via_make_message(**f):
+    f = {**GOOD, **f}
+    custom = f.pop("custom", None)
+    message = make_message(
+        f["subject"], f["body"], f["from_email"], f["to"],
+        attachments=f.get("attachments"), headers=f.get("headers"),
+    )
+    if custom is not None:
+        email = message.email
+        email.custom_attr = custom
+        message.email = email
+    message.save()
+    return 1
+
+
+ADDRESS_PATHS = [via_send_mail, via_send_html_mail, via_send_mass_mail, via_db_backend,
+                 via_make_message]
+SETTINGS_PATHS = [via_mail_admins, via_mail_managers]
+HEADER_PATHS = [via_send_html_mail, via_db_backend, via_make_message]
+ATTACHMENT_PATHS = [via_db_backend, via_make_message]
+
+
+def run(path, settings, **fields):
+    if path in SETTINGS_PATHS:
+        return path(settings, **fields)
+    return path(**fields)
+
+
+def assert_refused(path, settings, error, match, **fields):
+    with pytest.raises(error, match=match):
+        run(path, settings, **fields)
+    assert not Message.objects.exists()
+    assert not MessageLog.objects.exists()
+
+
+@pytest.mark.parametrize("path", ATTACHMENT_PATHS)
+def test_newline_in_an_attachment_filename(path, settings):
+    assert_refused(path, settings, BadHeaderError, r"attachments\[0\] filename can't contain newlines",
+                   attachments=[("report\n.txt", "data", "text/plain")])
+
+
+@pytest.mark.parametrize("path", ATTACHMENT_PATHS)
+def test_newline_in_an_attachment_mimetype(path, settings):
+    assert_refused(path, settings, BadHeaderError, r"attachments\[0\] mimetype",
+                   attachments=[("r.txt", "data", "text/plain\nBcc: x@example.com")])
+
+
+@pytest.mark.parametrize("path", ADDRESS_PATHS + SETTINGS_PATHS)
+@pytest.mark.parametrize("address", ["<>", "Someone <>"])
+def test_address_without_addr_spec(path, settings, address):
+    """Was a TypeError from deep inside Django."""
+    assert_refused(path, settings, ValueError, r"to\[0\] is not a valid address", to=[address])
+
+
+@pytest.mark.parametrize("path", ADDRESS_PATHS + SETTINGS_PATHS)
+@pytest.mark.parametrize("address", ["", "  ", None])
+def test_empty_address(path, settings, address):
+    """Was silently dropped: send_mail returned 1 and stored nothing."""
+    assert_refused(path, settings, ValueError, r"to\[1\] is empty",
+                   to=["ok@example.com", address])
+
+
+@pytest.mark.parametrize("path", ADDRESS_PATHS + SETTINGS_PATHS)
+@pytest.mark.parametrize("char", ["\x00", "\x0b", "\x1c", "\u2028", "\x7f"])
+def test_control_character_in_the_subject(path, settings, char):
+    assert_refused(path, settings, BadHeaderError,
+                   rf"subject can't contain the control character U\+{ord(char):04X}",
+                   subject=f"Hello{char}Bcc: victim@example.com")
+
+
+@pytest.mark.parametrize("path", HEADER_PATHS)
+@pytest.mark.parametrize("char", ["\x00", "\x0b", "\n"])
+def test_control_character_in_an_extra_header(path, settings, char):
+    assert_refused(path, settings, BadHeaderError, r"extra_headers\['X-Tag'\] can't contain",
+                   headers={"X-Tag": f"a{char}Bcc: victim@example.com"})
+
+
+@pytest.mark.parametrize("path", ADDRESS_PATHS + SETTINGS_PATHS)
+def test_control_character_in_from(path, settings):
+    assert_refused(path, settings, BadHeaderError, "from_email can't contain the control",
+                   from_email="f\x00@example.com")
+
+
+def test_control_character_in_reply_to(settings):
+    assert_refused(via_db_backend, settings, BadHeaderError, r"reply_to\[0\] can't contain",
+                   reply_to=["r@example.com\x0bBcc: victim@example.com"])
+
+
+def test_cc_and_bcc_are_checked(settings):
+    assert_refused(via_db_backend, settings, ValueError, r"cc\[0\] is not a valid", cc=["<>"])
+    assert_refused(via_db_backend, settings, ValueError, r"bcc\[0\] is empty", bcc=[""])
+
+
+def test_tab_in_a_header_is_allowed():
+    mailer.send_html_mail("S\tT", "b", "<p/>", "f@example.com", ["t@example.com"],
+                          headers={"X-Tag": "a\tb"})
+    assert Message.objects.get().email.extra_headers["X-Tag"] == "a\tb"
+
+
+def test_an_empty_recipient_list_still_queues_nothing_without_error():
+    assert mailer.send_mail("S", "b", "f@example.com", []) == 0
+    assert not Message.objects.exists()
+
+
+def test_badheadererror_is_a_valueerror():
+    assert issubclass(BadHeaderError, ValueError)
+
+
+# --- what can't be stored ---------------------------------------------------------
+
+
+def test_unpicklable_custom_attribute_is_named(settings):
+    assert_refused(via_db_backend, settings, ValueError,
+                   r"its attribute custom_attr can't be stored \(TypeError", custom=threading.Lock())
+
+
+@pytest.mark.parametrize("path", HEADER_PATHS)
+def test_unpicklable_header_value_is_named(path, settings):
+    assert_refused(path, settings, ValueError, r"extra_headers\['X-Foo'\] can't be stored",
+                   headers={"X-Foo": threading.Lock()})
+
+
+def test_unpicklable_attachment_content_is_named(settings):
+    email = _email()
+    email.attachments.append(("a.bin", threading.Lock(), "application/octet-stream"))
+    with pytest.raises(ValueError, match=r"attachments\[0\]\S* can't be stored") as info:
+        DbBackend().send_messages([email])
+    assert isinstance(info.value.__cause__, TypeError)  # raised from pickle's error
+    assert not Message.objects.exists()
+
+
+def test_make_message_with_an_unpicklable_attribute(settings):
+    with pytest.raises(ValueError, match="custom_attr can't be stored"):
+        via_make_message(custom=threading.Lock())
+    assert not Message.objects.exists()
+
+
+def test_find_unpicklable_paths():
+    lock = threading.Lock()
+    email = EmailMessage("S", "b", "f@example.com", ["t@example.com"],
+                         headers={"X-Ok": "1", "X-Foo": lock})
+    assert find_unpicklable(email) == "extra_headers['X-Foo']"
+    assert find_unpicklable({"a": [1, {"b": lock}]}) == "['a'][1]['b']"
+    assert find_unpicklable(EmailMessage("S")) is None
+    assert find_unpicklable(lock) == ""
+
+
+def test_the_connection_is_not_blamed(settings):
+    email = _email()
+    email.__dict__["connection"] = threading.Lock()  # never stored
+    email.custom_attr = threading.Lock()
+    with pytest.raises(ValueError, match="custom_attr") as info:
+        DbBackend().send_messages([email])
+    assert "connection" not in str(info.value)
+
+
+# --- lazy strings are forced in the caller's language ------------------------------
+
+
+def lazy_fields():
+    return {
+        "subject": gettext_lazy("Password"),
+        "body": gettext_lazy("Save"),
+        "headers": {"X-Label": gettext_lazy("Email address")},
+    }
+
+
+@pytest.mark.parametrize("path", HEADER_PATHS)
+def test_lazy_strings_are_forced_under_the_active_language(path, settings):
+    with translation.override("ru"):
+        assert str(gettext_lazy("Password")) == "Пароль"  # the catalogue is there
+        run(path, settings, **lazy_fields())
+    rows = [row for row in Message.objects.all() if row.email.to != ["ok@example.com"]]
+    assert len(rows) == 1
+    for row in rows:
+        email = row.email
+        assert type(email.subject) is str and email.subject == "Пароль"
+        assert type(email.body) is str and email.body == "Сохранить"
+        assert type(email.extra_headers["X-Label"]) is str
+        assert email.extra_headers["X-Label"] == "Адрес электронной почты"
+        assert row.subject_text == "Пароль"
+
+
+def test_lazy_alternative_and_attachment_are_forced():
+    email = _email(subject=gettext_lazy("Password"))
+    email.attach_alternative(gettext_lazy("Save"), "text/html")
+    email.attach(gettext_lazy("Password"), gettext_lazy("Save"), "text/plain")
+    with translation.override("ru"):
+        DbBackend().send_messages([email])
+    stored = Message.objects.get().email
+    assert stored.alternatives[0][0] == "Сохранить" and type(stored.alternatives[0][0]) is str
+    assert tuple(stored.attachments[0]) == ("Пароль", "Сохранить", "text/plain")
+    # The caller's object keeps its lazy strings; it only gained a Message-ID.
+    assert email.subject is not stored.subject
+    assert str(email.subject) == "Password"
+    assert email.extra_headers["Message-ID"] == stored.extra_headers["Message-ID"]
+
+
+def test_django_send_mail_through_the_queue_backend(settings):
+    if hasattr(settings, "MAILERS"):
+        settings.MAILERS = {"default": {"BACKEND": "mailer.backend.DbBackend"}}
+    else:
+        settings.EMAIL_BACKEND = "mailer.backend.DbBackend"
+    with pytest.raises(ValueError, match=r"to\[0\] is not a valid address"):
+        mail.send_mail("S", "b", "f@example.com", ["<>"])
+    assert not Message.objects.exists()
