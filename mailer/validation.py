@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import pickle
 import re
+from email.headerregistry import Address
 from typing import Any, NoReturn
 
 from django.conf import settings
@@ -63,15 +64,16 @@ def check_address_field(field: str, address: Any, encoding: str) -> None:
     """Refuse an empty, header-unsafe or unparseable address."""
     if address is None or (isinstance(address, str) and not address.strip()):
         raise ValueError(f"{REFUSED}: {field} is empty ({address!r}).")
-    if not isinstance(address, (str, Promise)):
+    if not isinstance(address, (str, Promise, Address)):
         raise ValueError(
             f"{REFUSED}: {field} must be a string, not {type(address).__name__} ({address!r})."
         )
     text = check_header(field, address)
-    if _PLAIN_ADDRESS.match(text):
+    if isinstance(address, str) and _PLAIN_ADDRESS.match(text):
         return
     try:
-        check_address(text, encoding)
+        # The object itself: whether an Address object is accepted is Django's call.
+        check_address(text if isinstance(address, Promise) else address, encoding)
     except (ValueError, TypeError, IndexError) as err:
         # Django < 6 raises TypeError for "<>" (an address without addr-spec).
         raise ValueError(f"{REFUSED}: {field} is not a valid address: {text!r} ({err}).") from err

@@ -287,3 +287,8 @@ def test_django_send_mail_through_the_queue_backend(settings):
     with pytest.raises(ValueError, match=r"to\[0\] is not a valid address"):
         mail.send_mail("S", "b", "f@example.com", ["<>"])
     assert not Message.objects.exists()
+
+
+def test_non_string_address_is_refused_naming_the_field(settings):
+    assert_refused(via_db_backend, settings, ValueError, r"to\[0\] must be a string, not int",
+                   to=[5])
