@@ -8,12 +8,13 @@ import threading
 
 import pytest
 from django.core import mail
-from django.core.mail import BadHeaderError, EmailMessage, EmailMultiAlternatives
+from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.utils import translation
 from django.utils.translation import gettext_lazy
 
 import mailer
 from mailer.backend import DbBackend
+from mailer.compat import HAS_MAILERS, BadHeaderError  # Django's (deprecated in 6.1)
 from mailer.models import Message, MessageLog, make_message
 from mailer.validation import find_unpicklable
 
@@ -280,7 +281,7 @@ def test_lazy_alternative_and_attachment_are_forced():
 
 
 def test_django_send_mail_through_the_queue_backend(settings):
-    if hasattr(settings, "MAILERS"):
+    if HAS_MAILERS:
         settings.MAILERS = {"default": {"BACKEND": "mailer.backend.DbBackend"}}
     else:
         settings.EMAIL_BACKEND = "mailer.backend.DbBackend"
