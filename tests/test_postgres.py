@@ -501,6 +501,25 @@ def test_locked_out_worker_retries_soon(start, smtp_server):
     smtp_server.wait_for(1, timeout=20)
 
 
+def test_lock_directory_missing_then_created(start, smtp_server, tmp_path):
+    """Reported once, retried with a growing pause (notifications wake it
+    early), and mail goes out once the directory exists."""
+    lock_dir = tmp_path / "locks"
+    running = start(
+        "--skip-checks", "--debug", env={"MAILER_TEST_LOCK_PATH": str(lock_dir / "send_mail")}
+    )
+    queue(1, "no lock dir")
+    running.wait_for_log("still can't be created")
+    assert smtp_server.messages == []
+    lock_dir.mkdir()
+    queue(1, "wakes it")
+    smtp_server.wait_for(2, timeout=20)
+    running.wait_for_log("sending resumes")
+    assert running.count("Can't create the send_mail lock file") == 1
+    assert "Traceback" not in running.log and "Pass failed" not in running.log
+    assert running.signal() == 0
+
+
 # --- shutdown -------------------------------------------------------------------------------
 
 
