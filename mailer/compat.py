@@ -211,3 +211,13 @@ def strip_connection(email: EmailMessage) -> dict[str, Any] | None:
     for key in saved:
         state[key] = None
     return saved or None
+
+
+def __getattr__(name: str) -> Any:
+    # validate_email moved to mailer.validation; the old import path keeps
+    # working (imported lazily: mailer.validation imports this module).
+    if name == "validate_email":
+        from mailer.validation import validate_email
+
+        return validate_email
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
