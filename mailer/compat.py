@@ -136,13 +136,13 @@ if DJANGO_VERSION >= (6, 0):
 
     _prep = _SMTPBackend.__new__(_SMTPBackend)
 
-    def check_address(address: str, encoding: str) -> None:
+    def check_address(address: Any, encoding: str) -> None:
         _prep.prep_address(address)  # type: ignore[attr-defined]  # Django 6.0+
 
 else:
     from django.core.mail.message import sanitize_address
 
-    def check_address(address: str, encoding: str) -> None:
+    def check_address(address: Any, encoding: str) -> None:
         sanitize_address(address, encoding)
 
 
