@@ -351,7 +351,10 @@ class _PassQueries:
         ``email`` (a don't-send entry names who was suppressed). Returns False
         when the row was already gone.
         """
-        entry = MessageLog.from_message(message, code, note, email=email, keep_data=keep_data)
+        # A sent message is logged as sent (with what the backend added to it).
+        entry = MessageLog.from_message(
+            message, code, note, email=email, keep_data=keep_data, as_sent=code == RESULT_SUCCESS
+        )
         if recipients is not None:
             entry.recipients = "\n".join(recipients)
         with transaction.atomic(using=self.db, savepoint=False):

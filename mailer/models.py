@@ -585,14 +585,35 @@ class MessageLog(_EmailProperties, models.Model):
         *,
         email: EmailMessage | None = None,
         keep_data: bool | None = None,
+        as_sent: bool = False,
     ) -> MessageLog:
-        """An unsaved log entry for ``message`` (``email``: its decoded form)."""
+        """An unsaved log entry for ``message`` (``email``: its decoded form).
+
+        ``as_sent``: ``email`` is what the sending backend was given, maybe
+        changed by it (headers it added, the Message-ID); the entry keeps
+        that, serialized once here, as 2.3.2 does. Otherwise it keeps the
+        stored data as queued. Nothing is kept (nor serialized) when
+        ``MAILER_EMAIL_LOG_MESSAGE_DATA`` is False.
+        """
         if keep_data is None:
             keep_data = conf.EMAIL_LOG_MESSAGE_DATA
         if email is None:
             email = message.email
+        data = message.message_data if keep_data else None
+        if keep_data and as_sent and email is not None:
+            try:
+                data = email_to_db(email)
+            except Exception as err:
+                # Sent already: never fail the bookkeeping over the copy.
+                logger.warning(
+                    "Message %s was sent, but the sent form can't be serialized (%s: %s); "
+                    "the log keeps it as queued.",
+                    message.pk,
+                    type(err).__name__,
+                    err,
+                )
         entry = cls(
-            message_data=message.message_data if keep_data else None,
+            message_data=data,
             message_id=get_message_id(email),
             when_added=message.when_added,
             priority=message.priority,

@@ -549,3 +549,88 @@ def test_address_added_during_a_pass(refresh, late_sent, settings, smtp_settings
     # The next pass reads the list afresh whatever the refresh interval.
     mailer.send_mail("third", "b", "f@example.com", ["late@example.com"])
     assert send_all().dont_send == 1
+
+
+# --- the log keeps the message as sent --------------------------------------------------
+
+
+def relay_backend_factory():
+    from django.core.mail.backends.smtp import EmailBackend
+
+    class Backend(EmailBackend):
+        """A sending backend that stamps what it sends, as relays and ESP
+        backends do; a message with subject "unpicklable" is left holding
+        something that can't be pickled."""
+
+        def send_messages(self, messages):
+            for message in messages:
+                message.extra_headers["X-Relay-Id"] = "relay-42"
+                if message.subject == "unpicklable":
+                    message.tracker = lambda: None
+            return super().send_messages(messages)
+
+    return Backend
+
+
+RelayBackend = relay_backend_factory()
+
+
+@pytest.fixture
+def relay_settings(settings, smtp_server):
+    settings.MAILER_EMAIL_BACKEND = "tests.test_engine.RelayBackend"
+    if hasattr(settings, "MAILERS"):
+        del settings.MAILERS
+    settings.EMAIL_HOST, settings.EMAIL_PORT = smtp_server.host, smtp_server.port
+    return settings
+
+
+def test_log_keeps_what_the_backend_added(relay_settings, smtp_server):
+    from mailer.models import email_to_db
+
+    # A row as 2.3.2 queued it: no Message-ID until the worker adds one.
+    email = EmailMessage("legacy", "b", "f@example.com", ["t@example.com"])
+    Message.objects.bulk_create([Message(message_data=email_to_db(email))])
+    assert send_all().sent == 1
+    (received,) = smtp_server.messages
+    logged = MessageLog.objects.get().email
+    assert logged.extra_headers["X-Relay-Id"] == "relay-42"
+    assert logged.extra_headers["Message-ID"] == received["message"]["Message-ID"]
+    assert received["message"]["X-Relay-Id"] == "relay-42"
+
+
+def test_log_falls_back_to_the_queued_form_when_the_sent_one_cannot_be_stored(
+    relay_settings, smtp_server, caplog
+):
+    caplog.set_level(logging.WARNING, logger="mailer")
+    mailer.send_mail("unpicklable", "b", "f@example.com", ["t@example.com"])
+    queued = Message.objects.get().message_data
+    assert send_all().sent == 1
+    assert MessageLog.objects.get().message_data == queued
+    assert "can't be serialized" in caplog.text
+    assert len(smtp_server.messages) == 1
+
+
+def test_log_without_data_never_serializes(relay_settings, smtp_server, caplog):
+    # The unpicklable message would leave a warning if it were serialized.
+    relay_settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    caplog.set_level(logging.WARNING, logger="mailer")
+    mailer.send_mail("unpicklable", "b", "f@example.com", ["t@example.com"])
+    assert send_all().sent == 1
+    entry = MessageLog.objects.get()
+    assert entry.message_data is None and entry.message_id
+    assert "serialized" not in caplog.text
+
+
+def test_failures_and_dont_send_keep_the_queued_form(relay_settings, smtp_server):
+    from mailer.models import RESULT_DONT_SEND, DontSendEntry
+
+    DontSendEntry.objects.create(to_address="blocked@example.com")
+    mailer.send_mail("blocked", "b", "f@example.com", ["blocked@example.com"])
+    smtp_server.fail_with = "451 later"
+    mailer.send_mail("failing", "b", "f@example.com", ["t@example.com"])
+    queued = dict(Message.objects.values_list("subject_text", "message_data"))
+    send_all()
+    dont_send = MessageLog.objects.get(result=RESULT_DONT_SEND)
+    failure = MessageLog.objects.get(result=RESULT_FAILURE)
+    assert dont_send.message_data == queued["blocked"]
+    assert failure.message_data == queued["failing"]
