@@ -55,6 +55,7 @@ METRICS = {
     "enqueue": [
         ("bulk_rows_per_s", "send_mass_mail via DbBackend", "rows/s", True),
         ("single_rows_per_s", "mailer.send_mail, one per call", "rows/s", True),
+        ("single_statements", "SQL statements per send_mail", "stmts", False),
         ("raw_insert_rows_per_s", "raw 1-row INSERT (reference)", "rows/s", True),
         ("single_vs_raw", "send_mail / raw INSERT", "x", True),
     ],
@@ -111,6 +112,7 @@ def _ratio(d, o):
 TARGETS = {
     ("enqueue", "bulk_rows_per_s"): (">= 2x 2.3.2", True, lambda d, o: o >= 2 * d),
     ("enqueue", "single_vs_raw"): ("ours >= 0.80", False, lambda d, o: o >= 0.8),
+    ("enqueue", "single_statements"): ("ours = 1", False, lambda d, o: o == 1),
     ("drain", "drain_vs_ceiling"): ("ours >= 0.90", False, lambda d, o: o >= 0.9),
     ("dummy", "msgs_per_s"): (">= 5x 2.3.2", True, lambda d, o: o >= 5 * d),
     ("memory", "rss_ratio"): ("ours <= 1.10", False, lambda d, o: o <= 1.1),
@@ -344,7 +346,7 @@ def short_summary(scenario, res):
         return "ERROR: " + _err_text(res).splitlines()[0]
     m = res["metrics"]
     keys = {
-        "enqueue": ["bulk_rows_per_s", "single_rows_per_s", "raw_insert_rows_per_s"],
+        "enqueue": ["bulk_rows_per_s", "single_rows_per_s", "single_statements", "raw_insert_rows_per_s"],
         "drain": ["drain_msgs_per_s", "ceiling_msgs_per_s"],
         "dummy": ["msgs_per_s"],
         "memory": [k for k in m if k.startswith("rss_mb_")] + ["rss_ratio"],

@@ -456,6 +456,17 @@ def sc_enqueue(env, p, res):
     res["metrics"]["single_rows_per_s"] = n / t_single
     clear_queue()
 
+    # 2b. statements per send_mail call, counted outside the timed loop
+    # (capturing makes every statement slower).
+    from django.test.utils import CaptureQueriesContext
+
+    calls = 20
+    with CaptureQueriesContext(connection) as captured:
+        for i in range(calls):
+            mailer.send_mail("bench count %d" % i, SMALL_BODY, FROM, ["rcpt%d@bench.example" % i])
+    res["metrics"]["single_statements"] = len(captured.captured_queries) / calls
+    clear_queue()
+
     # 3. reference: raw single-row INSERT per call, Django cursor, autocommit.
     # The table mirrors 2.3.2's mailer_message; the row carries the same
     # kind of payload 2.3.2 stores (base64 of a pickled EmailMessage of the
