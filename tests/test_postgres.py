@@ -9,6 +9,7 @@ a duration: every wait polls with a deadline.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import select
@@ -36,7 +37,7 @@ from mailer.postgres import (
     install_trigger,
     listen_connection_params,
 )
-from tests.conftest import Manage
+from tests.conftest import Manage, free_port
 
 pytestmark = [pytest.mark.postgres]
 
@@ -383,9 +384,9 @@ class FreezingProxy:
     forwarded as usual.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, listen_port: int = 0) -> None:
         self.target = (host, port)
-        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server = socket.create_server(("127.0.0.1", listen_port))
         self.port = self.server.getsockname()[1]
         self.frozen: set[int] = set()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
@@ -426,6 +427,10 @@ class FreezingProxy:
         self.server.close()
         for pair in self.pairs:
             for sock in pair:
+                # shutdown() first: close() alone leaves the connection open
+                # while a forwarding thread is blocked in recv() on it.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(OSError):
                     sock.close()
 
@@ -718,3 +723,47 @@ def test_disabled_trigger_is_reported(start):
 def test_probe_interval_must_be_positive(manage):
     proc = manage.run("runmailer_pg", "--probe-interval", "0", check=False)
     assert_clean_error(proc, "--probe-interval must be a positive number")
+
+
+def test_listener_started_while_the_database_is_down_connects_once_it_is_up(
+    transactional_db, caplog
+):
+    """No LISTEN connection at start: retried with backoff in the background until one opens."""
+    caplog.set_level(logging.WARNING, logger="mailer")
+    settings_dict = connection.settings_dict
+    port = free_port()  # nothing listens here until the proxy starts
+    notified = threading.Event()
+    reconnected = threading.Event()
+    listener = Listener(
+        "default",
+        get_driver("default"),
+        on_notify=lambda count: notified.set(),
+        on_reconnect=reconnected.set,
+        reconnect_delay=0.1,
+        reconnect_delay_cap=0.4,
+    )
+    listener.params.update(host="127.0.0.1", port=port)
+    proxy = None
+    try:
+        listener.start()
+        assert listener.conn is None
+        assert "Could not open the LISTEN connection" in caplog.text
+        wait_until(
+            lambda: caplog.text.count("Reconnection attempt") >= 2, what="failed reconnections"
+        )
+        assert not reconnected.is_set()
+        proxy = FreezingProxy(
+            settings_dict["HOST"] or "127.0.0.1", int(settings_dict["PORT"] or 5432), port
+        )
+        assert reconnected.wait(20), "did not connect once the database was reachable"
+        queue(1, "up")
+        assert notified.wait(10)
+    finally:
+        listener.stop()
+        if proxy is not None:
+            proxy.close()
+    # stop() closed it (the server notices through the proxy a moment later).
+    wait_until(
+        lambda: not backend_pids(" AND application_name = %s", (LISTENER_APP,)),
+        what="the LISTEN connection to close",
+    )
