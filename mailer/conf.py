@@ -15,6 +15,10 @@ from django.core.exceptions import ImproperlyConfigured
 DB_BACKEND = "mailer.backend.DbBackend"
 DEFAULT_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
 DEFAULT_ERROR_HANDLER = "mailer.engine.handle_delivery_exception"
+# Seconds the worker lets Django's SMTP backend wait for the server when the
+# project set no timeout (EMAIL_TIMEOUT, or OPTIONS["timeout"] in MAILERS):
+# Django's own default waits for ever on a server that stops answering.
+DEFAULT_SMTP_TIMEOUT = 60
 
 
 def _get(name: str, default: Any) -> Any:
@@ -109,6 +113,13 @@ class MailerSettings:
         """Raise ``ImproperlyConfigured`` if a True/False setting is anything else."""
         for name, default in BOOLEAN_SETTINGS:
             _get_bool(name, default)
+
+    @property
+    def PICKLE_ALLOWLIST(self) -> list[str]:
+        """Extra classes (``"pkg.mod.Class"``) or modules (``"pkg.mod.*"``) allowed
+        in stored messages (see mailer.storage)."""
+        value = _get("PICKLE_ALLOWLIST", [])
+        return list(value) if isinstance(value, (list, tuple)) else []
 
     @property
     def PURGE_BATCH_SIZE(self) -> int:

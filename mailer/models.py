@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import pickle
 from collections.abc import Iterable
@@ -18,9 +16,12 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from mailer.compat import repair_email, strip_connection
 from mailer.conf import conf
 from mailer.mysql import packet_limit
+from mailer.storage import db_to_email as db_to_email  # re-exported (2.3.2 path)
+from mailer.storage import decode
+from mailer.storage import decode_error as decode_error
+from mailer.storage import email_to_db as email_to_db
 from mailer.validation import force_lazy, unpicklable_error, validate_email
 
 logger = logging.getLogger(__name__)
@@ -72,49 +73,8 @@ def datetime_now() -> datetime:
 
 
 # --- stored form of a message ---------------------------------------------
-
-
-def email_to_db(email: EmailMessage) -> str:
-    """Serialize a message: ASCII text of base64 of its pickle.
-
-    A connection held by the message (an SMTP connection can't be pickled, and
-    a stored one would never be wanted) is left out.
-    """
-    saved = strip_connection(email)
-    try:
-        return base64.encodebytes(pickle.dumps(email)).decode("ascii")
-    finally:
-        if saved:
-            email.__dict__.update(saved)
-
-
-def db_to_email(data: str | bytes | None) -> EmailMessage | None:
-    """Decode ``message_data``; ``None`` (never an exception) when it can't be."""
-    if not data:
-        return None
-    try:
-        raw = data.encode("ascii") if isinstance(data, str) else data
-        email = pickle.loads(base64.decodebytes(raw))
-    except Exception:
-        try:
-            # The oldest django-mailer stored the raw pickle string.
-            email = pickle.loads(data.encode("latin-1") if isinstance(data, str) else data)
-        except Exception:
-            return None
-    return repair_email(email)
-
-
-def decode_error(data: str | None) -> str | None:
-    """Why ``data`` can't be decoded, or ``None`` when it can."""
-    if not data:
-        return "empty message data"
-    try:
-        pickle.loads(base64.decodebytes(data.encode("ascii")))
-    except (binascii.Error, ValueError) as err:
-        return f"not base64: {err}"
-    except Exception as err:
-        return f"unpickling failed: {type(err).__name__}: {err}"
-    return None
+# Encoding and (safe) decoding live in mailer.storage; the names stay
+# importable from here as in 2.3.2.
 
 
 def get_message_id(email: EmailMessage | None) -> str | None:
@@ -141,18 +101,28 @@ class _EmailProperties:
 
     message_data: str | None
 
-    def _decode_email(self) -> EmailMessage | None:
+    def decoded(self) -> tuple[Any, str | None]:
+        """``(stored object, None)`` or ``(None, why it can't be decoded)``.
+
+        Decoded once per value of ``message_data`` (see mailer.storage: no
+        code outside the allow-list runs).
+        """
         data = self.message_data
         cached = self.__dict__.get("_email_cache")
         if cached is not None and cached[0] is data:
-            return cached[1]
-        email = db_to_email(data)
-        self.__dict__["_email_cache"] = (data, email)
-        return email
+            return cached[1], cached[2]
+        obj, reason = decode(data)
+        self.__dict__["_email_cache"] = (data, obj, reason)
+        return obj, reason
 
     @property
     def email(self) -> EmailMessage | None:
+        """The stored message, or ``None`` when it can't be decoded or isn't one."""
         return self._decode_email()
+
+    def _decode_email(self) -> EmailMessage | None:
+        obj = self.decoded()[0]
+        return obj if isinstance(obj, EmailMessage) else None
 
     @email.setter
     def email(self, value: EmailMessage) -> None:
@@ -160,7 +130,7 @@ class _EmailProperties:
             self.message_data = email_to_db(value)
         except (pickle.PicklingError, TypeError, AttributeError) as err:
             raise unpicklable_error(value, err) from err
-        self.__dict__["_email_cache"] = (self.message_data, value)
+        self.__dict__["_email_cache"] = (self.message_data, value, None)
 
     @property
     def to_addresses(self) -> list[str]:
@@ -614,15 +584,17 @@ class MessageLog(_EmailProperties, models.Model):
                 )
         entry = cls(
             message_data=data,
-            message_id=get_message_id(email),
             when_added=message.when_added,
             priority=message.priority,
             result=result_code,
             log_message=log_message,
         )
-        if email is not None:
+        try:
+            if email is None:
+                raise ValueError("no message")
             fill_search_fields(entry, email)
-        else:
+        except Exception:
+            # Undecodable or broken: keep what the row says about itself.
             entry.recipients = message.recipients or ""
             entry.subject_text = message.subject_text or ""
             entry.message_id = message.message_id

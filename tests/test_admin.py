@@ -1005,3 +1005,33 @@ def test_reply_to_given_through_headers_is_shown_as_the_reply_to(admin_client):
     assert "support@example.com" in reply_to
     other = text[text.index("field-extra_headers_display") :]
     assert "<th>Reply-To</th>" not in other[: other.index("</div>\n")]
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_is_not_executed_by_the_admin(admin_client, tmp_path):
+    """Opening a row holding a code-running pickle runs nothing (mailer.storage)."""
+    import base64
+    import pickle
+
+    marker = tmp_path / "pwned"
+    data = base64.encodebytes(pickle.dumps(_Evil(str(marker)))).decode("ascii")
+    msg = Message.objects.create(message_data=data)
+    entry = MessageLog.objects.create(
+        message_data=data, when_added=msg.when_added, priority=msg.priority,
+        result=RESULT_FAILURE, log_message="x",
+    )
+    for url in (change_url(msg), change_url(entry), MESSAGE_LIST,
+                LOG_LIST):
+        page_text(admin_client.get(url))
+        assert not marker.exists(), url
+    assert "undecodable message data" in page_text(admin_client.get(change_url(msg)))
+    assert not marker.exists()
