@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from numbers import Real
 from typing import Any
 
@@ -16,10 +17,12 @@ from mailer.compat import (
     legacy_email_backend,
     mailer_backend,
     mailers_configured,
+    smtp_timeout_unset,
 )
 from mailer.conf import (
     BOOLEAN_SETTINGS,
     DB_BACKEND,
+    DEFAULT_SMTP_TIMEOUT,
     NUMERIC_SETTINGS,
     boolean_error,
     conf,
@@ -213,5 +216,47 @@ def check_lock_path(app_configs: Any = None, **kwargs: Any) -> list[checks.Check
             "that is, e.g. '/run/mailer/send_mail'. On a host that never sends, add "
             "'mailer.E007' to SILENCED_SYSTEM_CHECKS.",
             id="mailer.E007",
+        )
+    ]
+
+
+_DOTTED = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*(\.\*)?\Z")
+
+
+@checks.register("mailer")
+def check_pickle_allowlist(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    value = getattr(settings, "MAILER_PICKLE_ALLOWLIST", [])
+    entries = value if isinstance(value, (list, tuple)) else None
+    bad = (
+        [repr(value)]
+        if entries is None
+        else [repr(e) for e in entries if not isinstance(e, str) or not _DOTTED.match(e) or "." not in e]
+    )
+    if not bad:
+        return []
+    return [
+        checks.Error(
+            f"MAILER_PICKLE_ALLOWLIST must be a list of dotted names; bad: {', '.join(bad)}.",
+            hint='Give classes as "pkg.module.Class" and whole modules as "pkg.module.*".',
+            id="mailer.E008",
+        )
+    ]
+
+
+@checks.register("mailer", deploy=True)
+def check_smtp_timeout(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    if not smtp_timeout_unset():
+        return []
+    where = (
+        f"MAILERS[{delivery_alias()!r}]['OPTIONS']['timeout']"
+        if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET
+        else "EMAIL_TIMEOUT"
+    )
+    return [
+        checks.Warning(
+            f"{where} is not set: Django's SMTP backend would wait for ever on a server that "
+            f"stops answering. django-mailer's workers use {DEFAULT_SMTP_TIMEOUT} seconds.",
+            hint=f"Set {where} to the number of seconds you want (e.g. 30).",
+            id="mailer.W002",
         )
     ]

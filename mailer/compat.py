@@ -17,7 +17,7 @@ from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 from django.utils.module_loading import import_string
 
-from mailer.conf import DB_BACKEND, conf
+from mailer.conf import DB_BACKEND, DEFAULT_SMTP_TIMEOUT, conf
 
 DJANGO_VERSION = django.VERSION[:2]
 HAS_MAILERS = DJANGO_VERSION >= (6, 1)
@@ -110,7 +110,11 @@ def require_no_backend_loop() -> None:
 
 
 def get_sending_backend() -> BaseEmailBackend:
-    """A new instance of the backend that really sends."""
+    """A new instance of the backend that really sends, with bounded waits."""
+    return bound_waits(_new_sending_backend())
+
+
+def _new_sending_backend() -> BaseEmailBackend:
     require_no_backend_loop()
     if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
         from django.core.mail import mailers  # type: ignore[attr-defined]  # Django 6.1+
@@ -127,6 +131,37 @@ def get_sending_backend() -> BaseEmailBackend:
             )
             return backend_class()
     return backend_class()
+
+
+def bound_waits(backend: BaseEmailBackend) -> BaseEmailBackend:
+    """Give Django's SMTP backend a timeout when the project set none.
+
+    Without one, a server that accepts the connection and never answers
+    holds the worker (and its lock, and on PostgreSQL its transaction) for
+    ever. The project's own timeout always wins.
+    """
+    from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
+
+    if isinstance(backend, SMTPBackend) and backend.timeout is None:
+        backend.timeout = DEFAULT_SMTP_TIMEOUT
+    return backend
+
+
+def smtp_timeout_unset() -> bool:
+    """Would the worker's backend be Django's SMTP backend with no timeout?"""
+    from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
+
+    try:
+        path = sending_backend_path()
+        backend_class = import_string(path)
+    except Exception:  # reported by the other checks
+        return False
+    if not (isinstance(backend_class, type) and issubclass(backend_class, SMTPBackend)):
+        return False
+    if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
+        options = settings.MAILERS[delivery_alias()].get("OPTIONS", {})
+        return options.get("timeout") is None
+    return getattr(settings, "EMAIL_TIMEOUT", None) is None
 
 
 # --- addresses ------------------------------------------------------------

@@ -51,7 +51,6 @@ from mailer.models import (
     MessageLog,
     MessageQuerySet,
     RowInserter,
-    decode_error,
     get_message_id,
 )
 
@@ -107,6 +106,9 @@ class PassResult:
     dont_send: int = 0
     seconds: float = 0.0
     locked_out: bool = False
+    # The server stopped answering: every further message would wait the
+    # whole SMTP timeout too, so the pass ends (the rest stays queued).
+    timed_out: bool = False
 
     @property
     def attempted(self) -> int:
@@ -179,16 +181,39 @@ def handle_delivery_exception(
 
 
 class _Sender:
-    """The sending backend for one pass, opened lazily and reused."""
+    """The sending backend for one pass, opened lazily and reused.
+
+    Django's SMTP backend drops what ``smtplib`` says about recipients the
+    server refused while accepting the others; ``refused`` collects it
+    (address -> (code, reply)) for the message being sent.
+    """
 
     def __init__(self) -> None:
         self.backend: Any = None
+        self.refused: dict[str, Any] = {}
 
     def get(self) -> Any:
         if self.backend is None:
             self.backend = get_sending_backend()
             self.backend.open()
+        self._watch_refusals()
         return self.backend
+
+    def _watch_refusals(self) -> None:
+        smtp = getattr(self.backend, "connection", None)
+        sendmail = getattr(smtp, "sendmail", None)
+        if sendmail is None or getattr(sendmail, "mailer_watched", False):
+            return
+        refused = self.refused
+
+        def watched_sendmail(*args: Any, **kwargs: Any) -> Any:
+            answer = sendmail(*args, **kwargs)
+            if answer:
+                refused.update(answer)
+            return answer
+
+        watched_sendmail.mailer_watched = True  # type: ignore[attr-defined]
+        smtp.sendmail = watched_sendmail
 
     def replace(self, backend: Any) -> None:
         if backend is not self.backend:
@@ -368,16 +393,29 @@ class _PassQueries:
                 return cursor.rowcount != 0
 
 
-def _record_undecodable(message: Message, queries: _PassQueries, result: PassResult) -> None:
-    reason = decode_error(message.message_data) or "message data could not be decoded"
+def _error_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def _record_unusable(
+    message: Message, queries: _PassQueries, result: PassResult, problem: str, reason: str
+) -> None:
+    """A row that can never be sent: to the log as a failure, data kept.
+
+    ``problem`` is "can't be decoded" or "can't be sent".
+    """
     logger.error(
-        "Message %s can't be decoded (%s); moved to the log as a failure with its data kept.",
+        "Message %s %s (%s); moved to the log as a failure with its data kept.",
         message.pk,
+        problem,
         reason,
     )
-    queries.record(
-        message, RESULT_FAILURE, f"Could not decode the stored message: {reason}", keep_data=True
+    text = (
+        f"Could not decode the stored message: {reason}"
+        if problem == _UNDECODABLE
+        else f"Can't be sent: {reason}"
     )
+    queries.record(message, RESULT_FAILURE, text, keep_data=True)
     result.failed += 1
 
 
@@ -402,11 +440,54 @@ def _record_dont_send(
 
 def _record_unhandled(message: Message, exc: BaseException) -> None:
     """The error handler raised: defer the message so later passes move on."""
-    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    text = _error_text(exc)
     logger.error("Message %s failed with an unexpected error; deferred: %s", message.pk, text)
     with transaction.atomic(using=message._state.db):
         message.defer()
         MessageLog.objects.log(message, RESULT_FAILURE, f"Unexpected error: {text}")
+
+
+_UNDECODABLE = "can't be decoded"
+_UNSENDABLE = "can't be sent"
+
+
+def _prepare(message: Message) -> tuple[EmailMessage | None, str, str]:
+    """The claimed row's message ready to send, or ``(None, problem, reason)``.
+
+    Nothing about a stored object is trusted: it may not decode, may not be
+    an email message, or may be a project's class whose methods raise.
+    """
+    obj, reason = message.decoded()
+    if obj is None:
+        return None, _UNDECODABLE, reason or "unknown reason"
+    if not isinstance(obj, EmailMessage):
+        return None, _UNSENDABLE, f"the stored object is a {type(obj).__name__}, not an email message"
+    try:
+        if obj.recipients():
+            ensure_message_id(obj, message)
+    except Exception as exc:
+        return None, _UNSENDABLE, f"the stored message is broken: {_error_text(exc)}"
+    return obj, "", ""
+
+
+def _is_timeout(exc: BaseException | None) -> bool:
+    """Did the server stop answering? (smtplib wraps the socket timeout.)"""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, TimeoutError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _refusal_note(refused: dict[str, Any]) -> str:
+    parts = []
+    for address, reply in refused.items():
+        code, text = reply if isinstance(reply, tuple) and len(reply) == 2 else (None, reply)
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        parts.append(f"{address} ({code} {text})" if code else f"{address} ({text})")
+    return "Refused by the server for some recipients: " + "; ".join(parts)
 
 
 def _deliver_one(
@@ -416,15 +497,20 @@ def _deliver_one(
     error_handler: Callable[..., tuple[Any, str]],
     result: PassResult,
 ) -> BaseException | None:
-    """Send one claimed message and record the outcome.
+    """Send one claimed message and record the outcome; never stop the pass.
 
-    Returns an exception to re-raise after the caller's transaction commits.
+    Returns an unexpected exception (the error handler raised) for the
+    caller to re-raise once the pass is over.
     """
-    email = message.email
+    email, problem, reason = _prepare(message)
     if email is None:
-        _record_undecodable(message, queries, result)
+        _record_unusable(message, queries, result, problem, reason)
         return None
-    suppressed = queries.dont_send.apply(email)
+    try:
+        suppressed = queries.dont_send.apply(email)
+    except Exception as exc:  # a project's subclass with odd address fields
+        _record_unusable(message, queries, result, _UNSENDABLE, _error_text(exc))
+        return None
     if suppressed:
         logger.info(
             "Not sending message %s to %s: on the don't-send list",
@@ -435,11 +521,12 @@ def _deliver_one(
         _record_dont_send(message, email, queries, suppressed)
         result.dont_send += 1
         return None
-    ensure_message_id(email, message)
     try:
         backend = sender.get()
+        sender.refused.clear()
         backend.send_messages([email])
     except Exception as exc:
+        result.timed_out = _is_timeout(exc)
         try:
             with transaction.atomic(using=message._state.db):
                 new_connection, action = error_handler(sender.backend, message, exc)
@@ -454,7 +541,11 @@ def _deliver_one(
         else:
             result.deferred += 1
         return None
-    _record_success(message, email, queries, RESULT_SUCCESS)
+    note = ""
+    if sender.refused:
+        note = _refusal_note(sender.refused)
+        logger.warning("Message %s sent, but: %s", message.pk, note)
+    _record_success(message, email, queries, RESULT_SUCCESS, note)
     logger.debug("Sent message %s %s", message.pk, get_message_id(email))
     result.sent += 1
     return None
@@ -506,7 +597,7 @@ def send_all(
         lock_rows = _claims_with_row_locks(db)
         queries = _PassQueries(queryset, db, lock_rows)
         after = queries.first_key()
-        while pending is None:
+        while True:
             if should_stop is not None and should_stop():
                 logger.info("Stopping the pass on request.")
                 break
@@ -519,7 +610,16 @@ def send_all(
                 if message is None:
                     break
                 sent_before = result.sent
-                pending = _deliver_one(message, queries, sender, error_handler, result)
+                unexpected = _deliver_one(message, queries, sender, error_handler, result)
+            if unexpected is not None and pending is None:
+                # Reported once the pass is over: the mail behind goes on.
+                pending = unexpected
+            if result.timed_out:
+                logger.warning(
+                    "The email server did not answer in time; stopping this pass "
+                    "(the remaining messages stay queued)."
+                )
+                break
             throttle = conf.EMAIL_THROTTLE
             if throttle and result.sent > sent_before:
                 (sleep or time.sleep)(throttle)

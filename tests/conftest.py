@@ -73,6 +73,7 @@ class SMTPServer:
     messages: list = field(default_factory=list)
     fail_with: str | None = None
     fail_rcpt: str | None = None
+    refuse: dict = field(default_factory=dict)  # address -> reply, others accepted
     delay: float = 0.0
     drop: bool = False
     connections: int = 0
@@ -81,6 +82,8 @@ class SMTPServer:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.fail_rcpt:
             return self.fail_rcpt
+        if address in self.refuse:
+            return self.refuse[address]
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -141,6 +144,41 @@ def smtp_server():
         yield server
     finally:
         controller.stop()
+
+
+class SilentServer:
+    """Accepts TCP connections and never says a word (a hung provider)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def silent_server():
+    server = SilentServer()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture

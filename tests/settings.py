@@ -106,18 +106,25 @@ ADMINS = [("Ada Admin", "ada@example.com")]
 MANAGERS = ["manager@example.com"]
 SERVER_EMAIL = "server@example.com"
 DEFAULT_FROM_EMAIL = "from@example.com"
+# Bounded SMTP waits (mailer.W002 warns without one).
+EMAIL_TIMEOUT = 10
 
 
 
-def smtp_mailers(port):
+def smtp_mailers(port, timeout=10):
     """Django 6.1 MAILERS: queue by default, deliver through "smtp"."""
     return {
         "default": {"BACKEND": "mailer.backend.DbBackend"},
         "smtp": {
             "BACKEND": "django.core.mail.backends.smtp.EmailBackend",
-            "OPTIONS": {"host": "127.0.0.1", "port": port, "timeout": 10},
+            "OPTIONS": {"host": "127.0.0.1", "port": port, "timeout": timeout},
         },
     }
+
+
+# Subprocess workers' SMTP timeout: MAILER_TEST_EMAIL_TIMEOUT=seconds.
+if os.environ.get("MAILER_TEST_EMAIL_TIMEOUT"):
+    EMAIL_TIMEOUT = float(os.environ["MAILER_TEST_EMAIL_TIMEOUT"])
 
 
 # Subprocess workers deliver to the test SMTP server named in the environment.
@@ -125,7 +132,7 @@ if os.environ.get("MAILER_TEST_SMTP_PORT"):
     import django
 
     if django.VERSION >= (6, 1):
-        MAILERS = smtp_mailers(int(os.environ["MAILER_TEST_SMTP_PORT"]))
+        MAILERS = smtp_mailers(int(os.environ["MAILER_TEST_SMTP_PORT"]), EMAIL_TIMEOUT)
         MAILER_USING = "smtp"
     else:
         MAILER_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"

@@ -201,3 +201,53 @@ def test_default_lock_path_is_not_checked(settings, tmp_path, monkeypatch):
     monkeypatch.chdir(gone)
     gone.rmdir()
     assert mailer_errors() == []
+@pytest.mark.parametrize(
+    "value", ["os.system", ["os.system", 3], ["no-dots"], ["bad name.X"], ["pkg.*.x"]]
+)
+def test_pickle_allowlist_must_be_dotted_names(settings, value):
+    settings.MAILER_PICKLE_ALLOWLIST = value
+    if value == "os.system":  # a string, not a list
+        assert mailer_errors() == ["mailer.E008"]
+        return
+    errors = checks.run_checks(tags=["mailer"])
+    assert [e.id for e in errors] == ["mailer.E008"]
+    assert "MAILER_PICKLE_ALLOWLIST" in errors[0].msg
+
+
+def test_pickle_allowlist_accepts_classes_and_modules(settings):
+    settings.MAILER_PICKLE_ALLOWLIST = ["myapp.emails.Fancy", "myapp.mail.*"]
+    assert mailer_errors() == []
+
+
+def test_unbounded_smtp_timeout_warns_and_the_worker_bounds_it(settings):
+    from django.core.mail.backends.smtp import EmailBackend
+
+    from mailer.compat import get_sending_backend
+    from mailer.conf import DEFAULT_SMTP_TIMEOUT
+
+    if HAS_MAILERS:
+        settings.MAILERS = {
+            "default": {"BACKEND": "mailer.backend.DbBackend"},
+            "smtp": {"BACKEND": "django.core.mail.backends.smtp.EmailBackend"},
+        }
+        settings.MAILER_USING = "smtp"
+    else:
+        settings.MAILER_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_TIMEOUT = None
+    # A deployment check: `manage.py check --deploy` shows it, a new
+    # project's plain `check` stays quiet.
+    assert mailer_errors() == []
+    errors = checks.run_checks(tags=["mailer"], include_deployment_checks=True)
+    assert [e.id for e in errors] == ["mailer.W002"]
+    assert "for ever" in errors[0].msg
+    backend = get_sending_backend()
+    assert isinstance(backend, EmailBackend)
+    assert backend.timeout == DEFAULT_SMTP_TIMEOUT
+    # The project's own timeout wins and silences the warning.
+    if HAS_MAILERS:
+        settings.MAILERS = {**settings.MAILERS, "smtp": {
+            "BACKEND": "django.core.mail.backends.smtp.EmailBackend", "OPTIONS": {"timeout": 5}}}
+    else:
+        settings.EMAIL_TIMEOUT = 5
+    assert checks.run_checks(tags=["mailer"], include_deployment_checks=True) == []
+    assert get_sending_backend().timeout == 5

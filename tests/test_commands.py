@@ -459,3 +459,31 @@ def test_runmailer_stops_promptly_while_backing_off(manage, smtp_server, tmp_pat
     assert proc.returncode == 0, stderr
     assert elapsed < 3
     assert_one_clear_line(stderr, "MAILER_LOCK_PATH")
+
+
+@pytest.mark.slow
+def test_runmailer_sigterm_while_the_server_hangs(manage, silent_server):
+    """A silent provider can hold the worker only for the SMTP timeout."""
+    import time
+
+    queue(3)
+    manage.env["MAILER_TEST_SMTP_PORT"] = str(silent_server.port)
+    manage.env["MAILER_TEST_EMAIL_TIMEOUT"] = "3"
+    manage.env["MAILER_TEST_EMPTY_QUEUE_SLEEP"] = "60"
+    proc = manage.popen("runmailer")
+    try:
+        deadline = time.monotonic() + 20
+        while not silent_server.accepted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert silent_server.accepted, "the worker never connected"
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        waited = time.monotonic() - signalled
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert waited < 3 + 5, waited
+    # Nothing lost: the message in flight was deferred, the rest still queued.
+    assert Message.objects.count() == 3
+    assert MessageLog.objects.filter(result=RESULT_FAILURE).count() >= 1

@@ -231,7 +231,7 @@ def exploding_backend_factory():
 ExplodingBackend = exploding_backend_factory()
 
 
-def test_unexpected_error_propagates_but_does_not_block(settings):
+def test_unexpected_error_propagates_after_the_pass(settings):
     settings.MAILER_EMAIL_BACKEND = "tests.test_engine.ExplodingBackend"
     if hasattr(settings, "MAILERS"):
         del settings.MAILERS
@@ -243,8 +243,9 @@ def test_unexpected_error_propagates_but_does_not_block(settings):
     bad = Message.objects.get(priority=PRIORITY_DEFERRED)
     assert bad.subject == "please explode"
     assert "kaboom" in MessageLog.objects.get(result=RESULT_FAILURE).log_message
-    # The next pass is not blocked by it.
-    assert send_all().sent == 2
+    # The mail behind it went out in the same pass; the error came after.
+    assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == 2
+    assert Message.objects.count() == 1
 
 
 def custom_handler(connection, message, exc):
@@ -634,3 +635,151 @@ def test_failures_and_dont_send_keep_the_queued_form(relay_settings, smtp_server
     failure = MessageLog.objects.get(result=RESULT_FAILURE)
     assert dont_send.message_data == queued["blocked"]
     assert failure.message_data == queued["failing"]
+# --- poison rows: never stop the mail behind them ---------------------------------------
+
+
+class BrokenRecipients(EmailMessage):
+    """A project's message class whose recipients() raises."""
+
+    def recipients(self):
+        raise RuntimeError("recipients exploded")
+
+
+class EvilPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _missing_attribute():
+    email = EmailMessage("no to", "b", "f@example.com", ["t@example.com"])
+    del email.__dict__["to"]
+    return email
+
+
+def _unrenderable():
+    email = EmailMessage("no body", "b", "f@example.com", ["t@example.com"])
+    del email.__dict__["body"]
+    return email
+
+
+def _newline_filename():
+    email = EmailMessage("bad filename", "b", "f@example.com", ["t@example.com"])
+    email.attach("evil\nname.txt", "x", "text/plain")
+    return email
+
+
+POISON = {
+    "dict": ({"subject": "not a message"}, "not an email message"),
+    "string": ("just a string", "not an email message"),
+    "missing attribute": (_missing_attribute, "broken"),
+    "recipients raises": (
+        lambda: BrokenRecipients("S", "b", "f@example.com", ["t@example.com"]),
+        "recipients exploded",
+    ),
+}
+
+
+def _store_raw(obj, priority=PRIORITY_HIGH):
+    from mailer.models import email_to_db
+
+    data = email_to_db(obj() if callable(obj) else obj)
+    # bulk_create: no save(), so nothing checks the row on the way in.
+    return Message.objects.bulk_create([Message(message_data=data, priority=priority)])[0]
+
+
+@pytest.mark.parametrize("kind", POISON)
+def test_poison_row_is_logged_and_the_mail_behind_goes(kind, settings, smtp_settings,
+                                                       smtp_server, caplog):
+    settings.MAILER_PICKLE_ALLOWLIST = ["tests.test_engine.BrokenRecipients"]
+    obj, reason = POISON[kind]
+    _store_raw(obj)
+    queue(3)
+    result = send_all()
+    assert result.sent == 3
+    assert result.failed == 1
+    assert len(smtp_server.messages) == 3
+    assert not Message.objects.exists()
+    failure = MessageLog.objects.get(result=RESULT_FAILURE)
+    assert reason in failure.log_message
+    assert failure.message_data  # kept for a person to look at
+    assert "moved to the log as a failure" in caplog.text
+
+
+def test_crafted_pickle_is_never_executed(tmp_path, smtp_settings, smtp_server):
+    marker = tmp_path / "pwned"
+    _store_raw(EvilPayload(str(marker)))
+    queue(2)
+    result = send_all()
+    assert not marker.exists()
+    assert result.sent == 2 and result.failed == 1
+    failure = MessageLog.objects.get(result=RESULT_FAILURE)
+    assert "system" in failure.log_message and "MAILER_PICKLE_ALLOWLIST" in failure.log_message
+
+
+@pytest.mark.parametrize("make,error", [(_newline_filename, "BadHeaderError"),
+                                        (_unrenderable, "AttributeError")])
+def test_send_time_error_defers_and_the_pass_goes_on(make, error, smtp_settings,
+                                                     smtp_server):
+    _store_raw(make)
+    queue(2)
+    with pytest.raises((ValueError, AttributeError)) as raised:
+        send_all()
+    # The unexpected error is reported after the pass, not instead of it.
+    assert type(raised.value).__name__ == error
+    assert len(smtp_server.messages) == 2
+    deferred = Message.objects.get()
+    assert deferred.priority == PRIORITY_DEFERRED
+    assert error in MessageLog.objects.get(result=RESULT_FAILURE).log_message
+    # After retry_deferred it is deferred again, and still blocks nothing.
+    Message.objects.retry_deferred()
+    queue(1)
+    with pytest.raises((ValueError, AttributeError)):
+        send_all()
+    assert len(smtp_server.messages) == 3
+
+
+def test_partial_refusal_is_logged_with_the_replies(smtp_settings, smtp_server, caplog):
+    smtp_server.refuse = {"bob@example.com": "550 5.1.1 no such user bob"}
+    mailer.send_mail("S", "b", "f@example.com",
+                     ["alice@example.com", "bob@example.com", "carol@example.com"])
+    result = send_all()
+    assert result.sent == 1
+    assert smtp_server.messages[0]["to"] == ["alice@example.com", "carol@example.com"]
+    entry = MessageLog.objects.get()
+    assert entry.result == RESULT_SUCCESS
+    assert "bob@example.com (550 5.1.1 no such user bob)" in entry.log_message
+    assert "alice" not in entry.log_message
+    assert "Refused by the server for some recipients" in caplog.text
+    # The next message on the same connection starts with a clean slate.
+    mailer.send_mail("S2", "b", "f@example.com", ["alice@example.com"])
+    send_all()
+    assert MessageLog.objects.get(subject_text="S2").log_message == ""
+
+
+# --- a provider that accepts and never answers ---------------------------------------------
+
+
+def test_silent_server_defers_within_the_timeout(settings, smtp_settings, silent_server,
+                                                 smtp_server):
+    import time
+
+    if hasattr(settings, "MAILERS"):
+        settings.MAILERS = {**settings.MAILERS, "smtp": {
+            "BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+            "OPTIONS": {"host": "127.0.0.1", "port": silent_server.port, "timeout": 1}}}
+    else:
+        settings.EMAIL_PORT = silent_server.port
+        settings.EMAIL_TIMEOUT = 1
+    queue(3)
+    started = time.monotonic()
+    result = send_all()
+    # One timeout, not one per message: the pass stops, the rest stays queued.
+    assert time.monotonic() - started < 5
+    assert result.deferred == 1
+    assert "timed out" in MessageLog.objects.get(result=RESULT_FAILURE).log_message
+    assert Message.objects.non_deferred().count() == 2
