@@ -128,3 +128,34 @@ def test_garbage_gives_a_reason(data, reason):
     obj, why = decode(data)
     assert obj is None
     assert reason in why
+
+
+@pytest.mark.parametrize("value", ["", 0, [], (), "ünïcode", [["nested"], {"k": 1}]])
+def test_any_allowed_object_round_trips_through_the_old_import_path(value):
+    """2.3.2's mailer.models.email_to_db/db_to_email, for non-messages too."""
+    from mailer.models import db_to_email as old_db_to_email
+    from mailer.models import email_to_db as old_email_to_db
+
+    data = old_email_to_db(value)
+    assert data and data.isascii()
+    back = old_db_to_email(data)
+    assert back == value and type(back) is type(value)
+
+
+def test_a_live_connection_is_left_out_and_left_in_place(smtp_server):
+    from django.core.mail.backends.smtp import EmailBackend
+
+    connection = EmailBackend(host=smtp_server.host, port=smtp_server.port, timeout=5)
+    connection.open()  # holds a socket, which can't be pickled
+    try:
+        email = EmailMessage("S", "b", "f@example.com", ["t@example.com"], connection=connection)
+        back = db_to_email(email_to_db(email))
+
+        def held(obj):  # Django < 6.1 keeps it in "connection", 6.1 in "_connection"
+            return obj.__dict__.get("connection") or obj.__dict__.get("_connection")
+
+        assert back.subject == "S"
+        assert held(back) is None
+        assert held(email) is connection  # the caller's object is unchanged
+    finally:
+        connection.close()
