@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from email.utils import make_msgid, parseaddr
@@ -22,7 +21,7 @@ from mailer.storage import db_to_email as db_to_email  # re-exported (2.3.2 path
 from mailer.storage import decode
 from mailer.storage import decode_error as decode_error
 from mailer.storage import email_to_db as email_to_db
-from mailer.validation import force_lazy, unpicklable_error, validate_email
+from mailer.validation import encode_for_queue, force_lazy, validate_email
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +125,7 @@ class _EmailProperties:
 
     @email.setter
     def email(self, value: EmailMessage) -> None:
-        try:
-            self.message_data = email_to_db(value)
-        except (pickle.PicklingError, TypeError, AttributeError) as err:
-            raise unpicklable_error(value, err) from err
+        self.message_data = encode_for_queue(value)
         self.__dict__["_email_cache"] = (self.message_data, value, None)
 
     @property

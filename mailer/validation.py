@@ -12,15 +12,18 @@ field (``to[0]``, ``extra_headers['X-Tag']``, ``attachments[1] filename``...):
 
 :func:`force_lazy` turns lazy (translated) strings into plain ones under the
 caller's active language, so a message is sent in the language it was queued
-in. :func:`find_unpicklable` names the attribute that makes a message
-impossible to store.
+in. :func:`encode_for_queue` stores a message, refusing one that can't be
+pickled or that the worker's allow-listed decoder would refuse, and names the
+attribute that is the problem.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import pickle
 import re
+from collections.abc import Callable
 from email.headerregistry import Address
 from typing import Any, NoReturn
 
@@ -29,6 +32,7 @@ from django.core.mail import EmailMessage
 from django.utils.functional import Promise
 
 from mailer.compat import BadHeaderError, check_address
+from mailer.storage import RefusedClass, email_to_db, safe_loads
 
 REFUSED = "django-mailer refused to queue this message"
 
@@ -181,14 +185,26 @@ def force_lazy(email: EmailMessage) -> EmailMessage:
 # --- what can't be stored ----------------------------------------------------
 
 _MAX_DEPTH = 8
+_NOT_STORED = ("connection", "_connection")  # email_to_db leaves it out
 
 
-def _pickles(obj: Any) -> bool:
+def _unpicklable(obj: Any) -> bool:
     try:
         pickle.dumps(obj)
     except Exception:
+        return True
+    return False
+
+
+def _refused_on_reading(obj: Any) -> bool:
+    """Pickles, but the worker's allow-listed unpickler would refuse it."""
+    try:
+        safe_loads(pickle.dumps(obj))
+    except RefusedClass:
+        return True
+    except Exception:
         return False
-    return True
+    return False
 
 
 def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
@@ -207,36 +223,65 @@ def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
     return []
 
 
-def find_unpicklable(obj: Any, path: str = "", *, skip: tuple[str, ...] = ()) -> str | None:
+def find_unpicklable(
+    obj: Any,
+    path: str = "",
+    *,
+    skip: tuple[str, ...] = (),
+    fails: Callable[[Any], bool] = _unpicklable,
+) -> str | None:
     """Where in ``obj`` pickling fails, or ``None`` when ``obj`` pickles.
 
     The path of the innermost attribute, item or key that can't be pickled,
     as written in Python: ``custom_attr``, ``attachments[0].content``,
     ``extra_headers['X-Foo']``. Top-level attributes named in ``skip`` are
     ignored (the connection, which is never stored). ``""`` when ``obj``
-    itself is the problem.
+    itself is the problem. ``fails`` says what "can't" means (default: can't
+    be pickled).
     """
-    return _find(obj, path, skip, 0)
+    return _find(obj, path, skip, 0, fails)
 
 
-def _find(obj: Any, path: str, skip: tuple[str, ...], depth: int) -> str | None:
+def _find(
+    obj: Any, path: str, skip: tuple[str, ...], depth: int, fails: Callable[[Any], bool]
+) -> str | None:
     children = [(p, v) for p, v in _children(obj, path) if p not in skip]
-    if depth >= _MAX_DEPTH or not children:
-        return None if _pickles(obj) else path
-    for child_path, child in children:
-        if not _pickles(child):
-            return _find(child, child_path, (), depth + 1) or child_path
-    if skip or _pickles(obj):
+    if depth < _MAX_DEPTH:
+        for child_path, child in children:
+            if fails(child):
+                return _find(child, child_path, (), depth + 1, fails) or child_path
+    if skip or not fails(obj):
         return None
     return path
 
 
-def unpicklable_error(email: EmailMessage, err: BaseException) -> ValueError:
-    """The ``ValueError`` to raise when ``email`` could not be pickled."""
-    where = find_unpicklable(email, skip=("connection", "_connection"))
+def encode_for_queue(email: EmailMessage) -> str:
+    """``email_to_db(email)``, refusing what couldn't be stored or read back.
+
+    ``ValueError`` naming the attribute when pickling fails, or when the
+    pickle holds a class the worker's allow-listed decoder would refuse
+    (``MAILER_PICKLE_ALLOWLIST``): such a row could never be sent.
+    """
+    try:
+        data = email_to_db(email)
+    except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as err:
+        raise _storage_error(email, err, _unpicklable, "can't be stored") from err
+    try:
+        safe_loads(base64.decodebytes(data.encode("ascii")))
+    except RefusedClass as err:
+        raise _storage_error(email, err, _refused_on_reading, "would not be read back") from err
+    return data
+
+
+def _storage_error(
+    email: EmailMessage, err: BaseException, fails: Callable[[Any], bool], problem: str
+) -> ValueError:
+    where = find_unpicklable(email, skip=_NOT_STORED, fails=fails)
     what = f"its attribute {where}" if where else "it"
+    if isinstance(err, RefusedClass):
+        return ValueError(f"{REFUSED}: {what} {problem} by the worker: {err}")
     return ValueError(
-        f"{REFUSED}: {what} can't be stored ({type(err).__name__}: {err}). Queued "
+        f"{REFUSED}: {what} {problem} ({type(err).__name__}: {err}). Queued "
         "messages are pickled: keep only plain data (strings, bytes, numbers, lists, "
         "dicts, dates, email.message objects) on the message."
     )

@@ -293,3 +293,54 @@ def test_django_send_mail_through_the_queue_backend(settings):
 def test_non_string_address_is_refused_naming_the_field(settings):
     assert_refused(via_db_backend, settings, ValueError, r"to\[0\] must be a string, not int",
                    to=[5])
+
+
+# --- what the worker would refuse to read back (MAILER_PICKLE_ALLOWLIST) -----------
+
+
+class Custom:
+    """A project's own class: pickles fine, but is not on the allow-list."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class ProjectEmail(EmailMultiAlternatives):
+    pass
+
+
+def test_a_class_the_worker_would_refuse_is_refused_at_queue_time(settings):
+    assert_refused(via_db_backend, settings, ValueError,
+                   r"its attribute custom_attr would not be read back by the worker: "
+                   r"tests\.test_validation\.Custom is not allowed.*MAILER_PICKLE_ALLOWLIST",
+                   custom=Custom(1))
+
+
+def test_refused_class_deep_inside_is_named(settings):
+    email = _email()
+    email.extra_headers["X-Meta"] = "ok"
+    email.attachments.append(("a.txt", "x", "text/plain"))
+    email.tracking = {"ids": [1, Custom(2)]}
+    with pytest.raises(ValueError, match=r"its attribute tracking\['ids'\]\[1\] would not"):
+        DbBackend().send_messages([email])
+    with pytest.raises(ValueError, match="would not be read back"):
+        via_make_message(custom=Custom(3))
+    assert not Message.objects.exists()
+
+
+def test_an_email_subclass_the_worker_would_refuse(settings):
+    email = ProjectEmail(**GOOD)
+    with pytest.raises(ValueError, match=r"\bit would not be read back.*ProjectEmail"):
+        DbBackend().send_messages([email])
+    assert not Message.objects.exists()
+
+
+def test_allow_listed_classes_are_queued_and_sent(settings, smtp_settings, smtp_server):
+    settings.MAILER_PICKLE_ALLOWLIST = ["tests.test_validation.*"]
+    email = ProjectEmail(**GOOD)
+    email.custom_attr = Custom(1)
+    assert DbBackend().send_messages([email]) == 1
+    from mailer.engine import send_all
+
+    assert send_all().sent == 1
+    assert len(smtp_server.wait_for(1)) == 1
