@@ -260,3 +260,17 @@ def check_smtp_timeout(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
             id="mailer.W002",
         )
     ]
+
+
+@checks.register("mailer")
+def check_concurrency(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    value = conf.CONCURRENCY
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return []
+    return [
+        checks.Error(
+            f"MAILER_CONCURRENCY must be a whole number ≥ 1; it is {value!r}.",
+            hint="Fix or remove MAILER_CONCURRENCY (default 1: one SMTP connection).",
+            id="mailer.E001",
+        )
+    ]

@@ -122,6 +122,11 @@ class MailerSettings:
         return list(value) if isinstance(value, (list, tuple)) else []
 
     @property
+    def CONCURRENCY(self) -> int:
+        """SMTP connections one worker process keeps busy at once."""
+        return _get("CONCURRENCY", 1)
+
+    @property
     def PURGE_BATCH_SIZE(self) -> int:
         """Rows deleted per statement by ``purge_mail_log``."""
         return _get("PURGE_BATCH_SIZE", 10_000)

@@ -53,6 +53,7 @@ from mailer.models import (
     RowInserter,
     get_message_id,
 )
+from mailer.pool import PassState, SharedCursor, run_lanes
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ class _PassQueries:
         )
 
     def first_key(self) -> tuple[Any, ...]:
-        return (0, self.connection.ops.adapt_datetimefield_value(timezone.now()), 0)
+        return _first_key(self.db)
 
     def _compile(self) -> tuple[Any, ...]:
         markers = (object(), object(), object())
@@ -551,10 +552,13 @@ def _deliver_one(
     return None
 
 
-def _limits_reached(result: PassResult) -> bool:
+def _limits_reached(result: PassResult, in_flight: int = 0) -> bool:
+    """``MAILER_EMAIL_MAX_BATCH``/``MAX_DEFERRED`` reached, counting the
+    messages other lanes have in flight as sent (so the batch is never
+    exceeded)."""
     # 2.3.2's levels and words, which operators' log alerts match.
     max_batch = conf.EMAIL_MAX_BATCH
-    if max_batch is not None and result.sent >= max_batch:
+    if max_batch is not None and result.sent + in_flight >= max_batch:
         logger.info("EMAIL_MAX_BATCH (%s) reached, stopping for this round", max_batch)
         return True
     max_deferred = conf.EMAIL_MAX_DEFERRED
@@ -569,6 +573,7 @@ def send_all(
     *,
     should_stop: Callable[[], bool] | None = None,
     sleep: Callable[[float], Any] | None = None,
+    concurrency: int | None = None,
 ) -> PassResult:
     """One pass over the queue (or over ``queryset``); see the module doc.
 
@@ -576,10 +581,15 @@ def send_all(
     ``prioritize(queryset)``, both looked up here at each call, as in 2.3.2.
     ``should_stop`` is asked between messages (a worker's shutdown flag);
     ``sleep`` is used for ``MAILER_EMAIL_THROTTLE`` (default ``time.sleep``).
+    ``concurrency``: SMTP connections kept busy at once (default
+    ``MAILER_CONCURRENCY``); see :mod:`mailer.pool`.
     """
     require_no_backend_loop()
     conf.require_booleans()  # before anything is sent
     error_handler = import_string(conf.ERROR_HANDLER)
+    lanes = conf.CONCURRENCY if concurrency is None else concurrency
+    if not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1:
+        raise ValueError(f"concurrency must be a whole number >= 1, not {lanes!r}")
     result = PassResult()
     lock = None
     if conf.USE_FILE_LOCK:
@@ -588,50 +598,100 @@ def send_all(
             result.locked_out = True
             return result
     start = time.monotonic()
-    sender = _Sender()
-    pending: BaseException | None = None
+    state = PassState(result, should_stop=should_stop, limits_reached=_limits_reached)
     try:
         queryset = _as_queryset(prioritize(queryset))
         # _db: the alias given to .using(), if any (private; not in django-stubs).
         db = queryset.db if queryset._db else router.db_for_write(Message)  # type: ignore[attr-defined]
         lock_rows = _claims_with_row_locks(db)
-        queries = _PassQueries(queryset, db, lock_rows)
-        after = queries.first_key()
-        while True:
-            if should_stop is not None and should_stop():
-                logger.info("Stopping the pass on request.")
-                break
-            if _limits_reached(result):
-                break
-            # Row-locking databases: claim, send and record in one
-            # transaction. SQLite: no transaction around the SMTP talk.
-            with transaction.atomic(using=db) if lock_rows else contextlib.nullcontext():
-                message, after = queries.claim(after)
-                if message is None:
-                    break
-                sent_before = result.sent
-                unexpected = _deliver_one(message, queries, sender, error_handler, result)
-            if unexpected is not None and pending is None:
-                # Reported once the pass is over: the mail behind goes on.
-                pending = unexpected
-            if result.timed_out:
-                logger.warning(
-                    "The email server did not answer in time; stopping this pass "
-                    "(the remaining messages stay queued)."
-                )
-                break
-            throttle = conf.EMAIL_THROTTLE
-            if throttle and result.sent > sent_before:
-                (sleep or time.sleep)(throttle)
+        # Without row locks (SQLite) the lanes share one claim position.
+        shared = SharedCursor(_first_key(db)) if lanes > 1 and not lock_rows else None
+        lane = _Lane(queryset, db, lock_rows, error_handler, state, shared, sleep, lanes)
+        run_lanes(lanes, lane.run, state)
     finally:
-        sender.close()
         if lock is not None:
             release_lock(lock)
         result.seconds = time.monotonic() - start
+    if result.timed_out:
+        logger.warning(
+            "The email server did not answer in time; stopped this pass "
+            "(the remaining messages stay queued)."
+        )
     logger.info("Pass done: %s", result)
-    if pending is not None:
-        raise pending
+    if state.pending is not None:
+        raise state.pending
     return result
+
+
+def _first_key(db: str) -> tuple[Any, ...]:
+    """The claim key before every row (see ``_PassQueries``)."""
+    return (0, connections[db].ops.adapt_datetimefield_value(timezone.now()), 0)
+
+
+class _Lane:
+    """One SMTP connection's share of a pass: claim, send, record, repeat.
+
+    Each lane (a thread when there are several) has its own sending backend
+    and, through Django's per-thread connections, its own database
+    connection, closed when a pool lane ends.
+    """
+
+    def __init__(
+        self,
+        queryset: MessageQuerySet,
+        db: str,
+        lock_rows: bool,
+        error_handler: Callable[..., tuple[Any, str]],
+        state: PassState,
+        shared: SharedCursor | None,
+        sleep: Callable[[float], Any] | None,
+        lanes: int,
+    ) -> None:
+        self.queryset = queryset
+        self.db = db
+        self.lock_rows = lock_rows
+        self.error_handler = error_handler
+        self.state = state
+        self.shared = shared
+        self.sleep = sleep or time.sleep
+        self.pooled = lanes > 1
+
+    def run(self) -> None:
+        sender = _Sender()
+        queries = _PassQueries(self.queryset, self.db, self.lock_rows)
+        after = queries.first_key()
+        state = self.state
+        try:
+            while state.reserve():
+                outcome: PassResult | None = None
+                unexpected: BaseException | None = None
+                try:
+                    throttle = conf.EMAIL_THROTTLE
+                    if throttle and self.pooled:
+                        state.pace(throttle, self.sleep)
+                    # Row-locking databases: claim, send and record in one
+                    # transaction. SQLite: no transaction around the SMTP talk.
+                    atomic = transaction.atomic(using=self.db) if self.lock_rows else None
+                    with atomic or contextlib.nullcontext():
+                        if self.shared is not None:
+                            message = self.shared.claim(queries.claim)
+                        else:
+                            message, after = queries.claim(after)
+                        if message is None:
+                            state.finish()
+                            break
+                        outcome = PassResult()
+                        unexpected = _deliver_one(
+                            message, queries, sender, self.error_handler, outcome
+                        )
+                finally:
+                    state.settle(outcome, unexpected)
+                if throttle and not self.pooled and outcome is not None and outcome.sent:
+                    self.sleep(throttle)  # 2.3.2: a nap after each sent message
+        finally:
+            sender.close()
+            if self.pooled:
+                connections.close_all()  # this thread's own connections
 
 
 def _as_queryset(messages: Any) -> MessageQuerySet:

@@ -38,9 +38,11 @@ class Worker:
         sleep: float | None = None,
         max_passes: int | None = None,
         install_signal_handlers: bool = True,
+        concurrency: int | None = None,
     ) -> None:
         self.sleep = sleep
         self.max_passes = max_passes
+        self.concurrency = concurrency  # None: MAILER_CONCURRENCY
         self.install_signal_handlers = install_signal_handlers
         self.running = False
         self.passes = 0
@@ -89,7 +91,11 @@ class Worker:
 
     def run_pass(self) -> Any:
         # Looked up at each pass, so patching mailer.engine.send_all works.
-        return engine.send_all(should_stop=self.should_stop, sleep=self.wait)
+        if self.concurrency is None:
+            return engine.send_all(should_stop=self.should_stop, sleep=self.wait)
+        return engine.send_all(
+            should_stop=self.should_stop, sleep=self.wait, concurrency=self.concurrency
+        )
 
     # -- hooks for subclasses (runmailer_pg) ----------------------------------------
 

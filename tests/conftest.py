@@ -76,6 +76,9 @@ class SMTPServer:
     refuse: dict = field(default_factory=dict)  # address -> reply, others accepted
     delay: float = 0.0
     drop: bool = False
+    drop_matching: str | None = None  # drop only messages containing this text
+    active: int = 0  # messages in DATA right now, and the most at once
+    max_active: int = 0
     connections: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -90,8 +93,18 @@ class SMTPServer:
     async def handle_DATA(self, server, session, envelope):
         import asyncio
 
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            with self.lock:
+                self.active -= 1
+        if self.drop_matching and self.drop_matching.encode() in envelope.content:
+            session.transport.close()
+            return "421 closing"
         if self.drop:
             session.transport.close()
             return "421 closing"

@@ -48,6 +48,23 @@ class MailerCommand(BaseCommand):
             # Called from code (call_command), leave the process's logging as it was.
             stop_logging_to_stream(self._log_handler)
 
+    def add_concurrency_argument(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--concurrency",
+            type=int,
+            default=None,
+            metavar="N",
+            help="SMTP connections to keep busy at once (default: MAILER_CONCURRENCY, 1).",
+        )
+
+    def concurrency(self, options: dict[str, Any]) -> int | None:
+        value = options.get("concurrency")
+        if value is not None and value < 1:
+            from django.core.management.base import CommandError
+
+            raise CommandError("--concurrency must be 1 or more.")
+        return value
+
     def say(self, options: dict[str, Any], text: str) -> None:
         if options.get("verbosity", 1) >= 1:
             self.stdout.write(text)

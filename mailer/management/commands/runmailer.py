@@ -15,6 +15,7 @@ class Command(MailerCommand):
         parser.add_argument(
             "--max-passes", type=int, default=None, help="Stop after this many passes."
         )
+        self.add_concurrency_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.setup_logging(options, debug=options["debug"])
@@ -23,5 +24,7 @@ class Command(MailerCommand):
                 "--max-passes must be 1 or more (leave it out to run until stopped)."
             )
         require_no_backend_loop()
-        passes = Worker(max_passes=options["max_passes"]).run()
+        passes = Worker(
+            max_passes=options["max_passes"], concurrency=self.concurrency(options)
+        ).run()
         self.say(options, f"runmailer: stopped after {passes} pass(es)")

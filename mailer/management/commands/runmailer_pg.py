@@ -30,6 +30,7 @@ class Command(MailerCommand):
             help="Seconds of silence after which the LISTEN connection is checked with "
             f"SELECT 1 (default {PROBE_INTERVAL:g}).",
         )
+        self.add_concurrency_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         from mailer.postgres import (
@@ -48,7 +49,10 @@ class Command(MailerCommand):
             if not options.get("skip_checks"):
                 self.check()
             require_no_backend_loop()
-            worker = PostgresWorker(probe_interval=options["probe_interval"])
+            worker = PostgresWorker(
+                probe_interval=options["probe_interval"],
+                concurrency=self.concurrency(options),
+            )
             passes = worker.run()
         except (ImproperlyConfigured, PostgresUnavailable, TriggerInstallError) as exc:
             raise CommandError(str(exc)) from None

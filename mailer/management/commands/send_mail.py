@@ -1,6 +1,6 @@
 from typing import Any
 
-from django.core.management.base import CommandError
+from django.core.management.base import CommandError, CommandParser
 
 from mailer.conf import conf
 from mailer.engine import send_all
@@ -12,13 +12,18 @@ class Command(MailerCommand):
     help = "Do one pass over the mail queue: send what can be sent (for cron)."
     accepts_cron = True
 
+    def add_arguments(self, parser: CommandParser) -> None:
+        super().add_arguments(parser)
+        self.add_concurrency_argument(parser)
+
     def handle(self, *args: Any, **options: Any) -> None:
         self.setup_logging(options)
         if conf.PAUSE_SEND:
             self.say(options, "MAILER_PAUSE_SEND is set: not sending.")
             return
         try:
-            result = send_all()
+            concurrency = self.concurrency(options)
+            result = send_all() if concurrency is None else send_all(concurrency=concurrency)
         except LockPathError as err:
             raise CommandError(str(err)) from None
         self.say(options, f"send_mail: {result}")

@@ -1,0 +1,150 @@
+"""The sending pool: what the lanes of one pass share.
+
+With ``MAILER_CONCURRENCY = N`` a pass runs N *lanes* in threads of the
+worker process, each with its own SMTP connection and its own database
+connection, each claiming and sending one message at a time in sending
+order. This module holds what they coordinate on, and nothing about
+email: the pass's totals, the limits, the throttle, the stop request, and
+(on SQLite, which has no row locks) the one claim cursor they share.
+
+With N = 1 the pass runs its single lane in the calling thread and all of
+this costs one uncontended lock per message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+logger = logging.getLogger("mailer.engine")
+
+
+class Outcome(Protocol):
+    """What one message did (the engine's ``PassResult`` is one)."""
+
+    sent: int
+    deferred: int
+    failed: int
+    dont_send: int
+    timed_out: bool
+
+
+class PassState:
+    """Shared by the lanes of one pass; every method is thread-safe.
+
+    ``reserve()`` before claiming a message and ``settle()`` once it is
+    recorded: a message between the two is *in flight*. Limits count the
+    messages in flight, so ``MAILER_EMAIL_MAX_BATCH`` is never exceeded
+    however many lanes run.
+    """
+
+    def __init__(
+        self,
+        result: Outcome,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        limits_reached: Callable[[Any, int], bool] | None = None,
+    ) -> None:
+        self.result = result
+        self.should_stop = should_stop
+        self.limits_reached = limits_reached
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.stopping = False
+        self.pending: BaseException | None = None
+        self._next_slot = 0.0
+
+
+    def reserve(self) -> bool:
+        """May this lane claim another message? (Counts it in flight if so.)"""
+        asked_to_stop = self.should_stop is not None and self.should_stop()
+        with self.lock:
+            if self.stopping or self.result.timed_out:
+                return False
+            if asked_to_stop:
+                logger.info("Stopping the pass on request.")
+                self.stopping = True
+                return False
+            if self.limits_reached is not None and self.limits_reached(
+                self.result, self.in_flight
+            ):
+                self.stopping = True
+                return False
+            self.in_flight += 1
+            return True
+
+    def settle(self, outcome: Outcome | None, unexpected: BaseException | None = None) -> None:
+        """The reserved message is done (``outcome`` None: nothing was claimed)."""
+        with self.lock:
+            self.in_flight -= 1
+            if outcome is not None:
+                self.result.sent += outcome.sent
+                self.result.deferred += outcome.deferred
+                self.result.failed += outcome.failed
+                self.result.dont_send += outcome.dont_send
+                self.result.timed_out = self.result.timed_out or outcome.timed_out
+            if unexpected is not None and self.pending is None:
+                self.pending = unexpected
+
+    def finish(self) -> None:
+        """No lane claims anything more (the queue is empty, or a lane broke)."""
+        with self.lock:
+            self.stopping = True
+
+    def pace(self, throttle: float, sleep: Callable[[float], Any]) -> None:
+        """``MAILER_EMAIL_THROTTLE`` for the whole process: one message per
+        ``throttle`` seconds however many lanes run (slots are handed out in
+        turn, so lanes don't wake together)."""
+        with self.lock:
+            now = time.monotonic()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + throttle
+        if slot > now:
+            sleep(slot - now)
+
+
+class SharedCursor:
+    """One claim position for all lanes, for databases without row locks.
+
+    On SQLite a claim is a plain ``SELECT``: two lanes asking at once would
+    get the same row. Claims go one at a time through this cursor, which
+    only moves forward, so each row is claimed by one lane only.
+    """
+
+    def __init__(self, start: tuple[Any, ...]) -> None:
+        self.lock = threading.Lock()
+        self.after = start
+
+    def claim(self, claim: Callable[[tuple[Any, ...]], tuple[Any, tuple[Any, ...]]]) -> Any:
+        with self.lock:
+            message, self.after = claim(self.after)
+            return message
+
+
+def run_lanes(count: int, lane: Callable[[], None], state: PassState) -> None:
+    """Run ``lane`` ``count`` times at once (in this thread when ``count`` is 1).
+
+    A lane that raises stops the others from claiming more; the first such
+    error is raised once every lane has finished what it had in flight.
+    """
+    if count <= 1:
+        lane()
+        return
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            lane()
+        except BaseException as exc:
+            state.finish()
+            errors.append(exc)
+
+    with ThreadPoolExecutor(max_workers=count, thread_name_prefix="mailer-lane") as pool:
+        for _ in range(count):
+            pool.submit(guarded)
+    if errors:
+        raise errors[0]
