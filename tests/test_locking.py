@@ -165,3 +165,14 @@ def test_lock_path_problem(tmp_path, a_file):
     assert locking.lock_path_problem(str(tmp_path / "send_mail")) is None
     assert "does not exist" in locking.lock_path_problem(str(tmp_path / "no" / "send_mail"))
     assert "not a directory" in locking.lock_path_problem(str(a_file / "send_mail"))
+
+
+def test_release_of_a_lock_file_removed_meanwhile_warns(lock_path, caplog):
+    """Somebody deleted the lock file while we held it: releasing says so and goes on."""
+    caplog.set_level(logging.WARNING, logger="mailer")
+    acquired, lock = locking.acquire(lock_path, -1)
+    assert acquired
+    os.unlink(lock_path + ".lock")
+    locking.release(lock)
+    assert "The send lock was already released." in caplog.text
+
