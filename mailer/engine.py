@@ -201,7 +201,7 @@ class _Sender:
         return self.backend
 
     def _watch_refusals(self) -> None:
-        smtp = getattr(self.backend, "connection", None)
+        smtp: Any = getattr(self.backend, "connection", None)
         sendmail = getattr(smtp, "sendmail", None)
         if sendmail is None or getattr(sendmail, "mailer_watched", False):
             return

@@ -114,14 +114,14 @@ class _EmailProperties:
         self.__dict__["_email_cache"] = (data, obj, reason)
         return obj, reason
 
+    def _decode_email(self) -> EmailMessage | None:
+        obj = self.decoded()[0]
+        return obj if isinstance(obj, EmailMessage) else None
+
     @property
     def email(self) -> EmailMessage | None:
         """The stored message, or ``None`` when it can't be decoded or isn't one."""
         return self._decode_email()
-
-    def _decode_email(self) -> EmailMessage | None:
-        obj = self.decoded()[0]
-        return obj if isinstance(obj, EmailMessage) else None
 
     @email.setter
     def email(self, value: EmailMessage) -> None:
