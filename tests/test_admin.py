@@ -209,6 +209,28 @@ def test_send_messages_reports_deferred_and_failures(admin_client, smtp_settings
     assert Message.objects.get(pk=stuck.pk).priority == PRIORITY_DEFERRED
 
 
+@pytest.mark.django_db(transaction=True)
+def test_send_messages_against_a_silent_server_returns(admin_client, settings, smtp_settings,
+                                                       silent_server):
+    """A provider that never answers can't hold the web request past the SMTP timeout."""
+    import time
+
+    if hasattr(settings, "MAILER_USING"):
+        from tests.settings import smtp_mailers
+
+        settings.MAILERS = smtp_mailers(silent_server.port, timeout=1)
+    else:
+        settings.EMAIL_PORT = silent_server.port
+        settings.EMAIL_TIMEOUT = 1
+    msgs = [queue(f"to a silent server {i}") for i in range(3)]
+    started = time.monotonic()
+    response = run_action(admin_client, MESSAGE_LIST, "send_messages", msgs)
+    assert time.monotonic() - started < 10  # one timeout, not one per message
+    notes = user_messages(response)
+    assert any("1 deferred" in n for n in notes), notes
+    assert Message.objects.count() == 3
+
+
 def test_send_messages_reports_a_held_lock(admin_client, settings):
     """Another worker (here: another thread) holds the send lock."""
     import threading
