@@ -767,3 +767,16 @@ def test_listener_started_while_the_database_is_down_connects_once_it_is_up(
         lambda: not backend_pids(" AND application_name = %s", (LISTENER_APP,)),
         what="the LISTEN connection to close",
     )
+
+
+def test_concurrency_option(start, smtp_server):
+    """runmailer_pg --concurrency N: N messages in flight, each sent once."""
+    smtp_server.delay = 0.3
+    running = start("--concurrency", "3")
+    queue(9, "lanes")
+    smtp_server.wait_for(9, timeout=60)
+    wait_until(lambda: not Message.objects.exists(), what="an empty queue")
+    assert smtp_server.max_active == 3
+    ids = smtp_server.message_ids()
+    assert len(ids) == len(set(ids)) == 9
+    assert running.signal() == 0
