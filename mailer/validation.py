@@ -28,10 +28,10 @@ from email.headerregistry import Address
 from typing import Any, NoReturn
 
 from django.conf import settings
-from django.core.mail import EmailMessage
+from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.utils.functional import Promise
 
-from mailer.compat import BadHeaderError, check_address
+from mailer.compat import BadHeaderError, EmailAlternative, EmailAttachment, check_address
 from mailer.storage import RefusedClass, email_to_db, safe_loads
 
 REFUSED = "django-mailer refused to queue this message"
@@ -255,6 +255,33 @@ def _find(
     return path
 
 
+_ATOMS = frozenset({str, bytes, int, float, bool, type(None)})
+_CONTAINERS = frozenset({list, tuple, *(c for c in (EmailAlternative, EmailAttachment) if c)})
+_MESSAGE_CLASSES = frozenset({EmailMessage, EmailMultiAlternatives})
+
+
+def _plain(obj: Any, depth: int = 0) -> bool:
+    """Only builtin atoms in lists, tuples, str-keyed dicts: pickles to no
+    global the decoder could refuse. Conservative: anything else is False."""
+    kind = type(obj)
+    if kind in _ATOMS:
+        return True
+    if depth > 4:
+        return False
+    if kind in _CONTAINERS:
+        return all(_plain(item, depth + 1) for item in obj)
+    if kind is dict:
+        return all(type(k) is str and _plain(v, depth + 1) for k, v in obj.items())
+    return False
+
+
+def _plain_message(email: EmailMessage) -> bool:
+    """A Django message class holding only plain data (the usual case)."""
+    return type(email) in _MESSAGE_CLASSES and all(
+        _plain(value) for name, value in email.__dict__.items() if name not in _NOT_STORED
+    )
+
+
 def encode_for_queue(email: EmailMessage) -> str:
     """``email_to_db(email)``, refusing what couldn't be stored or read back.
 
@@ -266,6 +293,8 @@ def encode_for_queue(email: EmailMessage) -> str:
         data = email_to_db(email)
     except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as err:
         raise _storage_error(email, err, _unpicklable, "can't be stored") from err
+    if _plain_message(email):
+        return data  # nothing in it the decoder could refuse: skip the check
     try:
         safe_loads(base64.decodebytes(data.encode("ascii")))
     except RefusedClass as err:

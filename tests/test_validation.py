@@ -344,3 +344,21 @@ def test_allow_listed_classes_are_queued_and_sent(settings, smtp_settings, smtp_
 
     assert send_all().sent == 1
     assert len(smtp_server.wait_for(1)) == 1
+
+
+def test_rich_but_allowed_messages_are_queued():
+    """Safe strings, MIME parts, lazy strings in custom attributes, dates:
+    all on the decoder's list, so all accepted (and read back)."""
+    import datetime
+    from email.mime.text import MIMEText
+
+    from django.utils.safestring import mark_safe
+
+    email = _email(subject=mark_safe("Safe <b>subject</b>"))
+    email.attach(MIMEText("part", "plain"))
+    email.note = gettext_lazy("Password")
+    email.when = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    assert DbBackend().send_messages([email]) == 1
+    stored = Message.objects.get().email
+    assert stored.subject == "Safe <b>subject</b>"
+    assert str(stored.note) == "Password" and stored.when.year == 2026
