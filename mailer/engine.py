@@ -507,6 +507,9 @@ def _deliver_one(
     if email is None:
         _record_unusable(message, queries, result, problem, reason)
         return None
+    # Read (or refreshed) here, outside the guard below: a database error
+    # ends the pass like any other, it is not this message's fault.
+    queries.dont_send.current()
     try:
         suppressed = queries.dont_send.apply(email)
     except Exception as exc:  # a project's subclass with odd address fields

@@ -507,6 +507,28 @@ def test_dont_send_list_is_read_once_per_pass(smtp_settings, smtp_server):
     assert dont_send_queries(captured) == []
 
 
+def test_a_database_error_reading_the_list_ends_the_pass_not_the_message(
+    smtp_settings, smtp_server
+):
+    from django.db import DatabaseError, connection
+
+    queue(1)
+    quote = connection.ops.quote_name
+    table, away = quote("mailer_dontsendentry"), quote("mailer_dontsendentry_away")
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {table} RENAME TO {away}")
+    try:
+        with pytest.raises(DatabaseError):
+            send_all()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {away} RENAME TO {table}")
+    assert Message.objects.non_deferred().count() == 1
+    assert not MessageLog.objects.exists()
+    assert smtp_server.messages == []
+    assert send_all().sent == 1
+
+
 def test_named_addresses_are_matched(smtp_settings, smtp_server):
     from mailer.models import DontSendEntry
 
