@@ -274,3 +274,26 @@ def check_concurrency(app_configs: Any = None, **kwargs: Any) -> list[checks.Che
             id="mailer.E001",
         )
     ]
+
+
+@checks.register("mailer")
+def check_attachment_storage(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``MAILER_ATTACHMENT_STORAGE`` must name an entry of ``STORAGES``."""
+    alias = getattr(settings, "MAILER_ATTACHMENT_STORAGE", None)
+    if alias is None:
+        return []
+    storages = getattr(settings, "STORAGES", {}) or {}
+    if isinstance(alias, str) and alias in storages:
+        return []
+    keys = ", ".join(repr(k) for k in sorted(storages)) or "none"
+    return [
+        checks.Error(
+            f"MAILER_ATTACHMENT_STORAGE must be None or a key of STORAGES; it is {alias!r} "
+            f"(STORAGES has: {keys}).",
+            hint="Add an entry to STORAGES for the attachments, e.g. STORAGES['mailer'] = "
+            "{'BACKEND': 'django.core.files.storage.FileSystemStorage', 'OPTIONS': "
+            "{'location': '/var/lib/myproject/mailer'}}, and set MAILER_ATTACHMENT_STORAGE "
+            "= 'mailer'; or remove the setting.",
+            id="mailer.E010",
+        )
+    ]

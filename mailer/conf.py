@@ -127,6 +127,17 @@ class MailerSettings:
         return _get("CONCURRENCY", 1)
 
     @property
+    def ATTACHMENT_STORAGE(self) -> str | None:
+        """Key of ``STORAGES`` that large attachments are written to (see
+        mailer.attachments); ``None``: everything stays in the row."""
+        return _get("ATTACHMENT_STORAGE", None)
+
+    @property
+    def ATTACHMENT_INLINE_MAX(self) -> int:
+        """Attachments larger than this many bytes go to ATTACHMENT_STORAGE."""
+        return _get("ATTACHMENT_INLINE_MAX", 262_144)
+
+    @property
     def PURGE_BATCH_SIZE(self) -> int:
         """Rows deleted per statement by ``purge_mail_log``."""
         return _get("PURGE_BATCH_SIZE", 10_000)
@@ -144,6 +155,7 @@ NUMERIC_SETTINGS: list[tuple[str, bool, float]] = [
     ("MESSAGES_BATCH_SIZE", True, 1),
     ("EMAIL_MAX_RETRIES", True, 0),
     ("PURGE_BATCH_SIZE", False, 1),
+    ("ATTACHMENT_INLINE_MAX", False, 0),
 ]
 
 # (setting name, default) for the True/False settings, used by checks.

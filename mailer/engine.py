@@ -37,7 +37,7 @@ from django.db.models import signals
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from mailer import locking
+from mailer import attachments, locking
 from mailer.compat import get_sending_backend, require_no_backend_loop
 from mailer.conf import conf
 from mailer.errors import describe_delivery_error
@@ -384,6 +384,10 @@ class _PassQueries:
         if recipients is not None:
             entry.recipients = "\n".join(recipients)
         with transaction.atomic(using=self.db, savepoint=False):
+            if message.attachment_bundle and not entry.attachment_bundle:
+                # The log keeps no reference: the stored attachments go once
+                # this is committed, unless another row still refers to them.
+                attachments.release_on_commit(message.attachment_bundle, self.db)
             if self.use_orm:
                 entry.save(force_insert=True, using=self.db)
                 deleted, _ = Message.objects.using(self.db).filter(pk=message.pk).delete()
@@ -450,6 +454,16 @@ def _record_unhandled(message: Message, exc: BaseException) -> None:
 
 _UNDECODABLE = "can't be decoded"
 _UNSENDABLE = "can't be sent"
+_UNAVAILABLE = "can't be sent now"
+
+
+def _record_unavailable(message: Message, result: PassResult, reason: str) -> None:
+    """A stored attachment can't be read: defer, never send without it."""
+    logger.error("Message %s deferred: %s", message.pk, reason)
+    with transaction.atomic(using=message._state.db):
+        message.defer()
+        MessageLog.objects.log(message, RESULT_FAILURE, f"Not sent: {reason}")
+    result.deferred += 1
 
 
 def _prepare(message: Message) -> tuple[EmailMessage | None, str, str]:
@@ -468,6 +482,11 @@ def _prepare(message: Message) -> tuple[EmailMessage | None, str, str]:
             ensure_message_id(obj, message)
     except Exception as exc:
         return None, _UNSENDABLE, f"the stored message is broken: {_error_text(exc)}"
+    try:
+        # Attachments kept in MAILER_ATTACHMENT_STORAGE are read back here.
+        obj = attachments.load(obj)
+    except attachments.AttachmentUnavailable as exc:
+        return None, _UNAVAILABLE, str(exc)
     return obj, "", ""
 
 
@@ -505,7 +524,10 @@ def _deliver_one(
     """
     email, problem, reason = _prepare(message)
     if email is None:
-        _record_unusable(message, queries, result, problem, reason)
+        if problem == _UNAVAILABLE:
+            _record_unavailable(message, result, reason)
+        else:
+            _record_unusable(message, queries, result, problem, reason)
         return None
     # Read (or refreshed) here, outside the guard below: a database error
     # ends the pass like any other, it is not this message's fault.

@@ -15,6 +15,7 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from mailer import attachments
 from mailer.conf import conf
 from mailer.mysql import packet_limit
 from mailer.storage import db_to_email as db_to_email  # re-exported (2.3.2 path)
@@ -188,6 +189,12 @@ class Message(_EmailProperties, models.Model):
     message_id = models.TextField(null=True, blank=True, editable=False, db_index=False)
     recipients = models.TextField(null=True, blank=True, editable=False)
     subject_text = models.TextField(null=True, blank=True, editable=False)
+    # The directory of its attachments in MAILER_ATTACHMENT_STORAGE, if any
+    # (see mailer.attachments): indexed, so a bundle's last reference is
+    # found without decoding anything.
+    attachment_bundle = models.CharField(
+        max_length=200, null=True, blank=True, editable=False, db_index=True
+    )
 
     objects = MessageManager()
 
@@ -210,13 +217,26 @@ class Message(_EmailProperties, models.Model):
             return "<Message repr unavailable>"
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        update_fields = kwargs.get("update_fields")
         if self._state.adding and self.message_data:
             # Queued through make_message(): check it and give it its
             # Message-ID now, as every other way of queueing does.
             email = self.email
             if email is not None:
-                self.email = prepare_for_queue(email)
+                written = attachments.Stored()
+                stored, self.attachment_bundle = attachments.store(
+                    prepare_for_queue(email), written
+                )
+                self.email = stored
+                try:
+                    self._save(*args, **kwargs)
+                except BaseException:
+                    written.discard()
+                    raise
+                return
+        self._save(*args, **kwargs)
+
+    def _save(self, *args: Any, **kwargs: Any) -> None:
+        update_fields = kwargs.get("update_fields")
         data_saved = update_fields is None or "message_data" in update_fields
         if data_saved:
             self.fill_search_fields()
@@ -319,15 +339,27 @@ def queue_emails(
     # refuses the whole batch.
     prepared = [prepare_for_queue(e) for e in emails]
     rows: list[Message] = []
-    for email in prepared:
-        if not email.recipients():
-            continue
-        row = Message(priority=priority)
-        row.email = email
-        fill_search_fields(row, email)
-        rows.append(row)
-    if not rows:
-        return 0
+    # Large attachments are written to MAILER_ATTACHMENT_STORAGE before the
+    # rows; should anything fail before the rows are in, they are deleted.
+    written = attachments.Stored()
+    try:
+        for email in prepared:
+            if not email.recipients():
+                continue
+            row = Message(priority=priority)
+            stored, row.attachment_bundle = attachments.store(email, written)
+            row.email = stored
+            fill_search_fields(row, email)
+            rows.append(row)
+        if not rows:
+            return 0
+        return _insert(rows, batch_size)
+    except BaseException:
+        written.discard()
+        raise
+
+
+def _insert(rows: list[Message], batch_size: int | None) -> int:
     if batch_size is None:
         batch_size = conf.MESSAGES_BATCH_SIZE
     using = router.db_for_write(Message)
@@ -477,7 +509,9 @@ class MessageLogQuerySet(models.QuerySet):
 
         ``result_codes`` defaults to success only. Deletes in batches of
         ``MAILER_PURGE_BATCH_SIZE`` rows so a huge log never needs one huge
-        statement (or one huge transaction).
+        statement (or one huge transaction). Stored attachments
+        (``MAILER_ATTACHMENT_STORAGE``) that no queue row or log entry refers
+        to any more are deleted with the last entry that did.
         """
         if result_codes is None:
             result_codes = [RESULT_SUCCESS]
@@ -486,11 +520,15 @@ class MessageLogQuerySet(models.QuerySet):
         qs = self.filter(when_attempted__lt=limit, result__in=list(result_codes))
         total = 0
         while True:
-            ids = list(qs.order_by("id").values_list("id", flat=True)[:batch_size])
-            if not ids:
+            batch = list(qs.order_by("id").values_list("id", "attachment_bundle")[:batch_size])
+            if not batch:
                 return total
-            deleted, _ = self.filter(id__in=ids).delete()
+            deleted, _ = self.filter(id__in=[pk for pk, _ in batch]).delete()
             total += deleted
+            # Stored attachments whose last reference was in this batch
+            # (checked once the deletion is committed).
+            for bundle in {b for _, b in batch if b}:
+                attachments.release_on_commit(bundle, self.db)
 
 
 MessageLogManager = models.Manager.from_queryset(MessageLogQuerySet)
@@ -508,6 +546,12 @@ class MessageLog(_EmailProperties, models.Model):
     log_message = models.TextField()
     recipients = models.TextField(null=True, blank=True, editable=False)
     subject_text = models.TextField(null=True, blank=True, editable=False)
+    # The directory of its attachments in MAILER_ATTACHMENT_STORAGE, if any
+    # (see mailer.attachments): indexed, so a bundle's last reference is
+    # found without decoding anything.
+    attachment_bundle = models.CharField(
+        max_length=200, null=True, blank=True, editable=False, db_index=True
+    )
 
     objects = MessageLogManager()
 
@@ -568,7 +612,8 @@ class MessageLog(_EmailProperties, models.Model):
         data = message.message_data if keep_data else None
         if keep_data and as_sent and email is not None:
             try:
-                data = email_to_db(email)
+                # Stored attachments stay references (the log keeps no copy).
+                data = email_to_db(attachments.for_log(email))
             except Exception as err:
                 # Sent already: never fail the bookkeeping over the copy.
                 logger.warning(
@@ -580,6 +625,7 @@ class MessageLog(_EmailProperties, models.Model):
                 )
         entry = cls(
             message_data=data,
+            attachment_bundle=message.attachment_bundle if data else None,
             when_added=message.when_added,
             priority=message.priority,
             result=result_code,

@@ -12,6 +12,8 @@ resolves only the classes on an allow-list:
   ``zoneinfo``, and the helpers pickle itself uses for old protocols;
 * Django's lazy and safe strings;
 * django-anymail's message classes;
+* :class:`mailer.attachments.StoredAttachment` (a reference to a large
+  attachment kept in ``MAILER_ATTACHMENT_STORAGE``; data only);
 * whatever the project adds with ``MAILER_PICKLE_ALLOWLIST``
   (``"pkg.mod.Class"`` or ``"pkg.mod.*"``).
 
@@ -101,6 +103,9 @@ _ALLOWED_NAMES = frozenset(
         "anymail.message.AnymailMessageMixin",
         "anymail.message.AnymailStatus",
         "anymail.message.AnymailRecipientStatus",
+        # A reference to an attachment in MAILER_ATTACHMENT_STORAGE: data
+        # only, resolved explicitly at send time (mailer.attachments.load).
+        "mailer.attachments.StoredAttachment",
     ]
 )
 # A connection stored with the message (Django < 6.1 pickled it along).

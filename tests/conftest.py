@@ -276,3 +276,24 @@ def manage(transactional_db, tmp_path, smtp_server):
         PYTHONUNBUFFERED="1",
     )
     return Manage(env=env)
+
+
+# --- stored attachments ----------------------------------------------------------------
+
+
+@pytest.fixture
+def attachment_storage(settings, tmp_path):
+    """MAILER_ATTACHMENT_STORAGE: a real FileSystemStorage in a temporary
+    directory, threshold 1 KiB. Returns the storage."""
+    from django.core.files.storage import storages
+
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "mailer": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(tmp_path / "attachments")},
+        },
+    }
+    settings.MAILER_ATTACHMENT_STORAGE = "mailer"
+    settings.MAILER_ATTACHMENT_INLINE_MAX = 1024
+    return storages["mailer"]

@@ -251,3 +251,20 @@ def test_unbounded_smtp_timeout_warns_and_the_worker_bounds_it(settings):
         settings.EMAIL_TIMEOUT = 5
     assert checks.run_checks(tags=["mailer"], include_deployment_checks=True) == []
     assert get_sending_backend().timeout == 5
+
+
+@pytest.mark.parametrize("value", ["nope", 3, ["mailer"]])
+def test_attachment_storage_must_be_a_storages_key(settings, value):
+    settings.MAILER_ATTACHMENT_STORAGE = value
+    (error,) = checks.run_checks(tags=["mailer"])
+    assert error.id == "mailer.E010"
+    assert "MAILER_ATTACHMENT_STORAGE" in error.msg and "'default'" in error.msg
+
+
+def test_attachment_storage_and_threshold_accepted(settings):
+    settings.MAILER_ATTACHMENT_STORAGE = "default"
+    settings.MAILER_ATTACHMENT_INLINE_MAX = 0
+    assert checks.run_checks(tags=["mailer"]) == []
+    settings.MAILER_ATTACHMENT_INLINE_MAX = -1
+    (error,) = checks.run_checks(tags=["mailer"])
+    assert error.id == "mailer.E001" and "MAILER_ATTACHMENT_INLINE_MAX" in error.msg

@@ -3,6 +3,7 @@ from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
 
+from mailer import attachments
 from mailer.management.base import MailerCommand
 from mailer.models import RESULT_DONT_SEND, RESULT_FAILURE, RESULT_SUCCESS, MessageLog
 
@@ -16,7 +17,10 @@ RESULTS = {
 
 
 class Command(MailerCommand):
-    help = "Delete message log entries older than DAYS days (success only by default)."
+    help = (
+        "Delete message log entries older than DAYS days (success only by default), and "
+        "stored attachments (MAILER_ATTACHMENT_STORAGE) that nothing refers to any more."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("days", type=int, help="Keep entries newer than this many days.")
@@ -49,3 +53,12 @@ class Command(MailerCommand):
             options,
             f"purge_mail_log: {count} {options['result']} entries older than {days} days deleted",
         )
+        if attachments.storage_alias() is not None:
+            # Files of rows that never committed, or were deleted by other means.
+            swept = attachments.sweep_orphans()
+            logger.info("%s orphaned attachment files deleted", swept)
+            self.say(
+                options,
+                f"purge_mail_log: {swept} stored attachment files that no message refers "
+                "to deleted",
+            )

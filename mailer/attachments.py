@@ -1,0 +1,530 @@
+"""Large attachments off the database: ``MAILER_ATTACHMENT_STORAGE``.
+
+With ``MAILER_ATTACHMENT_STORAGE`` set (a key of Django's ``STORAGES``), every
+attachment, MIME attachment or alternative whose content is larger than
+``MAILER_ATTACHMENT_INLINE_MAX`` bytes is written to that storage when the
+message is queued, and the stored message keeps a :class:`StoredAttachment`
+in its place: plain data (storage key, name, MIME type, size, sha256), loaded
+by the allow-listed unpickler of :mod:`mailer.storage` like any other stored
+value and never opening anything by itself. :func:`load` puts the content
+back, explicitly, when the message is about to be sent: the message that goes
+out is byte for byte the one that would have gone out inline.
+
+The files of one queued message form a *bundle*: a directory
+``mailer/attachments/YYYY/MM/DD/<uuid>/`` whose name is kept in the
+``attachment_bundle`` column of the queue row and of every log entry that
+keeps the message's data (an indexed column, so "does anything still refer to
+this bundle?" is two index lookups). Files are written before the row; a
+bundle is deleted when the last row referring to it goes
+(:func:`release`), and bundles that no row refers to (the row's transaction
+rolled back, the process died between writing and committing, the row was
+deleted by other means) are swept by ``purge_mail_log`` once older than
+:data:`ORPHAN_MIN_AGE` (:func:`sweep_orphans`).
+"""
+
+from __future__ import annotations
+
+import copy
+import email.message
+import functools
+import hashlib
+import logging
+import posixpath
+import uuid
+import weakref
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.files.base import ContentFile
+from django.core.files.storage import Storage
+from django.db import transaction
+from django.utils import timezone
+
+from mailer.conf import conf
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ORPHAN_MIN_AGE",
+    "PREFIX",
+    "AttachmentUnavailable",
+    "StoredAttachment",
+    "get_storage",
+    "load",
+    "references",
+    "release",
+    "store",
+    "sweep_orphans",
+]
+
+#: Where in the storage the bundles live.
+PREFIX = "mailer/attachments"
+#: A bundle no row refers to is deleted only when its newest file is older
+#: than this: a row whose transaction is still open (it may yet commit) is
+#: invisible to ``purge_mail_log``, and no transaction stays open a day.
+ORPHAN_MIN_AGE = timedelta(days=1)
+
+
+class StoredAttachment:
+    """Stands in for content written to ``MAILER_ATTACHMENT_STORAGE``.
+
+    Data only: unpickling it runs no code of its own (no ``__setstate__``),
+    and nothing is opened until :func:`load` is called.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        name: str | None,
+        mimetype: str | None,
+        size: int,
+        sha256: str,
+        text: bool,
+    ) -> None:
+        self.key = key  # the storage's name of the file
+        self.name = name  # the attachment's file name, if any
+        self.mimetype = mimetype
+        self.size = size  # bytes in the storage
+        self.sha256 = sha256
+        self.text = text  # the content was a str (stored UTF-8 encoded)
+
+    def __repr__(self) -> str:
+        return f"<StoredAttachment {self.key} {self.name!r} {self.size} bytes>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StoredAttachment) and vars(self) == vars(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def bundle(self) -> str:
+        return posixpath.dirname(self.key)
+
+
+class AttachmentUnavailable(Exception):
+    """A stored attachment can't be read back (missing, changed, storage down)."""
+
+
+# --- the storage -----------------------------------------------------------------------
+
+
+def storage_alias() -> str | None:
+    value = conf.ATTACHMENT_STORAGE
+    return value or None
+
+
+def get_storage(alias: str | None = None) -> Storage:
+    """The storage named by ``MAILER_ATTACHMENT_STORAGE`` (or ``alias``)."""
+    from django.core.files.storage import storages
+
+    alias = alias or storage_alias()
+    if alias is None:
+        raise ImproperlyConfigured("MAILER_ATTACHMENT_STORAGE is not set.")
+    if alias not in settings.STORAGES:
+        raise ImproperlyConfigured(
+            f"MAILER_ATTACHMENT_STORAGE is {alias!r}, which is not a key of STORAGES "
+            f"(keys: {', '.join(sorted(settings.STORAGES)) or 'none'})."
+        )
+    return storages[alias]
+
+
+# --- queue time --------------------------------------------------------------------------
+
+
+def _size_over(content: str | bytes, limit: int) -> bool:
+    if isinstance(content, str):
+        if len(content) > limit:
+            return True
+        if len(content) * 4 <= limit:
+            return False
+        return len(content.encode("utf-8")) > limit
+    return len(content) > limit
+
+
+def _parts(email: Any) -> Iterator[tuple[str, int, Any]]:
+    """``(list name, index, item)`` for every attachment and alternative."""
+    for field in ("attachments", "alternatives"):
+        for index, item in enumerate(getattr(email, field, None) or []):
+            yield field, index, item
+
+
+def _content_of(field: str, item: Any) -> tuple[Any, str | None, str | None] | None:
+    """``(content, name, mimetype)`` of an item that could be stored, else None."""
+    if isinstance(item, email.message.Message):
+        if item.is_multipart():
+            return None
+        return item._payload, item.get_filename(), item.get_content_type()  # type: ignore[attr-defined]
+    if isinstance(item, (tuple, list)):
+        if field == "attachments" and len(item) == 3:
+            return item[1], item[0], item[2]
+        if field == "alternatives" and len(item) == 2:
+            return item[0], None, item[1]
+    return None
+
+
+def _with_content(field: str, item: Any, content: Any) -> Any:
+    """``item`` (a copy) with its content replaced by ``content``."""
+    if isinstance(item, email.message.Message):
+        part = copy.copy(item)
+        part._payload = content  # type: ignore[attr-defined]
+        return part
+    values = list(item)
+    values[1 if field == "attachments" else 0] = content
+    if hasattr(item, "_make"):
+        return item._make(values)
+    return type(item)(values)
+
+
+class _Writer:
+    """Writes the files of one bundle; removes them again if asked."""
+
+    def __init__(self, storage: Storage, bundle: str | None = None) -> None:
+        self.storage = storage
+        if bundle is None:
+            day = timezone.now().strftime("%Y/%m/%d")
+            bundle = f"{PREFIX}/{day}/{uuid.uuid4().hex}"
+        self.bundle = bundle
+        self.written: list[str] = []
+        self.count = 0
+
+    def write(self, content: str | bytes, name: Any, mimetype: Any) -> StoredAttachment:
+        data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
+        digest = hashlib.sha256(data).hexdigest()
+        self.count += 1
+        key = self.storage.save(f"{self.bundle}/{self.count}", ContentFile(data))
+        self.written.append(key)
+        return StoredAttachment(
+            key,
+            name=str(name) if name is not None else None,
+            mimetype=str(mimetype) if mimetype is not None else None,
+            size=len(data),
+            sha256=digest,
+            text=isinstance(content, str),
+        )
+
+    def copy_from(self, ref: StoredAttachment) -> StoredAttachment:
+        """A file of another bundle, copied into this one."""
+        with self.storage.open(ref.key, "rb") as handle:
+            data = handle.read()
+        new = self.write(data, ref.name, ref.mimetype)
+        new.text = ref.text
+        return new
+
+    def discard(self) -> None:
+        for key in self.written:
+            try:
+                self.storage.delete(key)
+            except Exception:
+                logger.warning("Could not delete stored attachment %s", key, exc_info=True)
+        self.written.clear()
+
+
+class Stored:
+    """What :func:`store` did to a batch of messages: their bundles."""
+
+    def __init__(self) -> None:
+        self.writers: list[_Writer] = []
+
+    def discard(self) -> None:
+        """Delete the files written (the rows won't exist after all)."""
+        for writer in self.writers:
+            writer.discard()
+
+
+def store(email: Any, stored: Stored | None = None) -> tuple[Any, str | None]:
+    """``(form to pickle, bundle or None)`` for a message about to be queued.
+
+    Content over ``MAILER_ATTACHMENT_INLINE_MAX`` is written to the storage
+    and replaced, in a shallow copy of ``email``, by a
+    :class:`StoredAttachment` (the caller's message is not changed). A
+    message that already holds references (requeued from the log) keeps
+    them. Without ``MAILER_ATTACHMENT_STORAGE``: ``(email, None)``. If a
+    write fails, what this call wrote is deleted and the error propagates:
+    nothing is queued half-way.
+    """
+    alias = storage_alias()
+    refs = references(email)
+    if alias is None and not refs:
+        return email, None
+    limit = conf.ATTACHMENT_INLINE_MAX
+    bundle = refs[0].bundle if refs else None
+    writer: _Writer | None = None
+    changes: dict[str, list[Any]] = {}
+    try:
+        for field, index, item in _parts(email):
+            found = _content_of(field, item)
+            if found is None:
+                continue
+            content, name, mimetype = found
+            if isinstance(content, StoredAttachment):
+                if content.bundle == bundle:
+                    continue  # already stored, in this message's bundle
+            elif not (
+                alias is not None
+                and isinstance(content, (str, bytes, bytearray))
+                and _size_over(content, limit)
+            ):
+                continue  # stays inline
+            if writer is None:
+                writer = _Writer(get_storage(alias), bundle)
+                bundle = writer.bundle
+                if stored is not None:
+                    stored.writers.append(writer)
+            if isinstance(content, StoredAttachment):
+                new = writer.copy_from(content)
+            else:
+                new = writer.write(content, name, mimetype)
+            items = changes.setdefault(field, list(getattr(email, field)))
+            items[index] = _with_content(field, item, new)
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
+    if not changes:
+        return email, bundle
+    result = copy.copy(email)
+    result.__dict__.update(changes)
+    return result, bundle
+
+
+def _ref_in(item: Any) -> StoredAttachment | None:
+    if isinstance(item, email.message.Message):
+        payload = getattr(item, "_payload", None)
+        return payload if isinstance(payload, StoredAttachment) else None
+    if isinstance(item, (tuple, list)):
+        for value in item:
+            if isinstance(value, StoredAttachment):
+                return value
+    return None
+
+
+def references(email: Any) -> list[StoredAttachment]:
+    """The stored attachments a decoded message refers to, in order."""
+    found = []
+    for _, _, item in _parts(email):
+        ref = _ref_in(item)
+        if ref is not None:
+            found.append(ref)
+    return found
+
+
+# --- send time ---------------------------------------------------------------------------
+
+
+def read(ref: StoredAttachment, storage: Storage | None = None) -> str | bytes:
+    """The content ``ref`` stands for, checked against its size and sha256."""
+    alias = storage_alias()
+    if storage is None:
+        if alias is None:
+            raise AttachmentUnavailable(
+                f"the message has a stored attachment ({ref.name or ref.key}) but "
+                "MAILER_ATTACHMENT_STORAGE is not set: set it to the storage it was "
+                "written to."
+            )
+        storage = get_storage(alias)
+    try:
+        with storage.open(ref.key, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError as err:
+        raise AttachmentUnavailable(
+            f"stored attachment {ref.name or '(no name)'} is missing from "
+            f"MAILER_ATTACHMENT_STORAGE {alias!r} ({ref.key}); the message is not sent "
+            "without it."
+        ) from err
+    except Exception as err:
+        raise AttachmentUnavailable(
+            f"stored attachment {ref.name or '(no name)'} ({ref.key}) can't be read from "
+            f"MAILER_ATTACHMENT_STORAGE {alias!r}: {type(err).__name__}: {err}"
+        ) from err
+    if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise AttachmentUnavailable(
+            f"stored attachment {ref.name or '(no name)'} ({ref.key}) is not what was "
+            f"stored: {len(data)} bytes read, {ref.size} expected, or its sha256 differs."
+        )
+    return data.decode("utf-8") if ref.text else data
+
+
+#: Sent form -> {id(content read): reference}, so the log keeps references.
+_loaded: weakref.WeakKeyDictionary[Any, dict[int, StoredAttachment]] = weakref.WeakKeyDictionary()
+
+
+def load(email: Any) -> Any:
+    """``email`` with every stored attachment read back (a shallow copy).
+
+    ``email`` itself when it has none. Raises :class:`AttachmentUnavailable`
+    when one can't be read, or is not what was stored. :func:`for_log` turns
+    the result back into the stored form.
+    """
+    changes: dict[str, list[Any]] = {}
+    contents: dict[int, StoredAttachment] = {}
+    storage = None
+    for field, index, item in _parts(email):
+        ref = _ref_in(item)
+        if ref is None:
+            continue
+        if storage is None and storage_alias() is not None:
+            storage = get_storage()
+        content = read(ref, storage)
+        contents[id(content)] = ref
+        items = changes.setdefault(field, list(getattr(email, field)))
+        items[index] = _with_content(field, item, content)
+    if not changes:
+        return email
+    result = copy.copy(email)
+    result.__dict__.update(changes)
+    try:
+        _loaded[result] = contents
+    except TypeError:  # an unhashable subclass: the log keeps the content
+        pass
+    return result
+
+
+def for_log(email: Any) -> Any:
+    """The form of a sent message to keep in the log: references, not content."""
+    try:
+        contents = _loaded.get(email)
+    except TypeError:
+        return email
+    if not contents:
+        return email
+    changes: dict[str, list[Any]] = {}
+    for field, index, item in _parts(email):
+        found = _content_of(field, item)
+        if found is None or id(found[0]) not in contents:
+            continue
+        items = changes.setdefault(field, list(getattr(email, field)))
+        items[index] = _with_content(field, item, contents[id(found[0])])
+    if not changes:
+        return email
+    result = copy.copy(email)
+    result.__dict__.update(changes)
+    return result
+
+
+# --- deleting ----------------------------------------------------------------------------
+
+
+def is_referenced(bundle: str, using: str | None = None) -> bool:
+    """Does a queue row or a log entry refer to ``bundle``?"""
+    from mailer.models import Message, MessageLog
+
+    for model in (Message, MessageLog):
+        manager = model.objects.using(using) if using else model.objects
+        if manager.filter(attachment_bundle=bundle).exists():
+            return True
+    return False
+
+
+def delete_bundle(bundle: str, storage: Storage | None = None) -> int:
+    """Delete every file of ``bundle``; return how many."""
+    storage = storage or get_storage()
+    try:
+        _, files = storage.listdir(bundle)
+    except FileNotFoundError:
+        return 0
+    for name in files:
+        storage.delete(f"{bundle}/{name}")
+    _remove_empty_dir(storage, bundle)
+    return len(files)
+
+
+def _remove_empty_dir(storage: Storage, name: str) -> None:
+    """A local directory left empty (object stores have none)."""
+    import os
+
+    try:
+        path = storage.path(name)
+    except NotImplementedError:
+        return
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def release(bundle: str | None, using: str | None = None) -> bool:
+    """Delete ``bundle`` if no row refers to it any more; True if deleted.
+
+    Never raises: a bundle left behind is no row's and is swept later.
+    """
+    if not bundle or storage_alias() is None:
+        return False
+    try:
+        if is_referenced(bundle, using):
+            return False
+        delete_bundle(bundle)
+        return True
+    except Exception:
+        logger.warning(
+            "Could not delete stored attachments %s (purge_mail_log will retry).",
+            bundle,
+            exc_info=True,
+        )
+        return False
+
+
+def release_on_commit(bundle: str | None, using: str) -> None:
+    """:func:`release` once the current transaction on ``using`` commits
+    (at once in autocommit): a rolled-back deletion deletes no file."""
+    if bundle and storage_alias() is not None:
+        transaction.on_commit(functools.partial(release, bundle, using), using=using)
+
+
+def _bundles(storage: Storage) -> Iterator[str]:
+    """Every bundle directory under :data:`PREFIX` (``YYYY/MM/DD/<uuid>``)."""
+
+    def dirs(path: str) -> list[str]:
+        try:
+            return sorted(storage.listdir(path)[0])
+        except FileNotFoundError:
+            return []
+
+    for year in dirs(PREFIX):
+        for month in dirs(f"{PREFIX}/{year}"):
+            for day in dirs(f"{PREFIX}/{year}/{month}"):
+                base = f"{PREFIX}/{year}/{month}/{day}"
+                for bundle in dirs(base):
+                    yield f"{base}/{bundle}"
+                _remove_empty_dir(storage, base)
+            _remove_empty_dir(storage, f"{PREFIX}/{year}/{month}")
+        _remove_empty_dir(storage, f"{PREFIX}/{year}")
+
+
+def _newest(storage: Storage, bundle: str, files: list[str]) -> datetime | None:
+    times = [storage.get_modified_time(f"{bundle}/{name}") for name in files]
+    return max(times) if times else None
+
+
+def sweep_orphans(
+    *, min_age: timedelta = ORPHAN_MIN_AGE, now: datetime | None = None, using: str | None = None
+) -> int:
+    """Delete bundles no row refers to, once older than ``min_age``; return
+    how many files were deleted.
+
+    A bundle whose newest file is younger may belong to a row whose
+    transaction has not committed yet, and is left alone.
+    """
+    if storage_alias() is None:
+        return 0
+    storage = get_storage()
+    now = now or timezone.now()
+    deleted = 0
+    for bundle in _bundles(storage):
+        try:
+            _, files = storage.listdir(bundle)
+            newest = _newest(storage, bundle, files)
+            if newest is not None:
+                if timezone.is_naive(newest):
+                    newest = timezone.make_aware(newest, timezone.get_default_timezone())
+                if now - newest < min_age:
+                    continue
+            if is_referenced(bundle, using):
+                continue
+            deleted += delete_bundle(bundle, storage)
+        except Exception:
+            logger.warning("Could not sweep stored attachments %s", bundle, exc_info=True)
+    return deleted
