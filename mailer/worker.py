@@ -84,7 +84,8 @@ class Worker:
     # -- the loop -----------------------------------------------------------------
 
     def idle_seconds(self) -> float:
-        return conf.EMPTY_QUEUE_SLEEP if self.sleep is None else self.sleep
+        # mailer.engine.EMPTY_QUEUE_SLEEP: the setting, or what a test patched.
+        return float(engine.EMPTY_QUEUE_SLEEP) if self.sleep is None else self.sleep
 
     def has_work(self) -> bool:
         return engine.has_sendable()

@@ -96,3 +96,15 @@ def test_unusable_lock_path_backs_off_reports_once_and_recovers(
     assert errors[0].exc_info is None  # no traceback
     assert "Pass failed" not in caplog.text
     assert "can be created again" in caplog.text
+
+
+def test_idle_sleep_follows_the_setting_or_a_patched_engine_value(settings):
+    from unittest.mock import patch
+
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 9
+    worker = Worker(install_signal_handlers=False)
+    assert worker.idle_seconds() == 9
+    with patch("mailer.engine.EMPTY_QUEUE_SLEEP", 0.25):
+        assert worker.idle_seconds() == 0.25
+    assert worker.idle_seconds() == 9
+    assert Worker(install_signal_handlers=False, sleep=2).idle_seconds() == 2
