@@ -18,18 +18,21 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import PermissionDenied
 from django.core.mail import EmailMessage
 from django.core.paginator import EmptyPage, Page, PageNotAnInteger, Paginator
 from django.db import connections, transaction
 from django.db.models import F, Max, QuerySet
-from django.http import HttpRequest
+from django.http import FileResponse, Http404, HttpRequest
 from django.template.defaultfilters import filesizeformat
-from django.urls import reverse
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.formats import date_format
 from django.utils.functional import cached_property
@@ -40,6 +43,8 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
+from mailer import attachments as attachment_refs
+from mailer.attachments import StoredAttachment
 from mailer.engine import send_all
 from mailer.models import (
     PRIORITY_DEFERRED,
@@ -349,13 +354,20 @@ def _html_body(email: EmailMessage) -> str | None:
     return None
 
 
-def _attachment_rows(email: EmailMessage) -> list[tuple[str, str, str]]:
+def _attachment_rows(email: EmailMessage) -> list[tuple[str, str, str, StoredAttachment | None]]:
+    """``(file name, content type, size, reference)`` of each attachment, then
+    of each alternative kept in ``MAILER_ATTACHMENT_STORAGE``."""
     rows = []
     for item in getattr(email, "attachments", None) or []:
-        if isinstance(item, tuple):
+        ref = attachment_refs.ref_in(item)
+        if ref is not None:
+            filename: Any = ref.name
+            mimetype: Any = ref.mimetype
+            size: int | None = ref.size
+        elif isinstance(item, tuple):
             filename, content, mimetype = (list(item) + [None, None, None])[:3]
             if isinstance(content, str):
-                size: int | None = len(content.encode("utf-8"))
+                size = len(content.encode("utf-8"))
             elif isinstance(content, bytes | bytearray):
                 size = len(content)
             else:
@@ -370,9 +382,21 @@ def _attachment_rows(email: EmailMessage) -> list[tuple[str, str, str]]:
                 str(filename) if filename else str(_("(no name)")),
                 str(mimetype) if mimetype else EMPTY,
                 filesizeformat(size) if size is not None else EMPTY,
+                ref,
             )
         )
+    for item in getattr(email, "alternatives", None) or []:
+        ref = attachment_refs.ref_in(item)
+        if ref is not None:
+            rows.append(
+                (str(_("(alternative)")), ref.mimetype or EMPTY, filesizeformat(ref.size), ref)
+            )
     return rows
+
+
+#: The request a detail page is being rendered for (read-only fields get only
+#: the object): who may download stored attachments.
+_detail_request: ContextVar[HttpRequest | None] = ContextVar("mailer_detail_request", default=None)
 
 
 # --- 2.3.2's public names ------------------------------------------------------------
@@ -584,20 +608,110 @@ class StoredEmailDisplay(MessageAdminMixin):
     @admin.display(description=_("attachments"))
     @_guarded
     def attachments_display(self, obj: Any) -> Any:
+        request = _detail_request.get()
+        may_download = request is not None and self.has_download_permission(request)
+
+        def cell(number: int, ref: StoredAttachment | None) -> Any:
+            if ref is None:
+                return EMPTY
+            if not may_download:
+                return _("stored")
+            url = reverse(
+                f"{self.admin_site.name}:{self.opts.app_label}_{self.opts.model_name}_attachment",
+                args=[obj.pk, number],
+            )
+            return format_html('{} (<a href="{}">{}</a>)', _("stored"), url, _("download"))
+
         def render(email: EmailMessage) -> Any:
             rows = _attachment_rows(email)
             if not rows:
                 return EMPTY
+            if not any(ref for *_, ref in rows):
+                return format_html(
+                    '<table class="mailer-attachments"><thead><tr><th>{}</th><th>{}</th>'
+                    "<th>{}</th></tr></thead><tbody>{}</tbody></table>",
+                    _("file name"),
+                    _("content type"),
+                    _("size"),
+                    format_html_join(
+                        "", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", (r[:3] for r in rows)
+                    ),
+                )
+            numbered = []
+            number = 0
+            for name, mimetype, size, ref in rows:
+                numbered.append((name, mimetype, size, cell(number, ref)))
+                number += ref is not None
             return format_html(
                 '<table class="mailer-attachments"><thead><tr><th>{}</th><th>{}</th>'
-                "<th>{}</th></tr></thead><tbody>{}</tbody></table>",
+                "<th>{}</th><th>{}</th></tr></thead><tbody>{}</tbody></table>",
                 _("file name"),
                 _("content type"),
                 _("size"),
-                format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", rows),
+                _("storage"),
+                format_html_join(
+                    "", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", numbered
+                ),
             )
 
         return self._from_email(obj, render)
+
+    # -- stored attachments: shown on the detail page, downloaded through the admin --
+
+    def has_download_permission(self, request: HttpRequest) -> bool:
+        """Staff with the change permission may download stored attachments."""
+        opts = self.opts  # type: ignore[attr-defined]
+        return bool(request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}"))
+
+    def changeform_view(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        token = _detail_request.set(request)
+        try:
+            response = super().changeform_view(request, *args, **kwargs)  # type: ignore[misc]
+            if hasattr(response, "render") and not getattr(response, "is_rendered", True):
+                response.render()  # the read-only fields are rendered now, knowing who asks
+            return response
+        finally:
+            _detail_request.reset(token)
+
+    def get_urls(self) -> list[Any]:
+        opts = self.opts  # type: ignore[attr-defined]
+        view = self.admin_site.admin_view(self.attachment_view)  # type: ignore[attr-defined]
+        return [
+            path(
+                "<path:object_id>/attachment/<int:number>/",
+                view,
+                name=f"{opts.app_label}_{opts.model_name}_attachment",
+            ),
+            *super().get_urls(),  # type: ignore[misc]
+        ]
+
+    def attachment_view(self, request: HttpRequest, object_id: str, number: int) -> Any:
+        """Stream stored attachment ``number`` of a message as a download."""
+        if not self.has_download_permission(request):
+            raise PermissionDenied
+        obj = self.get_object(request, unquote(object_id))  # type: ignore[attr-defined]
+        if obj is None:
+            raise Http404(_("No such message."))
+        email = self._email(obj)
+        refs = attachment_refs.references(email) if email is not None else []
+        if number >= len(refs):
+            raise Http404(_("No such stored attachment."))
+        ref = refs[number]
+        try:
+            handle = attachment_refs.get_storage().open(ref.key, "rb")
+        except Exception as err:
+            raise Http404(
+                _("The stored attachment can't be read: %(error)s") % {"error": err}
+            ) from err
+        # Never rendered by the browser, whatever the attachment claims to be.
+        response = FileResponse(
+            handle,
+            as_attachment=True,
+            filename=ref.name or f"attachment-{number + 1}",
+            content_type="application/octet-stream",
+        )
+        response["X-Content-Type-Options"] = "nosniff"
+        return response
 
 
 class DenormalisedColumns:

@@ -291,7 +291,7 @@ def store(email: Any, stored: Stored | None = None) -> tuple[Any, str | None]:
     return result, bundle
 
 
-def _ref_in(item: Any) -> StoredAttachment | None:
+def ref_in(item: Any) -> StoredAttachment | None:
     if isinstance(item, email.message.Message):
         payload = getattr(item, "_payload", None)
         return payload if isinstance(payload, StoredAttachment) else None
@@ -306,7 +306,7 @@ def references(email: Any) -> list[StoredAttachment]:
     """The stored attachments a decoded message refers to, in order."""
     found = []
     for _, _, item in _parts(email):
-        ref = _ref_in(item)
+        ref = ref_in(item)
         if ref is not None:
             found.append(ref)
     return found
@@ -363,7 +363,7 @@ def load(email: Any) -> Any:
     contents: dict[int, StoredAttachment] = {}
     storage = None
     for field, index, item in _parts(email):
-        ref = _ref_in(item)
+        ref = ref_in(item)
         if ref is None:
             continue
         if storage is None and storage_alias() is not None:

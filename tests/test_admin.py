@@ -1057,3 +1057,65 @@ def test_crafted_pickle_is_not_executed_by_the_admin(admin_client, tmp_path):
         assert not marker.exists(), url
     assert "undecodable message data" in page_text(admin_client.get(change_url(msg)))
     assert not marker.exists()
+
+
+# --- stored attachments (MAILER_ATTACHMENT_STORAGE) -------------------------------------------
+
+
+def _stored_message(storage_content: bytes) -> Message:
+    from mailer.models import queue_emails
+
+    email = EmailMultiAlternatives("Report", "b", "from@example.com", ["to@example.com"])
+    email.attach("small.txt", "tiny", "text/plain")
+    email.attach("report.html", storage_content, "application/octet-stream")
+    queue_emails([email])
+    return Message.objects.get()
+
+
+def test_detail_shows_stored_attachments_with_a_download_link(admin_client, attachment_storage):
+    content = b"<script>alert(1)</script>" + b"x" * 3000
+    msg = _stored_message(content)
+    text = page_text(admin_client.get(change_url(msg)))
+    url = reverse("admin:mailer_message_attachment", args=[msg.pk, 0])
+    assert "report.html" in text and "application/octet-stream" in text and "3.0\xa0KB" in text
+    assert f'href="{url}"' in text
+    assert "small.txt" in text
+
+    response = admin_client.get(url)
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content) == content
+    assert response["Content-Type"] == "application/octet-stream"
+    assert response["Content-Disposition"].startswith("attachment;")
+    assert 'filename="report.html"' in response["Content-Disposition"]
+    assert admin_client.get(
+        reverse("admin:mailer_message_attachment", args=[msg.pk, 1])
+    ).status_code == 404
+
+    # The log entry of the sent message shows and serves the same file.
+    entry = MessageLog.objects.log(msg, RESULT_SUCCESS, keep_data=True)
+    text = page_text(admin_client.get(change_url(entry)))
+    log_url = reverse("admin:mailer_messagelog_attachment", args=[entry.pk, 0])
+    assert f'href="{log_url}"' in text
+    assert b"".join(admin_client.get(log_url).streaming_content) == content
+
+
+def test_stored_attachment_download_needs_the_change_permission(
+    client, django_user_model, attachment_storage
+):
+    from django.contrib.auth.models import Permission
+
+    msg = _stored_message(b"y" * 3000)
+    url = reverse("admin:mailer_message_attachment", args=[msg.pk, 0])
+    viewer = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_message"))
+    client.force_login(viewer)
+    text = page_text(client.get(change_url(msg)))
+    assert "report.html" in text and "stored" in text and url not in text
+    assert client.get(url).status_code == 403
+    viewer.user_permissions.add(Permission.objects.get(codename="change_message"))
+    viewer = django_user_model.objects.get(pk=viewer.pk)  # fresh permission cache
+    client.force_login(viewer)
+    assert f'href="{url}"' in page_text(client.get(change_url(msg)))
+    assert client.get(url).status_code == 200
+    client.logout()
+    assert client.get(url).status_code == 302  # to the login page, not the file
