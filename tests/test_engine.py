@@ -743,7 +743,8 @@ def test_crafted_pickle_is_never_executed(tmp_path, smtp_settings, smtp_server):
     assert "system" in failure.log_message and "MAILER_PICKLE_ALLOWLIST" in failure.log_message
 
 
-@pytest.mark.parametrize("make,error", [(_newline_filename, "BadHeaderError"),
+# Django < 6.1 raises BadHeaderError (a ValueError), 6.1 the email package's ValueError.
+@pytest.mark.parametrize("make,error", [(_newline_filename, "ValueError"),
                                         (_unrenderable, "AttributeError")])
 def test_send_time_error_defers_and_the_pass_goes_on(make, error, smtp_settings,
                                                      smtp_server):
@@ -752,11 +753,12 @@ def test_send_time_error_defers_and_the_pass_goes_on(make, error, smtp_settings,
     with pytest.raises((ValueError, AttributeError)) as raised:
         send_all()
     # The unexpected error is reported after the pass, not instead of it.
-    assert type(raised.value).__name__ == error
+    assert isinstance(raised.value, {"ValueError": ValueError,
+                                     "AttributeError": AttributeError}[error])
     assert len(smtp_server.messages) == 2
     deferred = Message.objects.get()
     assert deferred.priority == PRIORITY_DEFERRED
-    assert error in MessageLog.objects.get(result=RESULT_FAILURE).log_message
+    assert type(raised.value).__name__ in MessageLog.objects.get(result=RESULT_FAILURE).log_message
     # After retry_deferred it is deferred again, and still blocks nothing.
     Message.objects.retry_deferred()
     queue(1)
