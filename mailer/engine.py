@@ -22,6 +22,7 @@ import contextlib
 import logging
 import smtplib
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -79,6 +80,7 @@ def _setting(name: str) -> Any:
 
 __all__ = [
     "PassResult",
+    "Session",
     "acquire_lock",
     "ensure_message_id",
     "handle_delivery_exception",
@@ -110,6 +112,8 @@ class PassResult:
     # The server stopped answering: every further message would wait the
     # whole SMTP timeout too, so the pass ends (the rest stays queued).
     timed_out: bool = False
+    # The pass ended because it found nothing more to send.
+    drained: bool = False
 
     @property
     def attempted(self) -> int:
@@ -192,13 +196,30 @@ class _Sender:
     def __init__(self) -> None:
         self.backend: Any = None
         self.refused: dict[str, Any] = {}
+        # The connection was open before the message being sent (kept from
+        # an earlier message or pass): the server may have closed it since.
+        self.reused = False
 
     def get(self) -> Any:
+        self.reused = self.backend is not None
         if self.backend is None:
             self.backend = get_sending_backend()
             self.backend.open()
         self._watch_refusals()
         return self.backend
+
+    def may_resend(self, exc: BaseException) -> bool:
+        """Was ``exc`` a connection the server had closed while we kept it?
+
+        Then the message was not accepted on it and goes out on a new
+        connection instead of being deferred (a timeout is not that: the
+        server is there but silent).
+        """
+        return (
+            self.reused
+            and isinstance(exc, (smtplib.SMTPServerDisconnected, ConnectionError))
+            and not _is_timeout(exc)
+        )
 
     def _watch_refusals(self) -> None:
         smtp: Any = getattr(self.backend, "connection", None)
@@ -304,12 +325,18 @@ class _PassQueries:
         self.connection = connections[db]
         self.queryset = queryset
         self.lock_rows = lock_rows
-        self.dont_send = DontSendSnapshot()
         self._claim: tuple[Any, ...] | None = None
         quote = self.connection.ops.quote_name
         self.log_inserter = RowInserter(MessageLog, db)
         table, pk = quote(Message._meta.db_table), quote(Message._meta.pk.column)
         self.delete_sql = f"DELETE FROM {table} WHERE {pk} = %s"
+        self.use_orm = False
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Start a pass: the don't-send list is read again, and recording
+        goes through the ORM if signal receivers are connected now."""
+        self.dont_send = DontSendSnapshot()
         self.use_orm = any(
             signal.has_listeners(MessageLog) for signal in (signals.pre_save, signals.post_save)
         ) or any(
@@ -396,6 +423,83 @@ class _PassQueries:
             with self.connection.cursor() as cursor:
                 cursor.execute(self.delete_sql, [message.pk])
                 return cursor.rowcount != 0
+
+
+#: How long a worker keeps an SMTP connection open between passes.
+KEEP_CONNECTION_SECONDS = 10.0
+
+
+class Session:
+    """What a worker keeps from one pass to the next (``send_all(session=...)``).
+
+    * The lanes' SMTP connections, for up to ``keep_seconds`` after a pass:
+      the next pass sends on them without connecting and greeting again. A
+      kept connection the server closed meanwhile is replaced and the
+      message sent on the new one, not deferred. The worker calls
+      ``close_expired()`` as it waits and ``close()`` when it stops.
+    * The compiled statements of a single lane over the default queue, so a
+      pass does not compile them again (the don't-send list is still read
+      once per pass).
+
+    Lanes of one pass may run in threads: every method is thread-safe.
+    """
+
+    def __init__(self, keep_seconds: float = KEEP_CONNECTION_SECONDS) -> None:
+        self.keep_seconds = keep_seconds
+        self._lock = threading.Lock()
+        self._senders: list[tuple[float, _Sender]] = []
+        self._queries: dict[tuple[str, bool], _PassQueries] = {}
+
+    def sender(self) -> _Sender:
+        """A kept sender still within its time, else a new one."""
+        self.close_expired()
+        with self._lock:
+            if self._senders:
+                return self._senders.pop()[1]
+        return _Sender()
+
+    def keep(self, sender: _Sender) -> None:
+        """Keep ``sender``'s open connection for the next pass."""
+        if sender.backend is None:
+            return
+        with self._lock:
+            self._senders.append((time.monotonic(), sender))
+
+    def queries(self, queryset: MessageQuerySet, db: str, lock_rows: bool) -> _PassQueries:
+        """The compiled statements for the default queue (one lane only)."""
+        with self._lock:
+            queries = self._queries.pop((db, lock_rows), None)
+        if queries is None:
+            return _PassQueries(queryset, db, lock_rows)
+        queries.refresh()
+        return queries
+
+    def keep_queries(self, queries: _PassQueries) -> None:
+        with self._lock:
+            self._queries[(queries.db, queries.lock_rows)] = queries
+
+    def expires_in(self) -> float | None:
+        """Seconds until the oldest kept connection is due to close (None: none kept)."""
+        with self._lock:
+            if not self._senders:
+                return None
+            oldest = min(kept_at for kept_at, _ in self._senders)
+        return max(0.0, oldest + self.keep_seconds - time.monotonic())
+
+    def close_expired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [s for t, s in self._senders if now - t >= self.keep_seconds]
+            self._senders = [(t, s) for t, s in self._senders if now - t < self.keep_seconds]
+        for sender in expired:
+            sender.close()
+
+    def close(self) -> None:
+        """Close every kept connection (the worker stops)."""
+        with self._lock:
+            senders, self._senders = self._senders, []
+        for _, sender in senders:
+            sender.close()
 
 
 def _error_text(exc: BaseException) -> str:
@@ -548,9 +652,7 @@ def _deliver_one(
         result.dont_send += 1
         return None
     try:
-        backend = sender.get()
-        sender.refused.clear()
-        backend.send_messages([email])
+        _send(message, email, sender)
     except Exception as exc:
         result.timed_out = _is_timeout(exc)
         try:
@@ -577,6 +679,27 @@ def _deliver_one(
     return None
 
 
+def _send(message: Message, email: EmailMessage, sender: _Sender) -> None:
+    """Hand ``email`` to the backend; once more on a new connection when the
+    server had closed the kept one."""
+    backend = sender.get()
+    sender.refused.clear()
+    try:
+        backend.send_messages([email])
+    except Exception as exc:
+        if not sender.may_resend(exc):
+            raise
+        logger.info(
+            "The email server had closed the connection (%s); sending message %s on a new one.",
+            _error_text(exc),
+            message.pk,
+        )
+        sender.close()
+        backend = sender.get()
+        sender.refused.clear()
+        backend.send_messages([email])
+
+
 def _limits_reached(result: PassResult, in_flight: int = 0) -> bool:
     """``MAILER_EMAIL_MAX_BATCH``/``MAX_DEFERRED`` reached, counting the
     messages other lanes have in flight as sent (so the batch is never
@@ -599,6 +722,7 @@ def send_all(
     should_stop: Callable[[], bool] | None = None,
     sleep: Callable[[float], Any] | None = None,
     concurrency: int | None = None,
+    session: Session | None = None,
 ) -> PassResult:
     """One pass over the queue (or over ``queryset``); see the module doc.
 
@@ -607,7 +731,9 @@ def send_all(
     ``should_stop`` is asked between messages (a worker's shutdown flag);
     ``sleep`` is used for ``MAILER_EMAIL_THROTTLE`` (default ``time.sleep``).
     ``concurrency``: SMTP connections kept busy at once (default
-    ``MAILER_CONCURRENCY``); see :mod:`mailer.pool`.
+    ``MAILER_CONCURRENCY``); see :mod:`mailer.pool`. ``session``: what a
+    worker keeps between passes (SMTP connections, compiled statements);
+    without one, everything is opened for this pass and closed after it.
     """
     require_no_backend_loop()
     conf.require_booleans()  # before anything is sent
@@ -624,6 +750,9 @@ def send_all(
             return result
     start = time.monotonic()
     state = PassState(result, should_stop=should_stop, limits_reached=_limits_reached)
+    # The statements compiled by an earlier pass hold only for the default
+    # queue (prioritize() may be patched, or a queryset given).
+    default_queue = queryset is None and prioritize is _PRIORITIZE
     try:
         queryset = _as_queryset(prioritize(queryset))
         # _db: the alias given to .using(), if any (private; not in django-stubs).
@@ -632,6 +761,8 @@ def send_all(
         # Without row locks (SQLite) the lanes share one claim position.
         shared = SharedCursor(_first_key(db)) if lanes > 1 and not lock_rows else None
         lane = _Lane(queryset, db, lock_rows, error_handler, state, shared, sleep, lanes)
+        lane.session = session
+        lane.reuse_queries = session is not None and default_queue and lanes == 1
         run_lanes(lanes, lane.run, state)
     finally:
         if lock is not None:
@@ -680,12 +811,19 @@ class _Lane:
         self.shared = shared
         self.sleep = sleep or time.sleep
         self.pooled = lanes > 1
+        self.session: Session | None = None
+        self.reuse_queries = False
 
     def run(self) -> None:
-        sender = _Sender()
-        queries = _PassQueries(self.queryset, self.db, self.lock_rows)
+        session = self.session
+        sender = session.sender() if session is not None else _Sender()
+        if self.reuse_queries and session is not None:
+            queries = session.queries(self.queryset, self.db, self.lock_rows)
+        else:
+            queries = _PassQueries(self.queryset, self.db, self.lock_rows)
         after = queries.first_key()
         state = self.state
+        done = False
         try:
             while state.reserve():
                 outcome: PassResult | None = None
@@ -703,6 +841,7 @@ class _Lane:
                         else:
                             message, after = queries.claim(after)
                         if message is None:
+                            state.result.drained = True
                             state.finish()
                             break
                         outcome = PassResult()
@@ -713,8 +852,14 @@ class _Lane:
                     state.settle(outcome, unexpected)
                 if throttle and not self.pooled and outcome is not None and outcome.sent:
                     self.sleep(throttle)  # 2.3.2: a nap after each sent message
+            done = True
         finally:
-            sender.close()
+            if done and session is not None:
+                session.keep(sender)
+                if self.reuse_queries:
+                    session.keep_queries(queries)
+            else:
+                sender.close()
             if self.pooled:
                 connections.close_all()  # this thread's own connections
 
@@ -728,6 +873,9 @@ def _as_queryset(messages: Any) -> MessageQuerySet:
     else:
         messages = [m.pk for m in messages]
     return Message.objects.filter(pk__in=messages)
+
+
+_PRIORITIZE = prioritize
 
 
 def has_sendable(queryset: MessageQuerySet | None = None) -> bool:

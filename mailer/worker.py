@@ -25,12 +25,18 @@ class Worker:
     * ``max_passes`` stops after that many passes (for tests and one-shots).
     * Between passes stale database connections are closed, so a database
       restart or ``CONN_MAX_AGE`` never kills a long-running worker.
+    * The SMTP connection (and the compiled statements) are kept from one
+      pass to the next (a :class:`mailer.engine.Session`); a connection
+      left unused for ``engine.KEEP_CONNECTION_SECONDS`` is closed.
     * A lock file that can't be created (``LockPathError``) is reported once;
       the worker then retries after 1, 2, 4... seconds, up to
       ``MAILER_EMPTY_QUEUE_SLEEP`` (at least 1 s), until it can, and says so.
     """
 
     LOCK_RETRY_FIRST = 1.0
+    #: Is this worker woken when a message is queued? Then a pass that
+    #: emptied the queue is followed by the idle wait, not by another look.
+    notified_of_new_mail = False
 
     def __init__(
         self,
@@ -48,6 +54,7 @@ class Worker:
         self.passes = 0
         self._wake = threading.Event()
         self._lock_retry: float | None = None  # set while the lock path fails
+        self.session = engine.Session()
 
     # -- control -----------------------------------------------------------------
 
@@ -73,8 +80,18 @@ class Worker:
         return previous
 
     def wait(self, seconds: float) -> None:
-        """Sleep up to ``seconds``, waking early on ``stop``/``wake``."""
+        """Sleep up to ``seconds``, waking early on ``stop``/``wake``.
+
+        A kept SMTP connection whose time is up is closed meanwhile.
+        """
         if self.running:
+            expires = self.session.expires_in()
+            if expires is not None and expires < seconds:
+                if self._wake.wait(expires):
+                    self._wake.clear()
+                    return
+                self.session.close_expired()
+                seconds -= expires
             self._wake.wait(seconds)
         self._wake.clear()
 
@@ -93,9 +110,14 @@ class Worker:
     def run_pass(self) -> Any:
         # Looked up at each pass, so patching mailer.engine.send_all works.
         if self.concurrency is None:
-            return engine.send_all(should_stop=self.should_stop, sleep=self.wait)
+            return engine.send_all(
+                should_stop=self.should_stop, sleep=self.wait, session=self.session
+            )
         return engine.send_all(
-            should_stop=self.should_stop, sleep=self.wait, concurrency=self.concurrency
+            should_stop=self.should_stop,
+            sleep=self.wait,
+            concurrency=self.concurrency,
+            session=self.session,
         )
 
     # -- hooks for subclasses (runmailer_pg) ----------------------------------------
@@ -124,7 +146,8 @@ class Worker:
 
     def pause_after(self, result: Any) -> float | None:
         """Seconds to wait after a pass that returned ``result`` (None: go on)."""
-        if result.locked_out or result.attempted == 0:
+        drained = self.notified_of_new_mail and getattr(result, "drained", False)
+        if result.locked_out or result.attempted == 0 or drained:
             return self.idle_seconds()
         return None
 
@@ -165,6 +188,7 @@ class Worker:
                 if pause is not None:
                     self.wait(pause)
         finally:
+            self.session.close()
             self.on_stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -80,6 +80,7 @@ class SMTPServer:
     active: int = 0  # messages in DATA right now, and the most at once
     max_active: int = 0
     connections: int = 0
+    transports: list = field(default_factory=list)  # one per connection
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -120,8 +121,21 @@ class SMTPServer:
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         with self.lock:
             self.connections += 1
+            self.transports.append(server.transport)
         session.host_name = hostname
         return responses
+
+    def close_connections(self) -> None:
+        """Close every client connection from the server's side (an idle
+        timeout at a provider)."""
+        with self.lock:
+            transports = list(self.transports)
+        for transport in transports:
+            transport._loop.call_soon_threadsafe(transport.close)
+        deadline = time.monotonic() + 5
+        while not all(t.is_closing() for t in transports) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # the FIN reaches the client
 
     def message_ids(self) -> list[str]:
         with self.lock:

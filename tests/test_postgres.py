@@ -311,6 +311,54 @@ def test_worker_in_process(transactional_db, smtp_settings, smtp_server, setting
     assert worker.listener.conn is None
 
 
+def test_paced_messages_one_connection_and_no_has_work_query(
+    transactional_db, smtp_settings, smtp_server, settings
+):
+    """Commit, notification, delivery: the pass runs on the SMTP connection
+    and the statements kept from the pass before, without first asking
+    whether there is work, and without looking again once the queue is empty."""
+    from django.db import connections
+
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 60
+    worker = PostgresWorker(install_signal_handlers=False)
+    statements: list[str] = []
+    result: dict = {}
+
+    def record(execute, sql, params, many, context):
+        statements.append(sql)
+        return execute(sql, params, many, context)
+
+    def run() -> None:
+        try:
+            with connections["default"].execute_wrapper(record):
+                result["passes"] = worker.run()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: worker.listener.conn is not None, what="the listener")
+        queue(1, "first")
+        smtp_server.wait_for(1)
+        time.sleep(0.2)
+        before = len(statements)
+        for n in range(2, 7):
+            queue(1, f"paced {n}")
+            smtp_server.wait_for(n)
+            time.sleep(0.1)
+        paced = statements[before:]
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert smtp_server.connections == 1
+    # Per message: the don't-send list (read once per pass), the claim, the
+    # log entry, the delete, the claim that finds the queue empty.
+    assert not any("EXISTS" in sql.upper() for sql in paced), paced
+    assert len(paced) == 5 * 5, paced
+
+
 # --- faults -------------------------------------------------------------------------------
 
 
