@@ -30,6 +30,7 @@ import functools
 import hashlib
 import logging
 import posixpath
+import re
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -419,8 +420,16 @@ def is_referenced(bundle: str, using: str | None = None) -> bool:
     return False
 
 
+#: What a bundle's name looks like: nothing else is ever deleted (a row's
+#: ``attachment_bundle`` is data, and may have been written by anyone who
+#: can write the table).
+BUNDLE_NAME = re.compile(rf"{re.escape(PREFIX)}/\d{{4}}/\d{{2}}/\d{{2}}/[0-9a-f]{{32}}\Z")
+
+
 def delete_bundle(bundle: str, storage: Storage | None = None) -> int:
     """Delete every file of ``bundle``; return how many."""
+    if not BUNDLE_NAME.match(bundle):
+        raise ValueError(f"{bundle!r} is not the name of a stored attachments directory.")
     storage = storage or get_storage()
     try:
         _, files = storage.listdir(bundle)

@@ -12,6 +12,7 @@ import time
 from email.mime.application import MIMEApplication
 
 import pytest
+from django.core.files.base import ContentFile
 from django.core.files.storage import FileSystemStorage
 from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.core.management import call_command
@@ -375,3 +376,12 @@ def test_20_mb_attachment_queues_on_mariadb(attachment_storage):
     email.attach("big.bin", big(20 * 1024 * 1024, seed=7), "application/octet-stream")
     assert queue_emails([email]) == 1
     assert attachments.references(Message.objects.get().email)[0].size == 20 * 1024 * 1024
+
+
+def test_only_bundle_directories_are_ever_deleted(attachment_storage):
+    # A row's attachment_bundle is data: whatever it says, only directories
+    # named like a bundle are deleted.
+    attachment_storage.save("precious.txt", ContentFile(b"keep"))
+    for bundle in (".", "", "mailer/attachments", "mailer/attachments/2026/11/30/../../.."):
+        assert attachments.release(bundle) is False
+    assert stored_files(attachment_storage) == ["precious.txt"]
