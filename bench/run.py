@@ -37,7 +37,7 @@ SIDES = {
 }
 SIDE_ORDER = ["dm232", "ours"]
 
-SCENARIO_ORDER = ["enqueue", "drain", "dummy", "memory", "runmailer_pg", "workers4"]
+SCENARIO_ORDER = ["enqueue", "drain", "dummy", "memory", "runmailer_pg", "workers4", "attachments"]
 SCENARIO_DBS = {
     "enqueue": ["sqlite", "postgres"],
     "drain": ["sqlite", "postgres"],
@@ -45,10 +45,12 @@ SCENARIO_DBS = {
     "memory": ["sqlite", "postgres"],
     "runmailer_pg": ["postgres"],
     "workers4": ["postgres"],
+    "attachments": ["sqlite", "postgres"],
 }
 
-FULL = {"n": 10000, "sizes": [1000, 10000, 50000], "singles": 200, "burst": 2000, "runs": 3, "mem_runs": 1}
-QUICK = {"n": 200, "sizes": [50, 300], "singles": 10, "burst": 100, "runs": 1, "mem_runs": 1}
+FULL = {"n": 10000, "sizes": [1000, 10000, 50000], "singles": 200, "burst": 2000, "runs": 3, "mem_runs": 1,
+        "att_mb": [20, 100]}
+QUICK = {"n": 200, "sizes": [50, 300], "singles": 10, "burst": 100, "runs": 1, "mem_runs": 1, "att_mb": [2]}
 
 # (key, label, unit, higher_is_better)
 METRICS = {
@@ -98,6 +100,20 @@ def memory_metrics(sizes):
     return rows
 
 
+def attachment_metrics(sizes):
+    rows = [("rss_mb_baseline", "peak RSS, manage.py shell doing nothing", "MB", False)]
+    for s in sizes:
+        for mode in ("inline", "stored"):
+            rows += [
+                ("queue_rss_mb_%d_%s" % (s, mode), "%d MB attachment, %s: queue peak RSS" % (s, mode), "MB", False),
+                ("send_rss_mb_%d_%s" % (s, mode), "%d MB attachment, %s: send_mail peak RSS" % (s, mode), "MB", False),
+                ("row_mb_%d_%s" % (s, mode), "%d MB attachment, %s: queue row" % (s, mode), "MB", False),
+                ("log_mb_%d_%s" % (s, mode), "%d MB attachment, %s: log row" % (s, mode), "MB", False),
+            ]
+        rows.append(("send_stored_vs_inline_%d" % s, "%d MB: send_mail RSS stored / inline" % s, "x", False))
+    return rows
+
+
 def _k(n):
     return "%dk" % (n // 1000) if n >= 1000 and n % 1000 == 0 else str(n)
 
@@ -121,6 +137,7 @@ TARGETS = {
     ("workers4", "msgs_per_s"): (">= 5x 2.3.2", True, lambda d, o: o >= 5 * d),
     ("workers4", "duplicates"): ("ours = 0", False, lambda d, o: o == 0),
     ("workers4", "lost"): ("ours = 0", False, lambda d, o: o == 0),
+    ("attachments", "send_stored_vs_inline_20"): ("ours <= 0.50", False, lambda d, o: o <= 0.5),
 }
 
 
@@ -352,6 +369,7 @@ def short_summary(scenario, res):
         "memory": [k for k in m if k.startswith("rss_mb_")] + ["rss_ratio"],
         "runmailer_pg": ["latency_p50_ms", "latency_p99_ms", "burst_s"],
         "workers4": ["msgs_per_s", "duplicates", "lost"],
+        "attachments": [k for k in m if k.startswith(("send_rss_mb_", "send_stored_vs"))],
     }[scenario]
     parts = ["%s=%s" % (k, fmt(m.get(k))) for k in keys]
     bad = [c for c in res.get("checks", []) if not c["ok"]]
@@ -400,6 +418,7 @@ def parse_args(argv):
     ap.add_argument("--json", dest="json_out", help="write raw results + summary as JSON to this file")
     ap.add_argument("--messages", type=int, help="messages for enqueue/drain/dummy/workers4 (default 10000)")
     ap.add_argument("--sizes", help="queue sizes of the memory scenario, e.g. 1000,10000,50000")
+    ap.add_argument("--attachment-mb", help="attachments: attachment sizes in MB (default 20,100)")
     ap.add_argument("--singles", type=int, help="runmailer_pg: single messages (default 200)")
     ap.add_argument("--burst", type=int, help="runmailer_pg: burst size (default 2000)")
     ap.add_argument("--reinstall", action="store_true", help="delete and recreate the virtualenvs")
@@ -414,6 +433,8 @@ def parse_args(argv):
         conf["n"] = args.messages
     if args.sizes:
         conf["sizes"] = sorted(int(s) for s in args.sizes.split(",") if s.strip())
+    if args.attachment_mb:
+        conf["att_mb"] = [int(s) for s in args.attachment_mb.split(",") if s.strip()]
     if args.singles is not None:
         conf["singles"] = args.singles
     if args.burst is not None:
@@ -440,6 +461,8 @@ def scenario_params(scenario, conf):
         return {"singles": conf["singles"], "burst": conf["burst"]}
     if scenario == "workers4":
         return {"n": conf["n"], "workers": 4}
+    if scenario == "attachments":
+        return {"att_mb": conf["att_mb"]}
     return {"n": conf["n"]}
 
 
@@ -448,6 +471,8 @@ def scenario_timeout(scenario, conf):
         return 600 + sum(conf["sizes"]) / 5.0
     if scenario == "runmailer_pg":
         return 600 + conf["singles"] * 31 + conf["burst"] / 5.0
+    if scenario == "attachments":
+        return 600 + 60 * sum(conf["att_mb"])
     return 600 + conf["n"] / 5.0
 
 
@@ -503,7 +528,7 @@ def main(argv=None):
 
     runs = []  # list of dicts
     for sc, db in plan:
-        nruns = conf["mem_runs"] if sc == "memory" else conf["runs"]
+        nruns = conf["mem_runs"] if sc in ("memory", "attachments") else conf["runs"]
         params = scenario_params(sc, conf)
         for i in range(nruns):
             for side in sides:
@@ -610,7 +635,12 @@ def aggregate(runs, plan, sides, conf):
                 failures.append((r["side"], r["scenario"], r["db"], r["run"], c["name"], c["detail"]))
 
     for sc, db in plan:
-        metrics = memory_metrics(conf["sizes"]) if sc == "memory" else METRICS[sc]
+        if sc == "memory":
+            metrics = memory_metrics(conf["sizes"])
+        elif sc == "attachments":
+            metrics = attachment_metrics(conf["att_mb"])
+        else:
+            metrics = METRICS[sc]
         med = {}
         bad = {}
         for side in sides:

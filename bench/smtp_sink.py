@@ -103,7 +103,8 @@ async def main():
 
     def smtp_factory():
         # A fixed hostname avoids a getfqdn() call per connection.
-        return SMTP(recorder, hostname="bench-sink", ident="bench-sink", loop=loop)
+        # No size limit: the attachments scenario sends 100 MB attachments.
+        return SMTP(recorder, hostname="bench-sink", ident="bench-sink", data_size_limit=None, loop=loop)
 
     smtp_server = await loop.create_server(smtp_factory, host="127.0.0.1", port=0)
 

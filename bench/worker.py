@@ -756,6 +756,69 @@ def sc_workers4(env, p, res):
         sink.close()
 
 
+ATTACHMENT_QUEUE_CODE = """
+import os
+from django.core.mail import EmailMessage
+email = EmailMessage("att", "body", "from@example.com", ["to@example.com"],
+                     headers={"Message-ID": "<bench.att@bench.example>"})
+email.attach("big.bin", os.urandom(int(os.environ["BENCH_ATT_BYTES"])), "application/octet-stream")
+email.send()
+"""
+
+
+def _has_attachment_storage():
+    import importlib.util
+
+    return importlib.util.find_spec("mailer.attachments") is not None
+
+
+def _column_mb(table):
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT COALESCE(SUM(LENGTH(message_data)), 0) FROM %s" % table)
+        return cursor.fetchone()[0] / (1024.0 * 1024.0)
+
+
+def sc_attachments(env, p, res):
+    """Peak RSS of queueing one message with a large attachment, and of the
+    manage.py send_mail that delivers it to the sink: inline (in the row) and,
+    where the package has MAILER_ATTACHMENT_STORAGE, stored."""
+    sizes = [int(s) for s in p["att_mb"]]
+    modes = ["inline"] + (["stored"] if _has_attachment_storage() else [])
+    res["info"]["modes"] = modes
+    r = run_manage(["shell", "-c", "pass"], {}, env.tmpdir, "shell_empty", 300)
+    res["metrics"]["rss_mb_baseline"] = r.maxrss_mb
+    sink = Sink()
+    try:
+        for size in sizes:
+            for mode in modes:
+                env.fresh_db()
+                sink.reset()
+                extra = {"BENCH_ATT_BYTES": str(size * 1024 * 1024), "BENCH_SMTP_PORT": str(sink.port)}
+                if mode == "stored":
+                    extra["BENCH_ATTACHMENT_DIR"] = os.path.join(env.tmpdir, "attachments-%d" % size)
+                label = "%d_%s" % (size, mode)
+                q = run_manage(["shell", "-c", ATTACHMENT_QUEUE_CODE], extra, env.tmpdir, "queue_" + label, 600)
+                res["checks"].append(simple_check("%s: queued" % label, q.rc == 0 and queue_count() == 1,
+                                                  "rc=%s %s" % (q.rc, q.log_tail[-800:] if q.rc else "")))
+                row_mb = _column_mb("mailer_message")
+                s = run_manage(["send_mail"], extra, env.tmpdir, "send_" + label, 900)
+                arrived = sink.wait(1, 60)
+                res["checks"].append(simple_check("%s: sent" % label, s.rc == 0 and arrived == 1 and queue_count() == 0,
+                                                  "rc=%s arrived=%s %s" % (s.rc, arrived, s.log_tail[-800:] if s.rc else "")))
+                res["metrics"]["queue_rss_mb_" + label] = q.maxrss_mb
+                res["metrics"]["send_rss_mb_" + label] = s.maxrss_mb
+                res["metrics"]["row_mb_" + label] = row_mb
+                res["metrics"]["log_mb_" + label] = _column_mb("mailer_messagelog")
+            if "stored" in modes:
+                res["metrics"]["send_stored_vs_inline_%d" % size] = (
+                    res["metrics"]["send_rss_mb_%d_stored" % size] / res["metrics"]["send_rss_mb_%d_inline" % size]
+                )
+    finally:
+        sink.close()
+
+
 SCENARIOS = {
     "enqueue": sc_enqueue,
     "drain": sc_drain,
@@ -763,6 +826,7 @@ SCENARIOS = {
     "memory": sc_memory,
     "runmailer_pg": sc_runmailer_pg,
     "workers4": sc_workers4,
+    "attachments": sc_attachments,
 }
 
 

@@ -14,6 +14,8 @@ BENCH_MAILER_BACKEND      "smtp" (default) or "dummy"
 BENCH_USE_FILE_LOCK       "1" (default) or "0"  -> MAILER_USE_FILE_LOCK
 BENCH_LOCK_PATH           -> MAILER_LOCK_PATH
 BENCH_EMPTY_QUEUE_SLEEP   -> MAILER_EMPTY_QUEUE_SLEEP (seconds, default 30)
+BENCH_ATTACHMENT_DIR      a directory: MAILER_ATTACHMENT_STORAGE = a
+                          FileSystemStorage there (attachments scenario)
 """
 
 import os
@@ -68,3 +70,14 @@ MAILER_USE_FILE_LOCK = os.environ.get("BENCH_USE_FILE_LOCK", "1") == "1"
 if os.environ.get("BENCH_LOCK_PATH"):
     MAILER_LOCK_PATH = os.environ["BENCH_LOCK_PATH"]
 MAILER_EMPTY_QUEUE_SLEEP = float(os.environ.get("BENCH_EMPTY_QUEUE_SLEEP", "30"))
+
+if os.environ.get("BENCH_ATTACHMENT_DIR"):
+    STORAGES = {
+        "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+        "mailer": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": os.environ["BENCH_ATTACHMENT_DIR"]},
+        },
+    }
+    MAILER_ATTACHMENT_STORAGE = "mailer"
