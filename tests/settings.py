@@ -18,6 +18,8 @@ The database comes from the environment:
 import os
 import tempfile
 
+import django as _django
+
 DB = os.environ.get("MAILER_TEST_DB", "sqlite")
 if DB == "mariadb":
     DB = "mysql"
@@ -106,9 +108,12 @@ ADMINS = [("Ada Admin", "ada@example.com")]
 MANAGERS = ["manager@example.com"]
 SERVER_EMAIL = "server@example.com"
 DEFAULT_FROM_EMAIL = "from@example.com"
-# Bounded SMTP waits (mailer.W002 warns without one).
-EMAIL_TIMEOUT = 10
-
+# Bounded SMTP waits (mailer.W002 warns without one); subprocess workers
+# take theirs from MAILER_TEST_EMAIL_TIMEOUT. Django 6.1 deprecates EMAIL_*
+# settings: there the timeout goes in a MAILERS entry's OPTIONS.
+_EMAIL_TIMEOUT = float(os.environ.get("MAILER_TEST_EMAIL_TIMEOUT") or 10)
+if _django.VERSION < (6, 1):
+    EMAIL_TIMEOUT = _EMAIL_TIMEOUT
 
 
 def smtp_mailers(port, timeout=10):
@@ -122,17 +127,12 @@ def smtp_mailers(port, timeout=10):
     }
 
 
-# Subprocess workers' SMTP timeout: MAILER_TEST_EMAIL_TIMEOUT=seconds.
-if os.environ.get("MAILER_TEST_EMAIL_TIMEOUT"):
-    EMAIL_TIMEOUT = float(os.environ["MAILER_TEST_EMAIL_TIMEOUT"])
-
-
 # Subprocess workers deliver to the test SMTP server named in the environment.
 if os.environ.get("MAILER_TEST_SMTP_PORT"):
     import django
 
     if django.VERSION >= (6, 1):
-        MAILERS = smtp_mailers(int(os.environ["MAILER_TEST_SMTP_PORT"]), EMAIL_TIMEOUT)
+        MAILERS = smtp_mailers(int(os.environ["MAILER_TEST_SMTP_PORT"]), _EMAIL_TIMEOUT)
         MAILER_USING = "smtp"
     else:
         MAILER_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"

@@ -228,7 +228,8 @@ def test_unbounded_smtp_timeout_warns_and_the_worker_bounds_it(settings):
     if HAS_MAILERS:
         settings.MAILERS = {
             "default": {"BACKEND": "mailer.backend.DbBackend"},
-            "smtp": {"BACKEND": "django.core.mail.backends.smtp.EmailBackend"},
+            "smtp": {"BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+                     "OPTIONS": {"host": "127.0.0.1", "port": 25}},
         }
         settings.MAILER_USING = "smtp"
     else:
@@ -246,7 +247,8 @@ def test_unbounded_smtp_timeout_warns_and_the_worker_bounds_it(settings):
     # The project's own timeout wins and silences the warning.
     if HAS_MAILERS:
         settings.MAILERS = {**settings.MAILERS, "smtp": {
-            "BACKEND": "django.core.mail.backends.smtp.EmailBackend", "OPTIONS": {"timeout": 5}}}
+            "BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+            "OPTIONS": {"host": "127.0.0.1", "port": 25, "timeout": 5}}}
     else:
         settings.EMAIL_TIMEOUT = 5
     assert checks.run_checks(tags=["mailer"], include_deployment_checks=True) == []
