@@ -53,8 +53,13 @@ def _deliver(
     *,
     using: str | None = None,
     connection: Any = None,
+    send_at: Any = None,
 ) -> int:
-    """Queue ``emails``, or hand them to the mailer the caller named."""
+    """Queue ``emails``, or hand them to the mailer the caller named.
+
+    ``send_at``: not sent before then (on the queue; a mailer named by the
+    caller gets it as the message's ``send_at`` attribute, anymail's way).
+    """
     from mailer.backend import DbBackend
     from mailer.models import queue_emails
 
@@ -65,9 +70,12 @@ def _deliver(
         connection = mailers[using]
     if connection is not None and not isinstance(connection, DbBackend):
         # The caller asked for this mailer explicitly: send through it.
+        if send_at is not None:
+            for email in emails:
+                email.send_at = send_at
         return connection.send_messages(list(emails)) or 0
     batch_size = connection.batch_size if connection is not None else None
-    return queue_emails(emails, priority=priority, batch_size=batch_size)
+    return queue_emails(emails, priority=priority, batch_size=batch_size, send_at=send_at)
 
 
 def _make_email(
@@ -113,6 +121,7 @@ def send_mail(
     html_message: str | None = None,
     connection: Any = None,
     using: str | None = None,
+    send_at: Any = None,
 ) -> int:
     """Queue one message (with an optional HTML alternative).
 
@@ -121,9 +130,12 @@ def send_mail(
     other and dropped when the message's turn comes (a message left with
     nobody is then logged "don't send", as in 2.3.2). ``fail_silently``, ``auth_user`` and ``auth_password`` are
     accepted for compatibility and ignored: nothing is sent now.
+
+    ``send_at``: not sent before this time (an aware ``datetime``; a naive one
+    is in the current time zone; a time in the past means now).
     """
     email = _make_email(subject, message, from_email, recipient_list, html_message=html_message)
-    return _deliver([email], priority, using=using, connection=connection)
+    return _deliver([email], priority, using=using, connection=connection, send_at=send_at)
 
 
 def send_html_mail(
@@ -140,15 +152,17 @@ def send_html_mail(
     *,
     connection: Any = None,
     using: str | None = None,
+    send_at: Any = None,
 ) -> int:
     """Queue a text message with a ``text/html`` alternative.
 
     Returns how many were queued (1, or 0 with nobody to send to).
+    ``send_at`` as for :func:`send_mail`.
     """
     email = _make_email(
         subject, message, from_email, recipient_list, html_message=message_html, headers=headers
     )
-    return _deliver([email], priority, using=using, connection=connection)
+    return _deliver([email], priority, using=using, connection=connection, send_at=send_at)
 
 
 def send_mass_mail(

@@ -243,6 +243,22 @@ def check_pickle_allowlist(app_configs: Any = None, **kwargs: Any) -> list[check
     ]
 
 
+@checks.register("mailer")
+def check_retry_delays(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """The automatic retry delay's cap must not be below the first delay."""
+    first, cap = conf.RETRY_DELAY, conf.RETRY_DELAY_MAX
+    if not (_is_number(first) and _is_number(cap)) or cap >= first:
+        return []  # wrong types are mailer.E001's
+    return [
+        checks.Error(
+            f"MAILER_RETRY_DELAY_MAX ({cap!r}) is smaller than MAILER_RETRY_DELAY ({first!r}): "
+            "every automatic retry would wait the cap, not the first delay.",
+            hint="Raise MAILER_RETRY_DELAY_MAX to at least MAILER_RETRY_DELAY, or lower the latter.",
+            id="mailer.E011",
+        )
+    ]
+
+
 @checks.register("mailer", deploy=True)
 def check_smtp_timeout(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     if not smtp_timeout_unset():

@@ -109,6 +109,26 @@ class MailerSettings:
     def PAUSE_SEND(self) -> bool:
         return _get_bool("PAUSE_SEND", False)
 
+    @property
+    def AUTO_RETRY(self) -> bool:
+        """Retry deferred messages automatically when due (see mailer.retry)."""
+        return _get_bool("AUTO_RETRY", False)
+
+    @property
+    def RETRY_DELAY(self) -> float:
+        """Seconds before the first automatic retry; doubles per attempt."""
+        return _get("RETRY_DELAY", 60)
+
+    @property
+    def RETRY_DELAY_MAX(self) -> float:
+        """Cap on the automatic retry delay, in seconds."""
+        return _get("RETRY_DELAY_MAX", 3600)
+
+    @property
+    def RETRY_GIVE_UP_AFTER(self) -> float | None:
+        """Seconds since queued after which nothing is retried automatically."""
+        return _get("RETRY_GIVE_UP_AFTER", 5 * 24 * 3600)
+
     def require_booleans(self) -> None:
         """Raise ``ImproperlyConfigured`` if a True/False setting is anything else."""
         for name, default in BOOLEAN_SETTINGS:
@@ -156,6 +176,9 @@ NUMERIC_SETTINGS: list[tuple[str, bool, float]] = [
     ("EMAIL_MAX_RETRIES", True, 0),
     ("PURGE_BATCH_SIZE", False, 1),
     ("ATTACHMENT_INLINE_MAX", False, 0),
+    ("RETRY_DELAY", False, 0),
+    ("RETRY_DELAY_MAX", False, 0),
+    ("RETRY_GIVE_UP_AFTER", True, 0),
 ]
 
 # (setting name, default) for the True/False settings, used by checks.
@@ -163,4 +186,5 @@ BOOLEAN_SETTINGS: list[tuple[str, bool]] = [
     ("USE_FILE_LOCK", True),
     ("EMAIL_LOG_MESSAGE_DATA", True),
     ("PAUSE_SEND", False),
+    ("AUTO_RETRY", False),
 ]

@@ -38,7 +38,7 @@ from django.db.models import signals
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from mailer import attachments, locking
+from mailer import attachments, locking, retry
 from mailer.compat import get_sending_backend, require_no_backend_loop
 from mailer.conf import conf
 from mailer.errors import describe_delivery_error
@@ -52,6 +52,7 @@ from mailer.models import (
     MessageLog,
     MessageQuerySet,
     RowInserter,
+    due_q,
     get_message_id,
 )
 from mailer.pool import PassState, SharedCursor, run_lanes
@@ -172,11 +173,21 @@ def release_lock(lock: Any) -> None:
 def handle_delivery_exception(
     connection: Any, message: Message, exc: BaseException
 ) -> tuple[Any, str]:
-    """Default ``MAILER_ERROR_HANDLER``: defer on SMTP/socket errors, else raise."""
+    """Default ``MAILER_ERROR_HANDLER``: defer on SMTP/socket errors, else raise.
+
+    With ``MAILER_AUTO_RETRY`` the retry policy (``mailer.retry.decide``)
+    says whether and when the message is retried, and the log entry says
+    which it was.
+    """
     if isinstance(exc, DEFERRABLE_ERRORS):
         text = describe_delivery_error(exc, connection)  # names the server
+        retry_at = None
+        if conf.AUTO_RETRY:
+            decision = retry.decide(message, exc)
+            text = f"{text}; {decision.note}"
+            retry_at = decision.retry_at
         logger.info("message deferred due to failure: %s", text)
-        message.defer()
+        message.defer(retry_at)
         MessageLog.objects.log(message, RESULT_FAILURE, log_message=text)
         return None, "deferred"
     raise exc
@@ -347,13 +358,23 @@ class _PassQueries:
         return _first_key(self.db)
 
     def _compile(self) -> tuple[Any, ...]:
-        markers = (object(), object(), object())
+        # The keyset (priority, when_added, id), then "due" (not_before: NULL
+        # or not after now, passed at each claim): one scan of the
+        # sending-order index, not_before checked on the rows it meets.
+        markers = (object(), object(), object(), object())
         quote = self.connection.ops.quote_name
         table = quote(Message._meta.db_table)
         cols = ", ".join(f"{table}.{quote(c)}" for c in ("priority", "when_added", "id"))
+        not_before = f"{table}.{quote('not_before')}"
         qs = (
             self.queryset.filter(priority__lt=PRIORITY_DEFERRED)
-            .extra(where=[f"({cols}) > (%s, %s, %s)"], params=list(markers))
+            .extra(
+                where=[
+                    f"({cols}) > (%s, %s, %s)",
+                    f"({not_before} IS NULL OR {not_before} <= %s)",
+                ],
+                params=list(markers),
+            )
             .order_by("priority", "when_added", "id")
         )
         if self.lock_rows:
@@ -376,7 +397,8 @@ class _PassQueries:
             self._claim = self._compile()
         sql, params, positions, compiler, converters = self._claim
         params = list(params)
-        for position, value in zip(positions, after, strict=True):
+        now = self.connection.ops.adapt_datetimefield_value(timezone.now())
+        for position, value in zip(positions, (*after, now), strict=True):
             params[position] = value
         with self.connection.cursor() as cursor:
             cursor.execute(sql, params)
@@ -758,6 +780,8 @@ def send_all(
         # _db: the alias given to .using(), if any (private; not in django-stubs).
         db = queryset.db if queryset._db else router.db_for_write(Message)  # type: ignore[attr-defined]
         lock_rows = _claims_with_row_locks(db)
+        if conf.AUTO_RETRY:
+            _release_due_retries(db)
         # Without row locks (SQLite) the lanes share one claim position.
         shared = SharedCursor(_first_key(db)) if lanes > 1 and not lock_rows else None
         lane = _Lane(queryset, db, lock_rows, error_handler, state, shared, sleep, lanes)
@@ -878,9 +902,46 @@ def _as_queryset(messages: Any) -> MessageQuerySet:
 _PRIORITIZE = prioritize
 
 
+def _release_due_retries(db: str) -> None:
+    released = Message.objects.using(db).release_due_retries()
+    if released:
+        logger.info("%s deferred message(s) due for an automatic retry back on the queue", released)
+
+
 def has_sendable(queryset: MessageQuerySet | None = None) -> bool:
+    """Is a message due now (or, with ``MAILER_AUTO_RETRY``, a retry)?"""
     messages = prioritize(queryset)
-    return messages.exists() if isinstance(messages, models.QuerySet) else bool(messages)
+    if not isinstance(messages, models.QuerySet):
+        return bool(messages)
+    now = timezone.now()
+    if messages.filter(due_q(now)).exists():
+        return True
+    return conf.AUTO_RETRY and Message.objects.retrying().filter(not_before__lte=now).exists()
+
+
+#: Shortest idle wait for a message already due (a race with the "is anything
+#: sendable" check): a second look soon, never a busy loop.
+MIN_DUE_WAIT = 0.05
+
+
+def idle_wait(cap: float, until_due: float | None) -> float:
+    """How long an idle loop sleeps: ``cap``, or less when something falls due."""
+    if until_due is None:
+        return cap
+    return min(cap, max(until_due, MIN_DUE_WAIT))
+
+
+def seconds_until_due(queryset: MessageQuerySet | None = None) -> float | None:
+    """Seconds until the earliest scheduled message or automatic retry, or None.
+
+    The loops sleep at most this long (``MAILER_EMPTY_QUEUE_SLEEP`` caps it).
+    """
+    if queryset is None:
+        queryset = Message.objects.all()
+    when = queryset.next_due(retries=conf.AUTO_RETRY)
+    if when is None:
+        return None
+    return max((when - timezone.now()).total_seconds(), 0.0)
 
 
 def send_loop() -> None:
@@ -894,7 +955,7 @@ def send_loop() -> None:
     """
     while True:
         while not has_sendable():
-            seconds = _setting("EMPTY_QUEUE_SLEEP")
+            seconds = idle_wait(_setting("EMPTY_QUEUE_SLEEP"), seconds_until_due())
             logger.debug("sleeping for %s seconds before checking queue again", seconds)
             time.sleep(seconds)
         send_all()

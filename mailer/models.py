@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
@@ -18,6 +19,7 @@ from django.utils.translation import gettext_lazy as _
 from mailer import attachments
 from mailer.conf import conf
 from mailer.mysql import packet_limit
+from mailer.retry import not_before_from
 from mailer.storage import db_to_email as db_to_email  # re-exported (2.3.2 path)
 from mailer.storage import decode
 from mailer.storage import decode_error as decode_error
@@ -162,9 +164,10 @@ class MessageQuerySet(models.QuerySet):
         return self.order_by("priority", "when_added", "id")
 
     def retry_deferred(self, new_priority: int = PRIORITY_MEDIUM) -> int:
-        """Put deferred messages back on the queue; return how many moved.
+        """Put deferred messages back on the queue now; return how many moved.
 
-        Each moved message's ``retry_count`` goes up by one. With
+        Each moved message's ``retry_count`` goes up by one and its automatic
+        retry time, if it had one, is dropped: it is due at once. With
         ``MAILER_EMAIL_MAX_RETRIES`` set, messages that have used up their
         retries stay deferred.
         """
@@ -172,7 +175,53 @@ class MessageQuerySet(models.QuerySet):
         max_retries = conf.EMAIL_MAX_RETRIES
         if max_retries is not None:
             qs = qs.filter(retry_count__lt=max_retries)
-        return qs.update(priority=new_priority, retry_count=models.F("retry_count") + 1)
+        return qs.update(
+            priority=new_priority, retry_count=models.F("retry_count") + 1, not_before=None
+        )
+
+    def due(self, now: datetime | None = None) -> MessageQuerySet:
+        """Messages whose time has come: no ``not_before``, or one not after ``now``."""
+        return self.filter(due_q(timezone.now() if now is None else now))
+
+    def scheduled(self, now: datetime | None = None) -> MessageQuerySet:
+        """Sendable messages held back until a later time (``send_at``)."""
+        now = timezone.now() if now is None else now
+        return self.non_deferred().filter(not_before__gt=now)
+
+    def retrying(self) -> MessageQuerySet:
+        """Deferred messages with an automatic retry time (``MAILER_AUTO_RETRY``)."""
+        return self.deferred().filter(not_before__isnull=False)
+
+    def waiting_for_operator(self) -> MessageQuerySet:
+        """Deferred messages nothing retries by itself (``retry_deferred`` or the admin)."""
+        return self.deferred().filter(not_before__isnull=True)
+
+    def release_due_retries(self, now: datetime | None = None) -> int:
+        """Put deferred messages whose automatic retry is due back on the queue.
+
+        As ``retry_deferred`` does for every deferred message: at medium
+        priority, ``retry_count`` up by one, due at once. Returns how many.
+        """
+        now = timezone.now() if now is None else now
+        return self.retrying().filter(not_before__lte=now).update(
+            priority=PRIORITY_MEDIUM, retry_count=models.F("retry_count") + 1, not_before=None
+        )
+
+    def next_due(self, *, retries: bool) -> datetime | None:
+        """The earliest ``not_before`` the workers must wake for, or None.
+
+        ``retries``: count deferred messages' automatic retry times too
+        (``MAILER_AUTO_RETRY``). One scan of the ``not_before`` index.
+        """
+        qs = self.filter(not_before__isnull=False)
+        if not retries:
+            qs = qs.non_deferred()
+        return qs.order_by("not_before").values_list("not_before", flat=True).first()
+
+
+def due_q(now: datetime) -> models.Q:
+    """The condition "due at ``now``" (the claim builds the same in SQL)."""
+    return models.Q(not_before__isnull=True) | models.Q(not_before__lte=now)
 
 
 MessageManager = models.Manager.from_queryset(MessageQuerySet)
@@ -185,6 +234,11 @@ class Message(_EmailProperties, models.Model):
     when_added = models.DateTimeField(default=timezone.now)
     priority = models.PositiveSmallIntegerField(choices=PRIORITIES, default=PRIORITY_MEDIUM)
     retry_count = models.IntegerField(default=0)
+    # Not sent before this time: scheduled sending (send_at) on the queue, the
+    # automatic retry time on a deferred message (MAILER_AUTO_RETRY). NULL:
+    # at once (queued) or when an operator says so (deferred). 2.3.2 workers
+    # don't know the column and ignore it.
+    not_before = models.DateTimeField(null=True, blank=True, editable=False)
     # Denormalised at queue time so the admin can search without unpickling.
     message_id = models.TextField(null=True, blank=True, editable=False, db_index=False)
     recipients = models.TextField(null=True, blank=True, editable=False)
@@ -203,6 +257,9 @@ class Message(_EmailProperties, models.Model):
         verbose_name_plural = _("messages")
         indexes = [
             models.Index(fields=["priority", "when_added", "id"], name="mailer_msg_sending_order"),
+            # The workers' "when is the next message due" and the release of
+            # due retries: a range at the start of this index.
+            models.Index(fields=["not_before"], name="mailer_msg_not_before"),
         ]
 
     def __str__(self) -> str:
@@ -248,15 +305,21 @@ class Message(_EmailProperties, models.Model):
         """Copy recipients, subject and Message-ID out of the pickle."""
         fill_search_fields(self, self.email)
 
-    def defer(self) -> None:
-        """Take the message off the queue until ``retry_deferred``."""
+    def defer(self, retry_at: datetime | None = None) -> None:
+        """Take the message off the queue.
+
+        ``retry_at``: when it is retried automatically (``MAILER_AUTO_RETRY``);
+        ``None``: not until ``retry_deferred`` or an operator puts it back.
+        """
         self.priority = PRIORITY_DEFERRED
-        self.save(update_fields=["priority"])
+        self.not_before = retry_at
+        self.save(update_fields=["priority", "not_before"])
 
     def requeue(self, priority: int = PRIORITY_MEDIUM) -> None:
-        """Put a deferred message back on the queue now."""
+        """Put a message back on the queue to be sent now (whatever its time)."""
         self.priority = priority
-        self.save(update_fields=["priority"])
+        self.not_before = None
+        self.save(update_fields=["priority", "not_before"])
 
 
 def fill_search_fields(obj: Any, email: EmailMessage | None) -> None:
@@ -319,11 +382,28 @@ class RowInserter:
             cursor.execute(self.sql, values)
 
 
+def _scheduled_form(stored: EmailMessage, send_at: Any) -> tuple[EmailMessage, datetime | None]:
+    """``(form to store, not_before)`` for a message and its ``send_at``.
+
+    ``send_at``: the caller's keyword, else the message's own ``send_at``
+    attribute (django-anymail's). The queue keeps the schedule; the stored
+    form drops the attribute (on a copy), so that a sending backend which
+    reads it (anymail's) doesn't schedule the message a second time.
+    """
+    own = vars(stored).get("send_at")
+    not_before = not_before_from(own if send_at is None else send_at)
+    if "send_at" in vars(stored):
+        stored = copy.copy(stored)
+        del stored.send_at
+    return stored, not_before
+
+
 def queue_emails(
     emails: Iterable[EmailMessage],
     *,
     priority: int = PRIORITY_MEDIUM,
     batch_size: int | None = None,
+    send_at: Any = None,
 ) -> int:
     """Store messages on the queue in one bulk insert; return how many.
 
@@ -334,19 +414,22 @@ def queue_emails(
     ``Message-ID`` now, written back onto the caller's object. A message
     Django would refuse raises ``ValueError`` (like Django, even with
     ``fail_silently``) and nothing is stored. Joins the caller's transaction.
+
+    ``send_at`` (or a message's own ``send_at`` attribute, django-anymail's
+    convention): not sent before that time; see ``mailer.retry.not_before_from``.
     """
     # Every message is checked before anything is stored: one bad message
     # refuses the whole batch.
-    prepared = [prepare_for_queue(e) for e in emails]
+    prepared = [_scheduled_form(prepare_for_queue(e), send_at) for e in emails]
     rows: list[Message] = []
     # Large attachments are written to MAILER_ATTACHMENT_STORAGE before the
     # rows; should anything fail before the rows are in, they are deleted.
     written = attachments.Stored()
     try:
-        for email in prepared:
+        for email, not_before in prepared:
             if not email.recipients():
                 continue
-            row = Message(priority=priority)
+            row = Message(priority=priority, not_before=not_before)
             stored, row.attachment_bundle = attachments.store(email, written)
             row.email = stored
             fill_search_fields(row, email)

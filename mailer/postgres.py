@@ -623,6 +623,9 @@ class PostgresWorker(Worker):
             return True
         return bool(self._with_db_retry(super().has_work))
 
+    def seconds_until_due(self) -> float | None:
+        return self._with_db_retry(super().seconds_until_due)
+
     def run_pass(self) -> Any:
         return self._with_db_retry(super().run_pass)
 

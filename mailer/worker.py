@@ -23,6 +23,8 @@ class Worker:
     * ``SIGTERM``/``SIGINT`` (when ``install_signal_handlers``) clear the
       running flag: the message in flight is finished, then ``run`` returns.
     * ``max_passes`` stops after that many passes (for tests and one-shots).
+    * While nothing is due it sleeps ``MAILER_EMPTY_QUEUE_SLEEP`` seconds, or
+      less: until the earliest scheduled message or automatic retry.
     * Between passes stale database connections are closed, so a database
       restart or ``CONN_MAX_AGE`` never kills a long-running worker.
     * The SMTP connection (and the compiled statements) are kept from one
@@ -107,6 +109,20 @@ class Worker:
     def has_work(self) -> bool:
         return engine.has_sendable()
 
+    def seconds_until_due(self) -> float | None:
+        """Seconds until the earliest scheduled message or automatic retry."""
+        return engine.seconds_until_due()
+
+    def idle_wait(self) -> float:
+        """The wait while nothing is due: ``idle_seconds()``, or until the
+        earliest scheduled message or retry falls due if that is sooner."""
+        try:
+            until_due = self.seconds_until_due()
+        except Exception as exc:  # the database is away: the pass will say so
+            logger.debug("Can't read the next due time (%s); waiting the idle period.", exc)
+            until_due = None
+        return engine.idle_wait(self.idle_seconds(), until_due)
+
     def run_pass(self) -> Any:
         # Looked up at each pass, so patching mailer.engine.send_all works.
         if self.concurrency is None:
@@ -147,8 +163,12 @@ class Worker:
     def pause_after(self, result: Any) -> float | None:
         """Seconds to wait after a pass that returned ``result`` (None: go on)."""
         drained = self.notified_of_new_mail and getattr(result, "drained", False)
-        if result.locked_out or result.attempted == 0 or drained:
+        if result.locked_out:
             return self.idle_seconds()
+        if result.attempted == 0 or drained:
+            # One indexed look for the earliest scheduled message or retry
+            # (the notification of a queued message doesn't say when it is due).
+            return self.idle_wait()
         return None
 
     def run(self) -> int:
@@ -168,7 +188,7 @@ class Worker:
                     continue
                 try:
                     if not self.has_work():
-                        self.wait(self.idle_seconds())
+                        self.wait(self.idle_wait())
                         continue
                     result = self.run_pass()
                 except LockPathError as err:

@@ -64,6 +64,9 @@ class SMTPServer:
     """An aiosmtpd server on loopback that records what it receives.
 
     ``fail_with``: an SMTP reply (e.g. "451 try later") to give to DATA;
+    ``fail_first``: answer DATA with ``fail_first_reply`` (451) that many
+    times, then accept (a provider busy for a while; ``attempts`` counts
+    every DATA, with the time it came in ``attempt_times``);
     ``delay``: seconds to wait in DATA (a slow provider); ``drop``: close
     the connection instead of answering.
     """
@@ -74,6 +77,10 @@ class SMTPServer:
     fail_with: str | None = None
     fail_rcpt: str | None = None
     refuse: dict = field(default_factory=dict)  # address -> reply, others accepted
+    fail_first: int = 0
+    fail_first_reply: str = "451 4.3.0 Try again later"
+    attempts: int = 0
+    attempt_times: list = field(default_factory=list)
     delay: float = 0.0
     drop: bool = False
     drop_matching: str | None = None  # drop only messages containing this text
@@ -111,6 +118,11 @@ class SMTPServer:
             return "421 closing"
         if self.fail_with:
             return self.fail_with
+        with self.lock:
+            self.attempts += 1
+            self.attempt_times.append(time.time())
+            if self.attempts <= self.fail_first:
+                return self.fail_first_reply
         msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self.lock:
             self.messages.append(

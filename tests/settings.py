@@ -140,9 +140,11 @@ if os.environ.get("MAILER_TEST_SMTP_PORT"):
         EMAIL_PORT = int(os.environ["MAILER_TEST_SMTP_PORT"])
 if os.environ.get("MAILER_TEST_LOCK_PATH"):
     MAILER_LOCK_PATH = os.environ["MAILER_TEST_LOCK_PATH"]
-for _name in ("EMPTY_QUEUE_SLEEP", "EMAIL_THROTTLE"):
+for _name in ("EMPTY_QUEUE_SLEEP", "EMAIL_THROTTLE", "RETRY_DELAY"):
     if os.environ.get(f"MAILER_TEST_{_name}"):
         globals()[f"MAILER_{_name}"] = float(os.environ[f"MAILER_TEST_{_name}"])
+if os.environ.get("MAILER_TEST_AUTO_RETRY"):
+    MAILER_AUTO_RETRY = True
 if os.environ.get("MAILER_TEST_NO_FILE_LOCK"):
     MAILER_USE_FILE_LOCK = False
 # Subprocess workers with persistent connections ("none": for ever, or seconds).

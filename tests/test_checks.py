@@ -27,6 +27,11 @@ def test_clean_by_default():
         ("MAILER_MESSAGES_BATCH_SIZE", 0),
         ("MAILER_EMAIL_MAX_RETRIES", True),
         ("MAILER_PURGE_BATCH_SIZE", 0),
+        ("MAILER_RETRY_DELAY", "60"),
+        ("MAILER_RETRY_DELAY", -1),
+        ("MAILER_RETRY_DELAY_MAX", None),
+        ("MAILER_RETRY_GIVE_UP_AFTER", "5 days"),
+        ("MAILER_RETRY_GIVE_UP_AFTER", -1),
     ],
 )
 def test_bad_numbers(settings, name, value):
@@ -43,6 +48,7 @@ def test_bad_numbers(settings, name, value):
         ("MAILER_USE_FILE_LOCK", "False"),
         ("MAILER_EMAIL_LOG_MESSAGE_DATA", 0),
         ("MAILER_PAUSE_SEND", None),
+        ("MAILER_AUTO_RETRY", "yes"),
     ],
 )
 def test_booleans_accept_only_booleans(settings, name, value):
@@ -50,6 +56,17 @@ def test_booleans_accept_only_booleans(settings, name, value):
     errors = checks.run_checks(tags=["mailer"])
     assert [e.id for e in errors] == ["mailer.E006"]
     assert name in errors[0].msg and repr(value) in errors[0].msg
+
+
+def test_retry_delay_cap_below_the_first_delay(settings):
+    settings.MAILER_RETRY_DELAY = 600
+    settings.MAILER_RETRY_DELAY_MAX = 60
+    errors = checks.run_checks(tags=["mailer"])
+    assert [e.id for e in errors] == ["mailer.E011"]
+    assert "MAILER_RETRY_DELAY_MAX (60)" in errors[0].msg
+    settings.MAILER_RETRY_DELAY_MAX = 600
+    settings.MAILER_RETRY_GIVE_UP_AFTER = None
+    assert mailer_errors() == []
 
 
 def test_wrong_boolean_is_refused_at_use_time_too(settings):

@@ -487,3 +487,32 @@ def test_runmailer_sigterm_while_the_server_hangs(manage, silent_server):
     # Nothing lost: the message in flight was deferred, the rest still queued.
     assert Message.objects.count() == 3
     assert MessageLog.objects.filter(result=RESULT_FAILURE).count() >= 1
+
+
+@pytest.mark.slow
+def test_runmailer_wakes_for_scheduled_mail_and_due_retries(manage, smtp_server):
+    """A message scheduled for T goes out within a second after T, and a retry
+    due in 2 s within a second after that, though the idle sleep is 60 s."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    smtp_server.fail_first = 1  # the first message: 451 once, then accepted
+    mailer.send_mail("now", "b", "f@example.com", ["t@example.com"])
+    send_at = timezone.now() + dt.timedelta(seconds=5)
+    mailer.send_mail("scheduled", "b", "f@example.com", ["t@example.com"], send_at=send_at)
+    manage.env.update(
+        MAILER_TEST_EMPTY_QUEUE_SLEEP="60", MAILER_TEST_AUTO_RETRY="1", MAILER_TEST_RETRY_DELAY="2"
+    )
+    proc = manage.popen("runmailer")
+    try:
+        smtp_server.wait_for(2, timeout=30)
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr
+    assert smtp_server.subjects() == ["now", "scheduled"]
+    first, retried, scheduled = smtp_server.attempt_times
+    assert 1.8 <= retried - first < 3.0, stderr
+    assert 0 <= scheduled - send_at.timestamp() < 1.0, stderr
+    assert "transient: retry at" in stderr

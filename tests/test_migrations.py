@@ -83,7 +83,11 @@ def test_only_our_additive_migration_is_pending(old_database):
         "0006_message_retry_count",
         "0007_alter_messagelog_message_data",
     ]
-    assert pending == ["0008_search_fields_and_sending_index", "0009_attachment_bundle"]
+    assert pending == [
+        "0008_search_fields_and_sending_index",
+        "0009_attachment_bundle",
+        "0010_message_not_before",
+    ]
 
 
 def test_migrate_keeps_rows_and_fills_search_fields(old_database):

@@ -359,6 +359,55 @@ def test_paced_messages_one_connection_and_no_has_work_query(
     assert len(paced) == 5 * 5, paced
 
 
+def test_scheduled_message_and_due_retry_go_out_on_time(start, smtp_server):
+    """Woken by the NOTIFY of a scheduled message, the worker sleeps until it
+    is due (not the 60 s idle period); the same for an automatic retry."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    running = start(env={"MAILER_TEST_AUTO_RETRY": "1", "MAILER_TEST_RETRY_DELAY": "2"})
+    smtp_server.fail_first = 1
+    queue(1, "now")
+    send_at = timezone.now() + dt.timedelta(seconds=3)
+    mailer.send_mail("scheduled", "b", "f@example.com", ["t@example.com"], send_at=send_at)
+    smtp_server.wait_for(2, timeout=20)
+    first, retried, scheduled = smtp_server.attempt_times
+    assert 1.8 <= retried - first < 3.0, running.log
+    assert 0 <= scheduled - send_at.timestamp() < 1.0, running.log
+
+
+def test_claim_is_one_scan_of_the_sending_order_index(transactional_db):
+    """EXPLAIN of the compiled claim: the keyset and the due filter use one
+    index scan, whatever the table holds."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from mailer.engine import _PassQueries, prioritize
+
+    now = timezone.now()
+    rows = []
+    for i in range(3000):
+        row = Message(priority=1 + i % 4, not_before=now + dt.timedelta(hours=i % 3) if i % 5 else None)
+        row.message_data = "x"
+        rows.append(row)
+    Message.objects.bulk_create(rows)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE " + table())
+    queries = _PassQueries(prioritize(), "default", lock_rows=True)
+    with transaction.atomic(), connection.cursor() as cursor:
+        sql, params, positions, _, _ = queries._compile()
+        params = list(params)
+        for position, value in zip(positions, (*queries.first_key(), now), strict=True):
+            params[position] = value
+        cursor.execute("EXPLAIN " + sql, params)
+        plan = "\n".join(line for (line,) in cursor.fetchall())
+    assert "Index Scan using mailer_msg_sending_order" in plan, plan
+    assert "Sort" not in plan and "Seq Scan" not in plan, plan
+    assert "not_before" in plan, plan
+
+
 # --- faults -------------------------------------------------------------------------------
 
 

@@ -108,3 +108,63 @@ def test_idle_sleep_follows_the_setting_or_a_patched_engine_value(settings):
         assert worker.idle_seconds() == 0.25
     assert worker.idle_seconds() == 9
     assert Worker(install_signal_handlers=False, sleep=2).idle_seconds() == 2
+
+
+def run_in_thread(worker: Worker) -> threading.Thread:
+    from django.db import connections
+
+    def run() -> None:
+        try:
+            worker.run()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_idle_worker_wakes_for_a_scheduled_message(smtp_settings, smtp_server):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    send_at = timezone.now() + dt.timedelta(seconds=1.5)
+    mailer.send_mail("later", "b", "f@example.com", ["t@example.com"], send_at=send_at)
+    worker = Worker(sleep=30, install_signal_handlers=False)
+    thread = run_in_thread(worker)
+    try:
+        smtp_server.wait_for(1, timeout=10)
+    finally:
+        worker.stop()
+        thread.join(10)
+    late = smtp_server.attempt_times[0] - send_at.timestamp()
+    assert 0 <= late < 1.0
+    assert worker.passes <= 2  # it slept until the message was due, not in small steps
+
+
+def test_idle_worker_wakes_for_an_automatic_retry(smtp_settings, smtp_server, settings):
+    settings.MAILER_AUTO_RETRY = True
+    settings.MAILER_RETRY_DELAY = 2
+    smtp_server.fail_first = 1
+    mailer.send_mail("retried", "b", "f@example.com", ["t@example.com"])
+    worker = Worker(sleep=30, install_signal_handlers=False)
+    thread = run_in_thread(worker)
+    try:
+        smtp_server.wait_for(1, timeout=10)
+    finally:
+        worker.stop()
+        thread.join(10)
+    first, second = smtp_server.attempt_times
+    assert 1.8 <= second - first < 2.0 + 1.0
+
+
+def test_idle_wait_is_capped_by_the_idle_sleep(locmem):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    mailer.send_mail("much later", "b", "f@example.com", ["t@example.com"],
+                     send_at=timezone.now() + dt.timedelta(hours=1))
+    assert Worker(sleep=30, install_signal_handlers=False).idle_wait() == 30
+    assert 3590 < Worker(sleep=7200, install_signal_handlers=False).idle_wait() <= 3600
