@@ -360,3 +360,20 @@ def test_a_232_worker_still_queues_and_claims_without_the_column(smtp_settings, 
     assert Message.objects.get().not_before is None
     assert send_all().sent == 1
     assert smtp_server.subjects() == ["from 2.3.2"]
+
+
+def test_with_concurrency_scheduled_and_retried_messages_are_sent_once(auto_retry, smtp_server):
+    """MAILER_CONCURRENCY shares the one claim: the due filter holds per lane."""
+    auto_retry.MAILER_CONCURRENCY = 3
+    smtp_server.fail_first = 3
+    for i in range(6):
+        mailer.send_mail(f"S{i}", "b", "f@example.com", [f"t{i}@example.com"])
+    later = timezone.now() + dt.timedelta(seconds=0.8)
+    mailer.send_mail("scheduled", "b", "f@example.com", ["t@example.com"], send_at=later)
+    first = send_all()
+    assert (first.sent, first.deferred) == (3, 3)
+    run_until_sent()
+    subjects = smtp_server.subjects()
+    assert sorted(subjects) == sorted([f"S{i}" for i in range(6)] + ["scheduled"])
+    arrived = dict(zip(subjects, smtp_server.attempt_times[3:], strict=True))
+    assert arrived["scheduled"] >= later.timestamp()
