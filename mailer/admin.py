@@ -64,6 +64,7 @@ from mailer.validation import validate_email
 
 if TYPE_CHECKING:
     from django.contrib.admin.options import _FieldsetSpec
+    from django.db.models.options import Options
 
 logger = logging.getLogger(__name__)
 
@@ -459,6 +460,10 @@ class MessageAdminMixin:
 class StoredEmailDisplay(MessageAdminMixin):
     """Read-only fields that show the decoded email on a detail page."""
 
+    # Provided by the ModelAdmin this is mixed into.
+    admin_site: admin.AdminSite
+    opts: Options[Any]
+
     email_fields = (
         "stored_data",
         "from_display",
@@ -660,7 +665,7 @@ class StoredEmailDisplay(MessageAdminMixin):
 
     def has_download_permission(self, request: HttpRequest) -> bool:
         """Staff with the change permission may download stored attachments."""
-        opts = self.opts  # type: ignore[attr-defined]
+        opts = self.opts
         return bool(request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}"))
 
     def changeform_view(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
@@ -674,8 +679,8 @@ class StoredEmailDisplay(MessageAdminMixin):
             _detail_request.reset(token)
 
     def get_urls(self) -> list[Any]:
-        opts = self.opts  # type: ignore[attr-defined]
-        view = self.admin_site.admin_view(self.attachment_view)  # type: ignore[attr-defined]
+        opts = self.opts
+        view = self.admin_site.admin_view(self.attachment_view)
         return [
             path(
                 "<path:object_id>/attachment/<int:number>/",

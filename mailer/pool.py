@@ -31,6 +31,7 @@ class Outcome(Protocol):
     failed: int
     dont_send: int
     timed_out: bool
+    drained: bool  # the pass found nothing more to send
 
 
 class PassState:
