@@ -394,7 +394,7 @@ def _scheduled_form(stored: EmailMessage, send_at: Any) -> tuple[EmailMessage, d
     not_before = not_before_from(own if send_at is None else send_at)
     if "send_at" in vars(stored):
         stored = copy.copy(stored)
-        del stored.send_at
+        delattr(stored, "send_at")  # an attribute EmailMessage doesn't declare
     return stored, not_before
 
 
