@@ -775,6 +775,30 @@ class PriorityFilter(admin.SimpleListFilter):
         return queryset
 
 
+class NextAttemptFilter(admin.SimpleListFilter):
+    """Messages by what they wait for: their time, a retry, or an operator."""
+
+    title = _("waiting for")
+    parameter_name = "waiting"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [
+            ("scheduled", _("scheduled")),
+            ("retrying", _("automatic retry")),
+            ("operator", _("an operator")),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        if value == "scheduled":
+            return queryset.scheduled()  # type: ignore[attr-defined]
+        if value == "retrying":
+            return queryset.retrying()  # type: ignore[attr-defined]
+        if value == "operator":
+            return queryset.waiting_for_operator()  # type: ignore[attr-defined]
+        return queryset
+
+
 class WhenAttemptedFilter(admin.DateFieldListFilter):
     """Django's date filter, titled with a translated name."""
 
@@ -808,11 +832,12 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
         "subject_display",
         "priority_display",
         "retry_count_display",
+        "next_attempt",
         "last_error_column",
         "when_added_display",
         "message_id_column",
     ]
-    list_filter = [PriorityFilter]
+    list_filter = [PriorityFilter, NextAttemptFilter]
     date_hierarchy = "when_added"
     search_fields = ["recipients", "subject_text", "message_id"]
     search_help_text = _("Search by recipient address, subject or Message-ID.")
@@ -827,6 +852,7 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
                     "id",
                     "priority_display",
                     "retry_count_display",
+                    "next_attempt",
                     "when_added_display",
                     "all_recipients",
                 )
@@ -839,6 +865,7 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
         "id",
         "priority_display",
         "retry_count_display",
+        "next_attempt",
         "when_added_display",
         "all_recipients",
         "last_error",
@@ -851,6 +878,17 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
     @admin.display(description=_("retry count"), ordering="retry_count")
     def retry_count_display(self, obj: Message) -> int:
         return obj.retry_count
+
+    @admin.display(description=_("next attempt"), ordering="not_before")
+    def next_attempt(self, obj: Message) -> Any:
+        """When the message is next tried: its time, its retry, or an operator's say."""
+        if obj.priority == PRIORITY_DEFERRED:
+            if obj.not_before is None:
+                return _placeholder(_("when an operator retries it"))
+            return format_html("{} ({})", when(obj.not_before), _("automatic retry"))
+        if obj.not_before is not None and obj.not_before > timezone.now():
+            return format_html("{} ({})", when(obj.not_before), _("scheduled"))
+        return EMPTY
 
     # -- why wasn't it sent? -------------------------------------------------------
 
@@ -955,6 +993,7 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
     @admin.action(description=_("Send selected messages now"), permissions=["send"])
     def send_messages(self, request: HttpRequest, queryset: MessageQuerySet) -> None:
         deferred = queryset.filter(priority=PRIORITY_DEFERRED).count()
+        scheduled = queryset.scheduled().count()
         last_log_id = MessageLog.objects.aggregate(last=Max("id"))["last"] or 0
         try:
             result = send_all(queryset=queryset)
@@ -1006,6 +1045,19 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
                 % {"count": deferred},
                 messages.WARNING,
             )
+        if scheduled:
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d selected message is scheduled for later and was not sent: "
+                    "retry it to send it now.",
+                    "%(count)d selected messages are scheduled for later and were not sent: "
+                    "retry them to send them now.",
+                    scheduled,
+                )
+                % {"count": scheduled},
+                messages.WARNING,
+            )
 
     #: Errors quoted after a "Send now" (the rest are in the log).
     errors_reported = 5
@@ -1034,11 +1086,24 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
     @admin.action(description=_("Retry selected deferred messages"), permissions=["send"])
     def retry(self, request: HttpRequest, queryset: QuerySet) -> None:
         # An operator's explicit choice: MAILER_EMAIL_MAX_RETRIES (which
-        # limits the automatic retry_deferred) does not apply here.
+        # limits the automatic retry_deferred) does not apply here, nor does
+        # a message's automatic retry time or its send_at: due now.
         selected = queryset.count()
         moved = queryset.filter(priority=PRIORITY_DEFERRED).update(
-            priority=PRIORITY_MEDIUM, retry_count=F("retry_count") + 1
+            priority=PRIORITY_MEDIUM, retry_count=F("retry_count") + 1, not_before=None
         )
+        brought_forward = queryset.scheduled().update(not_before=None)  # type: ignore[attr-defined]
+        if brought_forward:
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d scheduled message is due now instead of at its time.",
+                    "%(count)d scheduled messages are due now instead of at their time.",
+                    brought_forward,
+                )
+                % {"count": brought_forward},
+                messages.SUCCESS,
+            )
         self.message_user(
             request,
             ngettext(
@@ -1049,7 +1114,7 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
             % {"count": moved},
             messages.SUCCESS if moved else messages.WARNING,
         )
-        skipped = selected - moved
+        skipped = selected - moved - brought_forward
         if skipped > 0:
             self.message_user(
                 request,

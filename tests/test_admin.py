@@ -1119,3 +1119,69 @@ def test_stored_attachment_download_needs_the_change_permission(
     assert client.get(url).status_code == 200
     client.logout()
     assert client.get(url).status_code == 302  # to the login page, not the file
+
+
+# --- scheduled sending and automatic retries --------------------------------------------
+
+
+def _waiting_rows():
+    """A scheduled message, one waiting for its automatic retry, one for an operator, one due."""
+    soon = timezone.now() + timedelta(hours=2)
+    scheduled = queue("scheduled one")
+    Message.objects.filter(pk=scheduled.pk).update(not_before=soon)
+    retrying = queue("retrying one", priority=PRIORITY_DEFERRED)
+    Message.objects.filter(pk=retrying.pk).update(not_before=soon + timedelta(minutes=5))
+    operator = queue("stuck one", priority=PRIORITY_DEFERRED)
+    due = queue("due one")
+    return scheduled, retrying, operator, due
+
+
+def test_next_attempt_column_and_filter(admin_client):
+    scheduled, retrying, operator, due = _waiting_rows()
+    text = page_text(admin_client.get(MESSAGE_LIST))
+    assert "Next attempt" in text
+    assert "(scheduled)" in text and "(automatic retry)" in text
+    assert "when an operator retries it" in text
+    for value, expected in [
+        ("scheduled", scheduled),
+        ("retrying", retrying),
+        ("operator", operator),
+    ]:
+        text = page_text(admin_client.get(MESSAGE_LIST, {"waiting": value}))
+        assert change_url(expected) in text, value
+        others = {scheduled, retrying, operator, due} - {expected}
+        assert not any(change_url(o) in text for o in others), value
+
+
+def test_next_attempt_on_the_message_page(admin_client):
+    scheduled, retrying, operator, _ = _waiting_rows()
+    scheduled.refresh_from_db()
+    text = page_text(admin_client.get(change_url(scheduled)))
+    assert "Next attempt" in text and "(scheduled)" in text
+    text = page_text(admin_client.get(change_url(operator)))
+    assert "when an operator retries it" in text
+
+
+def test_retry_action_sends_now_whatever_the_due_time(admin_client, smtp_settings, smtp_server):
+    scheduled, retrying, operator, due = _waiting_rows()
+    response = run_action(admin_client, MESSAGE_LIST, "retry", [scheduled, retrying, operator])
+    notes = user_messages(response)
+    assert "2 deferred messages were put back on the queue." in notes
+    assert "1 scheduled message is due now instead of at its time." in notes
+    assert not any("left as" in note for note in notes)
+    assert list(Message.objects.values_list("not_before", flat=True)) == [None] * 4
+    from mailer.engine import send_all
+
+    assert send_all().sent == 4
+
+
+def test_send_now_says_a_scheduled_message_was_not_sent(admin_client, smtp_settings, smtp_server):
+    scheduled, _, _, due = _waiting_rows()
+    response = run_action(admin_client, MESSAGE_LIST, "send_messages", [scheduled, due])
+    notes = user_messages(response)
+    assert any("1 sent" in note for note in notes)
+    assert (
+        "1 selected message is scheduled for later and was not sent: retry it to send it now."
+        in notes
+    )
+    assert Message.objects.filter(pk=scheduled.pk).exists()
