@@ -129,7 +129,8 @@ def decide(message: Any, exc: BaseException, now: dt.datetime | None = None) -> 
                 f"(MAILER_RETRY_GIVE_UP_AFTER={give_up_after})",
             )
     retry_at = now + dt.timedelta(seconds=next_delay(attempts))
-    shown = timezone.localtime(retry_at).isoformat(sep=" ", timespec="seconds")
+    local = timezone.localtime(retry_at) if timezone.is_aware(retry_at) else retry_at
+    shown = local.isoformat(sep=" ", timespec="seconds")
     return Decision(RETRY, f"transient: retry at {shown} (attempt {attempts})", retry_at)
 
 

@@ -377,3 +377,21 @@ def test_with_concurrency_scheduled_and_retried_messages_are_sent_once(auto_retr
     assert sorted(subjects) == sorted([f"S{i}" for i in range(6)] + ["scheduled"])
     arrived = dict(zip(subjects, smtp_server.attempt_times[3:], strict=True))
     assert arrived["scheduled"] >= later.timestamp()
+
+
+def test_without_use_tz(settings, smtp_settings, smtp_server):
+    """USE_TZ = False: naive times throughout, in the current time zone."""
+    settings.USE_TZ = False
+    settings.MAILER_AUTO_RETRY = True
+    settings.MAILER_RETRY_DELAY = 600
+    smtp_server.fail_first = 1
+    later = dt.datetime.now() + dt.timedelta(minutes=5)
+    queue_one(send_at=later)
+    assert Message.objects.get().not_before == later
+    assert send_all().attempted == 0
+    Message.objects.update(not_before=None)
+    send_all()
+    assert "transient: retry at " in failures()[0]
+    retry_at = Message.objects.get().not_before
+    assert timezone.is_naive(retry_at)
+    assert 540 - 5 <= (retry_at - dt.datetime.now()).total_seconds() <= 600
