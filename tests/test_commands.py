@@ -416,15 +416,33 @@ def test_runmailer_backs_off_and_recovers_when_the_lock_directory_appears(
     manage.env["MAILER_TEST_EMPTY_QUEUE_SLEEP"] = "1"
     queue(1)
     proc = manage.popen("runmailer", "--skip-checks", "--debug")
+    lines: list[str] = []
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
-        time.sleep(4)  # several attempts: 1 s apart
+        # Several attempts, about 1 s apart (however long the start took).
+        deadline = time.monotonic() + 30
+        while sum("still can't be created" in line for line in lines) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
         assert smtp_server.messages == []
         lock_dir.mkdir()
         smtp_server.wait_for(1)
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=20)
+        proc.wait(timeout=20)
+        reader.join(5)
     finally:
         proc.kill()
+        proc.wait()
+        reader.join(5)
+        proc.stdout.close()
+        proc.stderr.close()
+    stderr = "".join(lines)
     assert proc.returncode == 0, stderr
     assert_one_clear_line(stderr, "does not exist", "MAILER_LOCK_PATH")
     assert stderr.count("still can't be created") >= 2  # it kept trying
