@@ -4,11 +4,14 @@
     python3 bench/run.py                      # everything, 3 runs, medians
     python3 bench/run.py --quick              # tiny smoke run (< 1 minute)
     python3 bench/run.py --only dm232 --runs 1 --json out.json
+    python3 bench/run.py --scenarios provider  # a provider 20 ms away, ~4 min
 
 Standard library only.  It creates two virtualenvs on first use,
 bench/.venvs/dm232 (django-mailer==2.3.2) and bench/.venvs/ours (this
 checkout, editable), and runs bench/worker.py with each venv's python, one
-scenario run at a time, alternating the two sides.  See bench/README.md.
+scenario run at a time, alternating the two sides.  The `provider` scenario
+also uses a third, bench/.venvs/post_office (django-post_office), and
+prints its own table.  See bench/README.md.
 """
 
 import argparse
@@ -31,13 +34,20 @@ RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 
 COMMON_REQS = ["Django==5.2.*", "psycopg2-binary", "psycopg[binary]", "aiosmtpd", "lockfile"]
 
+POST_OFFICE_VERSION = "3.12.0"
 SIDES = {
     "dm232": {"label": "2.3.2", "reqs": COMMON_REQS + ["django-mailer==2.3.2"]},
     "ours": {"label": "ours", "reqs": list(COMMON_REQS)},
+    # Only the provider scenario runs it (worker.py --app post_office).
+    "post_office": {
+        "label": "post_office",
+        "reqs": ["Django==5.2.*", "psycopg[binary]", "aiosmtpd", "django-post_office==" + POST_OFFICE_VERSION],
+        "app": "post_office",
+    },
 }
 SIDE_ORDER = ["dm232", "ours"]
 
-SCENARIO_ORDER = ["enqueue", "drain", "dummy", "memory", "runmailer_pg", "workers4", "attachments"]
+SCENARIO_ORDER = ["enqueue", "drain", "dummy", "memory", "runmailer_pg", "workers4", "attachments", "provider"]
 SCENARIO_DBS = {
     "enqueue": ["sqlite", "postgres"],
     "drain": ["sqlite", "postgres"],
@@ -46,11 +56,36 @@ SCENARIO_DBS = {
     "runmailer_pg": ["postgres"],
     "workers4": ["postgres"],
     "attachments": ["sqlite", "postgres"],
+    "provider": ["sqlite", "postgres"],
 }
 
+# The provider scenario: an SMTP sink that answers like a provider 20 ms away
+# (milliseconds: before the greeting, before every other reply, more at the
+# end of DATA). One connection carries at most 1000 / 130 = 7.7 msgs/s.
+PROVIDER_LATENCY = {"connect": 100, "reply": 20, "data_end": 50}
+PROVIDER_CONNECTION_LIMIT = 1000.0 / (3 * PROVIDER_LATENCY["reply"] + PROVIDER_LATENCY["reply"] + PROVIDER_LATENCY["data_end"])
+# (key, side, db, label, size class, params); sizes per class in FULL/QUICK.
+PROVIDER_VARIANTS = [
+    ("dm232", "dm232", "postgres", "django-mailer 2.3.2, send_mail", "slow", {}),
+    ("post_office_t10", "post_office", "postgres",
+     "django-post_office %s, send_queued_mail, 1 process x 10 threads" % POST_OFFICE_VERSION[:-2], "fast",
+     {"threads": 10}),
+    ("ours_c1_sqlite", "ours", "sqlite", "ours, send_mail --concurrency 1", "c1", {"concurrency": 1}),
+    ("ours_c10_sqlite", "ours", "sqlite", "ours, send_mail --concurrency 10", "fast", {"concurrency": 10}),
+    ("ours_c1_pg", "ours", "postgres", "ours, send_mail --concurrency 1", "c1", {"concurrency": 1}),
+    ("ours_c10_pg", "ours", "postgres", "ours, send_mail --concurrency 10", "fast", {"concurrency": 10}),
+    ("ours_3x5_pg", "ours", "postgres", "ours, 3 x send_mail --concurrency 5, no file lock", "fast",
+     {"concurrency": 5, "processes": 3}),
+]
+# --quick runs two configurations only, post_office and ours with
+# concurrency (each costs a fresh database and Django start-ups, whatever the
+# message count); 2.3.2 and the other configurations share their code paths.
+PROVIDER_QUICK = ["post_office_t10", "ours_c10_sqlite"]
+
 FULL = {"n": 10000, "sizes": [1000, 10000, 50000], "singles": 200, "burst": 2000, "runs": 3, "mem_runs": 1,
-        "att_mb": [20, 100]}
-QUICK = {"n": 200, "sizes": [50, 300], "singles": 10, "burst": 100, "runs": 1, "mem_runs": 1, "att_mb": [2]}
+        "att_mb": [20, 100], "provider": {"slow": 20, "c1": 40, "fast": 300}}
+QUICK = {"n": 200, "sizes": [50, 300], "singles": 10, "burst": 100, "runs": 1, "mem_runs": 1, "att_mb": [2],
+         "provider": {"slow": 3, "c1": 5, "fast": 20}}
 
 # (key, label, unit, higher_is_better)
 METRICS = {
@@ -298,11 +333,17 @@ def run_worker(py, args, timeout):
 
 
 def side_info(side, py):
-    res = run_worker(py, ["info"], 300)
+    res = run_worker(py, ["info", "--app", SIDES[side].get("app", "mailer")], 300)
     if not res.get("ok"):
         return None, _err_text(res)
     info = res["info"]
-    mfile = os.path.realpath(info.get("mailer_file") or "")
+    mfile = os.path.realpath(info.get("app_file") or "")
+    if side == "post_office":
+        if info.get("app_version") != POST_OFFICE_VERSION or not mfile.startswith(
+            os.path.realpath(os.path.join(VENVS_DIR, side))
+        ):
+            return info, "post_office venv imports post_office %s from %s" % (info.get("app_version"), mfile)
+        return info, None
     if side == "ours":
         want = os.path.realpath(os.path.join(REPO_DIR, "mailer")) + os.sep
         if not mfile.startswith(want):
@@ -370,6 +411,7 @@ def short_summary(scenario, res):
         "runmailer_pg": ["latency_p50_ms", "latency_p99_ms", "burst_s"],
         "workers4": ["msgs_per_s", "duplicates", "lost"],
         "attachments": [k for k in m if k.startswith(("send_rss_mb_", "send_stored_vs"))],
+        "provider": ["msgs_per_s", "delivered", "duplicates", "connections"],
     }[scenario]
     parts = ["%s=%s" % (k, fmt(m.get(k))) for k in keys]
     bad = [c for c in res.get("checks", []) if not c["ok"]]
@@ -378,12 +420,11 @@ def short_summary(scenario, res):
     return ", ".join(parts)
 
 
-def render_table(headers, rows):
+def render_table(headers, rows, right=(4, 5, 6), group=True):
     widths = [len(h) for h in headers]
     for r in rows:
         for i, c in enumerate(r):
             widths[i] = max(widths[i], len(c))
-    right = {4, 5, 6}
     line = "-+-".join("-" * w for w in widths)
 
     def fmt_row(r):
@@ -393,7 +434,7 @@ def render_table(headers, rows):
     prev = None
     for r in rows:
         key = (r[0], r[1])
-        if prev is not None and key != prev:
+        if group and prev is not None and key != prev:
             out.append(line)
         prev = key
         out.append(fmt_row(r))
@@ -414,7 +455,8 @@ def parse_args(argv):
     ap.add_argument("--runs", type=int, default=None, help="runs per scenario, medians reported (default 3)")
     ap.add_argument("--mem-runs", type=int, default=None, help="runs of the memory scenario (default 1)")
     ap.add_argument("--quick", "--smoke", dest="quick", action="store_true", help="tiny sizes, 1 run")
-    ap.add_argument("--only", choices=["ours", "dm232"], help="run one side only")
+    ap.add_argument("--only", choices=["ours", "dm232", "post_office"],
+                    help="run one side only (post_office: the provider scenario's post_office row)")
     ap.add_argument("--json", dest="json_out", help="write raw results + summary as JSON to this file")
     ap.add_argument("--messages", type=int, help="messages for enqueue/drain/dummy/workers4 (default 10000)")
     ap.add_argument("--sizes", help="queue sizes of the memory scenario, e.g. 1000,10000,50000")
@@ -479,7 +521,16 @@ def scenario_timeout(scenario, conf):
 def main(argv=None):
     args, conf, scenarios, dbs = parse_args(argv if argv is not None else sys.argv[1:])
     t_start = time.time()
-    sides = [args.only] if args.only else list(SIDE_ORDER)
+    main_sides = [s for s in ([args.only] if args.only else SIDE_ORDER) if s in SIDE_ORDER]
+    provider_variants = []
+    if "provider" in scenarios:
+        keys = PROVIDER_QUICK if args.quick else [v[0] for v in PROVIDER_VARIANTS]
+        provider_variants = [v for v in PROVIDER_VARIANTS
+                             if v[0] in keys and v[2] in dbs and (not args.only or v[1] == args.only)]
+    sides = list(main_sides)
+    for v in provider_variants:
+        if v[1] not in sides:
+            sides.append(v[1])
     log("mailer benchmark: sides=%s scenarios=%s db=%s runs=%d (memory: %d) n=%d sizes=%s singles=%d burst=%d"
         % (",".join(sides), ",".join(scenarios), ",".join(dbs), conf["runs"], conf["mem_runs"], conf["n"],
            ",".join(map(str, conf["sizes"])), conf["singles"], conf["burst"]))
@@ -503,8 +554,9 @@ def main(argv=None):
                 log("      (details in the summary below)")
         else:
             info = st["info"]
-            log("[%s] mailer %s from %s (Django %s, Python %s, install: %s)%s"
-                % (side, info.get("mailer_version"), os.path.dirname(info.get("mailer_file") or "?"),
+            log("[%s] %s %s from %s (Django %s, Python %s, install: %s)%s"
+                % (side, info.get("app", "mailer"), info.get("app_version"),
+                   os.path.dirname(info.get("app_file") or "?"),
                    info.get("django"), info.get("python"), st["install_mode"],
                    ("  WARNING: " + info["warning"]) if info.get("warning") else ""))
         side_state[side] = st
@@ -518,12 +570,12 @@ def main(argv=None):
     # --- plan ---
     plan = []
     for sc in SCENARIO_ORDER:
-        if sc not in scenarios:
+        if sc not in scenarios or sc == "provider":
             continue
         for db in ["sqlite", "postgres"]:
             if db in dbs and db in SCENARIO_DBS[sc]:
                 plan.append((sc, db))
-    if not plan:
+    if not plan and not provider_variants:
         log("nothing to run: no scenario applies to the selected databases")
 
     runs = []  # list of dicts
@@ -531,7 +583,7 @@ def main(argv=None):
         nruns = conf["mem_runs"] if sc in ("memory", "attachments") else conf["runs"]
         params = scenario_params(sc, conf)
         for i in range(nruns):
-            for side in sides:
+            for side in main_sides:
                 st = side_state[side]
                 label = "[%s] %s/%s run %d/%d" % (side, sc, db, i + 1, nruns)
                 if st["error"]:
@@ -547,20 +599,41 @@ def main(argv=None):
                                      scenario_timeout(sc, conf))
                     log("%s: %s  (%.1f s)" % (label, short_summary(sc, res), time.time() - t0))
                 runs.append({"side": side, "scenario": sc, "db": db, "run": i + 1, "result": res})
+    provider_runs = run_provider(provider_variants, side_state, conf, pg_ok)
 
     # --- aggregate ---
-    summary, table_rows, failures, errors = aggregate(runs, plan, sides, conf)
-    table = render_table(
-        ["scenario", "db", "metric", "unit", "2.3.2", "ours", "ours/2.3.2", "better", "target", "status"], table_rows
-    )
-    log("")
-    log("=" * 100)
-    log("RESULTS (median of runs; ratio = ours / 2.3.2; 'better' says which direction wins for that row)")
-    log("=" * 100)
-    log(table)
-    log("")
-    log("'!' after a figure: a correctness check failed in at least one run of that side (listed below).")
-    log("Targets are judged on medians; a target whose 'ours' side failed a correctness check counts as missed.")
+    summary, table_rows, failures, errors = aggregate(runs, plan, main_sides, conf)
+    if plan:
+        table = render_table(
+            ["scenario", "db", "metric", "unit", "2.3.2", "ours", "ours/2.3.2", "better", "target", "status"],
+            table_rows,
+        )
+        log("")
+        log("=" * 100)
+        log("RESULTS (median of runs; ratio = ours / 2.3.2; 'better' says which direction wins for that row)")
+        log("=" * 100)
+        log(table)
+        log("")
+        log("'!' after a figure: a correctness check failed in at least one run of that side (listed below).")
+        log("Targets are judged on medians; a target whose 'ours' side failed a correctness check counts as missed.")
+    if provider_variants:
+        p_summary, p_rows, p_failures, p_errors = aggregate_provider(provider_runs, provider_variants)
+        summary += p_summary
+        failures += p_failures
+        errors += p_errors
+        lat = PROVIDER_LATENCY
+        log("")
+        log("=" * 100)
+        log("PROVIDER: a provider 20 ms away (connect %d ms, %d ms before every reply, +%d ms at the end of DATA:"
+            % (lat["connect"], lat["reply"], lat["data_end"]))
+        log("at most %.1f msgs/s per connection). Medians of runs; msgs/s = delivered / (first connection ->"
+            % PROVIDER_CONNECTION_LIMIT)
+        log("last message) as the provider saw it; 'incl. start-up' counts from starting the command(s).")
+        log("=" * 100)
+        log(render_table(
+            ["configuration", "db", "msgs", "delivered", "dupl.", "conns", "msgs/s", "incl. start-up", "target",
+             "status"], p_rows, right=(2, 3, 4, 5, 6, 7), group=False))
+        log("'!' after a figure: a run lost or duplicated a message or left the queue non-empty (listed below).")
     if failures:
         log("")
         log("!" * 100)
@@ -612,11 +685,100 @@ def main(argv=None):
     rc = 0
     if failures:
         rc = 1
-    if any(e[0] == "dm232" for e in errors):
+    if any(e[0] in ("dm232", "post_office") for e in errors):
         rc = 1
     if args.strict and any(e[0] == "ours" for e in errors):
         rc = 1
     return rc
+
+
+def run_provider(variants, side_state, conf, pg_ok):
+    """Every provider configuration, run after run (so drift hits them all)."""
+    runs = []
+    for i in range(conf["runs"] if variants else 0):
+        for key, side, db, _label, size, extra in variants:
+            st = side_state[side]
+            params = dict(extra, n=conf["provider"][size], latency=PROVIDER_LATENCY)
+            if st["error"]:
+                res = {"ok": False, "error": st["error"], "metrics": {}, "checks": [], "info": {},
+                       "error_summary": "side not available: " + st["error"].splitlines()[0], "skipped": True}
+            elif db == "postgres" and not pg_ok:
+                res = {"ok": False, "error": "PostgreSQL not reachable", "metrics": {}, "checks": [], "info": {},
+                       "skipped": True}
+            else:
+                t0 = time.time()
+                res = run_worker(
+                    st["python"],
+                    ["scenario", "provider", "--db", db, "--params", json.dumps(params),
+                     "--app", SIDES[side].get("app", "mailer")],
+                    600 + params["n"],
+                )
+                log("[%s] provider/%s %s run %d/%d: %s  (%.1f s)"
+                    % (side, db, key, i + 1, conf["runs"], short_summary("provider", res), time.time() - t0))
+            runs.append({"side": side, "scenario": "provider", "variant": key, "db": db, "run": i + 1,
+                         "params": params, "result": res})
+    return runs
+
+
+def _provider_targets(medians):
+    """key -> (text, met?) for the provider scenario (None: no figure)."""
+    po = medians.get("post_office_t10", {}).get("msgs_per_s")
+    floor = 0.8 * 10 * PROVIDER_CONNECTION_LIMIT
+    out = {}
+    for key in ("ours_c10_sqlite", "ours_c10_pg"):
+        v = medians.get(key, {}).get("msgs_per_s")
+        text = ">= %.0f and >= 1.4x post_office" % floor
+        out[key] = (text, None if v is None or po is None else (v >= floor and v >= 1.4 * po))
+    v = medians.get("ours_3x5_pg", {}).get("msgs_per_s")
+    out["ours_3x5_pg"] = (">= 92", None if v is None else v >= 92)
+    return out
+
+
+def aggregate_provider(runs, variants):
+    by_key = {}
+    failures = []
+    errors = []
+    for r in runs:
+        by_key.setdefault(r["variant"], []).append(r)
+        res = r["result"]
+        if not res.get("ok"):
+            errors.append((r["side"], "provider:" + r["variant"], r["db"], r["run"], _err_text(res)))
+        for c in res.get("checks", []):
+            if not c["ok"]:
+                failures.append((r["side"], "provider:" + r["variant"], r["db"], r["run"], c["name"], c["detail"]))
+    metric_keys = ["delivered", "duplicates", "lost", "connections", "max_open_connections", "msgs_per_s",
+                   "msgs_per_s_wall", "send_window_s", "wall_s"]
+    medians = {}
+    bad = {}
+    for key, *_ in variants:
+        rs = by_key.get(key, [])
+        bad[key] = any(not c["ok"] for r in rs for c in r["result"].get("checks", []))
+        vals = {}
+        for m in metric_keys:
+            xs = [r["result"]["metrics"][m] for r in rs if m in r["result"].get("metrics", {})]
+            vals[m] = statistics.median(xs) if xs else None
+        # every run must deliver every message exactly once: report the worst run
+        for m in ("duplicates", "lost"):
+            xs = [r["result"]["metrics"][m] for r in rs if m in r["result"].get("metrics", {})]
+            vals[m] = max(xs) if xs else None
+        vals["n"] = rs[0]["params"]["n"] if rs else None
+        medians[key] = vals
+    targets = _provider_targets(medians)
+    summary = []
+    rows = []
+    for key, side, db, label, _, _ in variants:
+        v = medians[key]
+        ttext, met = targets.get(key, ("", None))
+        status = ""
+        if ttext:
+            status = "n/a" if met is None else ("MISSED (correctness)" if bad[key] else ("MET" if met else "MISSED"))
+        mark = "!" if bad[key] else ""
+        summary.append({"scenario": "provider", "variant": key, "side": side, "db": db, "label": label,
+                        "medians": v, "target": ttext or None, "status": status or None,
+                        "correctness_failed": bad[key]})
+        rows.append([label, db, fmt(v["n"]), fmt(v["delivered"], "msgs") + mark, fmt(v["duplicates"], "msgs") + mark,
+                     fmt(v["connections"], "msgs"), fmt(v["msgs_per_s"]), fmt(v["msgs_per_s_wall"]), ttext, status])
+    return summary, rows, failures, errors
 
 
 def aggregate(runs, plan, sides, conf):

@@ -6,6 +6,18 @@ loopback, both on ports chosen by the OS, in one asyncio loop (no threads).
 For every message received (one DATA command) it records a tuple
 ``(arrival time.time(), Subject, Message-ID)``.  Parsing is deliberately
 minimal: only the header block is scanned with one regular expression.
+It also counts the SMTP connections it accepted.
+
+Latency options make it answer like a provider some distance away (all in
+milliseconds, default 0: answer at once)::
+
+    --connect-delay MS   before the 220 greeting (the cost of a new connection)
+    --reply-delay MS     before every other reply (one network round trip)
+    --data-delay MS      more at the end of DATA (the provider accepting the message)
+
+With 100 / 20 / 50, a message on an open connection costs MAIL + RCPT +
+DATA + end of data = 20 + 20 + 20 + (50 + 20) = 130 ms: one connection
+carries at most 7.7 msgs/s, whatever the client does.
 
 On start-up it prints one line to stdout::
 
@@ -18,12 +30,17 @@ Control protocol (one command per line, one reply line each):
                                                   after <timeout> seconds
     DUMP <path>          -> "<n>"                 writes "ts\\tsubject\\tmsgid"
                                                   lines to <path>
+    STATS                -> "<messages> <connections> <max open> <first connect ts>"
+                                                  connections accepted, the most
+                                                  open at once, time.time() of the
+                                                  first one (0 if none)
     RESET                -> "OK"                  forget everything
     QUIT                 -> "OK"                  stop the process
 
 Needs aiosmtpd; run it with a benchmark virtualenv's python.
 """
 
+import argparse
 import asyncio
 import re
 import sys
@@ -35,11 +52,31 @@ _HEADER_RE = re.compile(rb"^(subject|message-id):[ \t]*([^\r\n]*)", re.I | re.M)
 
 
 class Recorder:
-    def __init__(self):
-        self.records = []
+    def __init__(self, data_delay=0.0):
+        self.data_delay = data_delay
+        self.reset()
         self.waiters = []  # list of (threshold, future)
 
+    def reset(self):
+        self.records = []
+        self.connections = 0
+        self.open = 0
+        self.max_open = 0
+        self.first_connect = 0.0
+
+    def connected(self):
+        self.connections += 1
+        self.open += 1
+        self.max_open = max(self.max_open, self.open)
+        if not self.first_connect:
+            self.first_connect = time.time()
+
+    def disconnected(self):
+        self.open -= 1
+
     async def handle_DATA(self, server, session, envelope):
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         now = time.time()
         content = envelope.original_content or envelope.content or b""
         end = content.find(b"\r\n\r\n")
@@ -96,15 +133,50 @@ class Recorder:
         return len(recs)
 
 
-async def main():
-    recorder = Recorder()
+class DistantSMTP(SMTP):
+    """aiosmtpd's SMTP server, answering after the configured delays."""
+
+    def __init__(self, recorder, *, connect_delay=0.0, reply_delay=0.0, **kwargs):
+        super().__init__(recorder, **kwargs)
+        self.recorder = recorder
+        self.connect_delay = connect_delay
+        self.reply_delay = reply_delay
+        self.greeted = False
+
+    def connection_made(self, transport):
+        self.recorder.connected()
+        super().connection_made(transport)
+
+    def connection_lost(self, error):
+        self.recorder.disconnected()
+        super().connection_lost(error)
+
+    async def push(self, status):
+        # The first reply of a connection is the 220 greeting.
+        delay = self.reply_delay if self.greeted else self.connect_delay
+        self.greeted = True
+        if delay:
+            await asyncio.sleep(delay)
+        await super().push(status)
+
+
+async def main(opts):
+    recorder = Recorder(data_delay=opts.data_delay / 1000.0)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
 
     def smtp_factory():
         # A fixed hostname avoids a getfqdn() call per connection.
         # No size limit: the attachments scenario sends 100 MB attachments.
-        return SMTP(recorder, hostname="bench-sink", ident="bench-sink", data_size_limit=None, loop=loop)
+        return DistantSMTP(
+            recorder,
+            connect_delay=opts.connect_delay / 1000.0,
+            reply_delay=opts.reply_delay / 1000.0,
+            hostname="bench-sink",
+            ident="bench-sink",
+            data_size_limit=None,
+            loop=loop,
+        )
 
     smtp_server = await loop.create_server(smtp_factory, host="127.0.0.1", port=0)
 
@@ -124,8 +196,15 @@ async def main():
                     reply = str(await recorder.wait_for(int(n), float(timeout)))
                 elif cmd == "DUMP":
                     reply = str(recorder.dump(arg))
+                elif cmd == "STATS":
+                    reply = "%d %d %d %.6f" % (
+                        len(recorder.records),
+                        recorder.connections,
+                        recorder.max_open,
+                        recorder.first_connect,
+                    )
                 elif cmd == "RESET":
-                    recorder.records = []
+                    recorder.reset()
                     reply = "OK"
                 elif cmd == "QUIT":
                     writer.write(b"OK\n")
@@ -152,8 +231,16 @@ async def main():
     ctl_server.close()
 
 
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="SMTP sink of the benchmark")
+    ap.add_argument("--connect-delay", type=float, default=0.0, metavar="MS", help="before the 220 greeting")
+    ap.add_argument("--reply-delay", type=float, default=0.0, metavar="MS", help="before every other reply")
+    ap.add_argument("--data-delay", type=float, default=0.0, metavar="MS", help="more at the end of DATA")
+    return ap.parse_args(argv)
+
+
 if __name__ == "__main__":
     try:
-        asyncio.run(main())
+        asyncio.run(main(parse_args()))
     except KeyboardInterrupt:
         pass

@@ -86,12 +86,14 @@ def big_body(size=20 * 1024):
 class Env:
     """Per-worker temp dir, DB and Django setup."""
 
-    def __init__(self, db):
+    def __init__(self, db, app="mailer"):
         self.db = db
+        self.app = app
         self.tmpdir = tempfile.mkdtemp(prefix="mailer-bench-")
         self.pg_name = os.environ.get("BENCH_PG_NAME", "mailer_bench")
         os.environ["DJANGO_SETTINGS_MODULE"] = "benchproj.settings"
         os.environ["BENCH_DB"] = db
+        os.environ["BENCH_APP"] = app
         os.environ["BENCH_SQLITE_PATH"] = os.path.join(self.tmpdir, "bench.sqlite3")
         os.environ["BENCH_LOCK_PATH"] = os.path.join(self.tmpdir, "send_mail")
         os.environ["BENCH_PG_NAME"] = self.pg_name
@@ -200,9 +202,9 @@ def clear_queue():
 
 
 class Sink:
-    def __init__(self):
+    def __init__(self, args=()):
         self.proc = subprocess.Popen(
-            [sys.executable, SINK],
+            [sys.executable, SINK] + list(args),
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
@@ -234,6 +236,16 @@ class Sink:
 
     def reset(self):
         self.cmd("RESET")
+
+    def stats(self):
+        """Messages, connections accepted, most open at once, time of the first."""
+        messages, connections, max_open, first = self.cmd("STATS").split()
+        return {
+            "messages": int(messages),
+            "connections": int(connections),
+            "max_open": int(max_open),
+            "first_connect": float(first),
+        }
 
     def records(self):
         """List of (arrival time.time(), subject, message_id)."""
@@ -819,6 +831,109 @@ def sc_attachments(env, p, res):
         sink.close()
 
 
+def fill_post_office(tag, n, body, batch=500):
+    """Queue n messages through django-post_office's own API (bulk)."""
+    from post_office import mail
+
+    done = 0
+    while done < n:
+        k = min(batch, n - done)
+        mail.send_many(
+            [
+                {
+                    "sender": FROM,
+                    "recipients": ["rcpt%d@bench.example" % i],
+                    "subject": "bench %s %d" % (tag, i),
+                    "message": body,
+                    "headers": {"Message-ID": msgid(tag, i)},
+                }
+                for i in range(done, done + k)
+            ]
+        )
+        done += k
+
+
+def post_office_unsent():
+    from post_office.models import STATUS, Email
+
+    return Email.objects.exclude(status=STATUS.sent).count()
+
+
+def sc_provider(env, p, res):
+    """A provider some distance away (a sink that answers late): one
+    django-mailer or django-post_office configuration draining a queue.
+
+    params: n, latency {connect, reply, data_end} in ms, and
+      app "mailer": concurrency (None: the command's default, which is all
+        2.3.2 has), processes (> 1: that many send_mail at once, no file lock);
+      app "post_office": threads (THREADS_PER_PROCESS), one process.
+
+    msgs/s is as the provider sees it: messages delivered divided by the time
+    from the first connection it accepted to the last message it accepted
+    (interpreter and Django start-up left out, for every side alike);
+    msgs_per_s_wall includes them.
+    """
+    n = int(p["n"])
+    lat = p["latency"]
+    processes = int(p.get("processes", 1))
+    tag = "prov"
+    env.fresh_db()
+    sink = Sink(
+        [
+            "--connect-delay", str(lat["connect"]),
+            "--reply-delay", str(lat["reply"]),
+            "--data-delay", str(lat["data_end"]),
+        ]
+    )
+    try:
+        extra = {"BENCH_MAILER_BACKEND": "smtp", "BENCH_SMTP_PORT": str(sink.port)}
+        if env.app == "post_office":
+            fill_post_office(tag, n, SMALL_BODY)
+            queued = post_office_unsent()
+            args = ["send_queued_mail", "--processes", "1", "--lockfile", os.path.join(env.tmpdir, "post_office")]
+            extra["BENCH_PO_THREADS"] = str(int(p["threads"]))
+            if p.get("batch"):
+                extra["BENCH_PO_BATCH"] = str(int(p["batch"]))
+        else:
+            fill_queue(tag, n, SMALL_BODY)
+            queued = queue_count()
+            args = ["send_mail"]
+            if p.get("concurrency") is not None:
+                args += ["--concurrency", str(int(p["concurrency"]))]
+            if processes > 1:
+                extra["BENCH_USE_FILE_LOCK"] = "0"
+        res["checks"].append(simple_check("queue filled", queued == n, "%d rows, want %d" % (queued, n)))
+        t0 = time.perf_counter()
+        procs = [start_manage(args, extra, env.tmpdir, "sender_%d" % j) for j in range(processes)]
+        outcomes = [wait_child(pr, child_timeout(n, 1.0)) for pr in procs]
+        wall = time.perf_counter() - t0
+        bad = [(j, rc, tail[-500:]) for j, (rc, _, tail) in enumerate(outcomes) if rc != 0]
+        res["checks"].append(simple_check("every sender exits 0", not bad, repr(bad)[:2000]))
+        sink.wait(n, 10)
+        records = sink.records()
+        stats = sink.stats()
+        arrivals = check_arrivals(records, [msgid(tag, i) for i in range(n)], 2)
+        res["checks"].append(arrival_check("every message arrived exactly once", arrivals))
+        left = post_office_unsent() if env.app == "post_office" else queue_count()
+        res["checks"].append(simple_check("queue empty afterwards", left == 0, "%d not sent" % left))
+        delivered = arrivals["unique"] - arrivals["unexpected"]
+        m = res["metrics"]
+        m["delivered"] = delivered
+        m["duplicates"] = arrivals["duplicates"]
+        m["lost"] = arrivals["lost"]
+        m["connections"] = stats["connections"]
+        m["max_open_connections"] = stats["max_open"]
+        if records and stats["first_connect"]:
+            window = max(r[0] for r in records) - stats["first_connect"]
+            m["send_window_s"] = window
+            m["msgs_per_s"] = delivered / window
+        m["wall_s"] = wall
+        m["msgs_per_s_wall"] = delivered / wall
+        m["max_sender_rss_mb"] = max(o[1] for o in outcomes)
+    finally:
+        sink.close()
+
+
 SCENARIOS = {
     "enqueue": sc_enqueue,
     "drain": sc_drain,
@@ -827,6 +942,7 @@ SCENARIOS = {
     "runmailer_pg": sc_runmailer_pg,
     "workers4": sc_workers4,
     "attachments": sc_attachments,
+    "provider": sc_provider,
 }
 
 
@@ -835,16 +951,25 @@ SCENARIOS = {
 # --------------------------------------------------------------------------
 
 
-def package_info():
-    info = {"python": sys.version.split()[0], "executable": sys.executable}
+def package_info(app="mailer"):
+    info = {"python": sys.version.split()[0], "executable": sys.executable, "app": app}
     import django
 
     info["django"] = django.get_version()
+    if app == "post_office":
+        import post_office
+        from post_office.version import VERSION
+
+        info["app_file"] = post_office.__file__
+        info["app_version"] = VERSION
+        return info
     import mailer
 
     info["mailer_file"] = getattr(mailer, "__file__", None)
     info["mailer_path"] = list(getattr(mailer, "__path__", []))
     info["mailer_version"] = getattr(mailer, "__version__", None)
+    info["app_file"] = info["mailer_file"]
+    info["app_version"] = info["mailer_version"]
     return info
 
 
@@ -855,13 +980,19 @@ def error_summary(exc):
 
 def cmd_info(args):
     res = {"ok": False, "error": None, "metrics": {}, "checks": [], "info": {}}
-    env = Env("sqlite")
+    env = Env("sqlite", args.app)
     try:
         env.setup_django()
-        res["info"].update(package_info())
+        res["info"].update(package_info(args.app))
         from django.core.management import get_commands
 
         cmds = get_commands()
+        if args.app == "post_office":
+            res["info"]["commands"] = {"send_queued_mail": cmds.get("send_queued_mail")}
+            from post_office import mail  # noqa: F401
+
+            res["ok"] = True
+            return res
         res["info"]["commands"] = {c: cmds.get(c) for c in ("send_mail", "runmailer_pg", "retry_deferred")}
         for mod in ("mailer.engine", "mailer.backend", "mailer.models"):
             __import__(mod)
@@ -881,11 +1012,11 @@ def cmd_scenario(args):
     res = {"ok": False, "error": None, "metrics": {}, "checks": [], "info": {"scenario": args.name, "db": args.db}}
     params = json.loads(args.params or "{}")
     res["info"]["params"] = params
-    env = Env(args.db)
+    env = Env(args.db, args.app)
     t0 = time.perf_counter()
     try:
         env.setup_django()
-        res["info"].update(package_info())
+        res["info"].update(package_info(args.app))
         SCENARIOS[args.name](env, params, res)
         res["ok"] = True
     except BaseException as exc:
@@ -903,11 +1034,13 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("info")
     a.add_argument("--out", required=True)
+    a.add_argument("--app", choices=["mailer", "post_office"], default="mailer")
     s = sub.add_parser("scenario")
     s.add_argument("name", choices=sorted(SCENARIOS))
     s.add_argument("--db", choices=["sqlite", "postgres"], required=True)
     s.add_argument("--params", default="{}")
     s.add_argument("--out", required=True)
+    s.add_argument("--app", choices=["mailer", "post_office"], default="mailer")
     args = ap.parse_args()
 
     def on_term(signum, frame):

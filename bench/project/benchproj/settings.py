@@ -16,6 +16,11 @@ BENCH_LOCK_PATH           -> MAILER_LOCK_PATH
 BENCH_EMPTY_QUEUE_SLEEP   -> MAILER_EMPTY_QUEUE_SLEEP (seconds, default 30)
 BENCH_ATTACHMENT_DIR      a directory: MAILER_ATTACHMENT_STORAGE = a
                           FileSystemStorage there (attachments scenario)
+BENCH_APP                 "mailer" (default) or "post_office": the provider
+                          scenario also runs django-post_office, in its own
+                          venv, with this same project
+BENCH_PO_THREADS          post_office: THREADS_PER_PROCESS (default 10)
+BENCH_PO_BATCH            post_office: BATCH_SIZE (default 100, its default)
 """
 
 import os
@@ -25,7 +30,8 @@ DEBUG = False  # DEBUG=True would make Django keep every query in memory
 ALLOWED_HOSTS = ["*"]
 USE_TZ = True
 TIME_ZONE = "UTC"
-INSTALLED_APPS = ["mailer"]
+_app = os.environ.get("BENCH_APP", "mailer")
+INSTALLED_APPS = [_app]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 _db = os.environ.get("BENCH_DB", "sqlite")
@@ -53,6 +59,19 @@ else:
 
 # Application code enqueues through django.core.mail -> DbBackend.
 EMAIL_BACKEND = "mailer.backend.DbBackend"
+if _app == "post_office":
+    # Its queue backend; send_queued_mail delivers through POST_OFFICE's
+    # BACKENDS, Django's SMTP backend to the sink (EMAIL_HOST/PORT below).
+    EMAIL_BACKEND = "post_office.EmailBackend"
+    # post_office renders every subject and body as a template.
+    TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}]
+    POST_OFFICE = {
+        "BACKENDS": {"default": "django.core.mail.backends.smtp.EmailBackend"},
+        "THREADS_PER_PROCESS": int(os.environ.get("BENCH_PO_THREADS", "10")),
+        "BATCH_SIZE": int(os.environ.get("BENCH_PO_BATCH", "100")),
+        "LOG_LEVEL": 2,  # its default: a log row per message sent
+        "MESSAGE_ID_ENABLED": False,  # keep the bench's preset Message-ID header
+    }
 
 _backend = os.environ.get("BENCH_MAILER_BACKEND", "smtp")
 MAILER_EMAIL_BACKEND = {
