@@ -66,12 +66,19 @@ PROVIDER_LATENCY = {"connect": 100, "reply": 20, "data_end": 50}
 PROVIDER_CONNECTION_LIMIT = 1000.0 / (3 * PROVIDER_LATENCY["reply"] + PROVIDER_LATENCY["reply"] + PROVIDER_LATENCY["data_end"])
 # (key, side, db, label, size class, params); sizes per class in FULL/QUICK.
 PROVIDER_VARIANTS = [
+    # What the sink and the machine allow: plain smtplib, no queue, no database.
+    ("ceiling_1", "ours", "sqlite", "reference: smtplib, 1 connection, no queue", "c1",
+     {"client": "smtplib", "connections": 1}),
+    ("ceiling_10", "ours", "sqlite", "reference: smtplib, 10 connections, no queue", "fast",
+     {"client": "smtplib", "connections": 10}),
     ("dm232", "dm232", "postgres", "django-mailer 2.3.2, send_mail", "slow", {}),
     ("post_office_t10", "post_office", "postgres",
      "django-post_office %s, send_queued_mail, 1 process x 10 threads" % POST_OFFICE_VERSION[:-2], "fast",
      {"threads": 10}),
     ("ours_c1_sqlite", "ours", "sqlite", "ours, send_mail --concurrency 1", "c1", {"concurrency": 1}),
     ("ours_c10_sqlite", "ours", "sqlite", "ours, send_mail --concurrency 10", "fast", {"concurrency": 10}),
+    ("ours_c10_sqlite_wal", "ours", "sqlite", "ours, send_mail --concurrency 10, SQLite in WAL mode", "fast",
+     {"concurrency": 10, "sqlite_wal": True}),
     ("ours_c1_pg", "ours", "postgres", "ours, send_mail --concurrency 1", "c1", {"concurrency": 1}),
     ("ours_c10_pg", "ours", "postgres", "ours, send_mail --concurrency 10", "fast", {"concurrency": 10}),
     ("ours_3x5_pg", "ours", "postgres", "ours, 3 x send_mail --concurrency 5, no file lock", "fast",
@@ -83,7 +90,7 @@ PROVIDER_VARIANTS = [
 PROVIDER_QUICK = ["post_office_t10", "ours_c10_sqlite"]
 
 FULL = {"n": 10000, "sizes": [1000, 10000, 50000], "singles": 200, "burst": 2000, "runs": 3, "mem_runs": 1,
-        "att_mb": [20, 100], "provider": {"slow": 20, "c1": 40, "fast": 300}}
+        "att_mb": [20, 100], "provider": {"slow": 12, "c1": 30, "fast": 300}}
 QUICK = {"n": 200, "sizes": [50, 300], "singles": 10, "burst": 100, "runs": 1, "mem_runs": 1, "att_mb": [2],
          "provider": {"slow": 3, "c1": 5, "fast": 20}}
 
@@ -532,8 +539,10 @@ def main(argv=None):
         if v[1] not in sides:
             sides.append(v[1])
     log("mailer benchmark: sides=%s scenarios=%s db=%s runs=%d (memory: %d) n=%d sizes=%s singles=%d burst=%d"
+        " provider=%s"
         % (",".join(sides), ",".join(scenarios), ",".join(dbs), conf["runs"], conf["mem_runs"], conf["n"],
-           ",".join(map(str, conf["sizes"])), conf["singles"], conf["burst"]))
+           ",".join(map(str, conf["sizes"])), conf["singles"], conf["burst"],
+           "/".join("%s %d" % kv for kv in conf["provider"].items())))
     if sys.version_info[:2] != (3, 11):
         log("[warn] the venvs are meant to use Python 3.11; this is %s" % platform.python_version())
 
@@ -776,7 +785,7 @@ def aggregate_provider(runs, variants):
         summary.append({"scenario": "provider", "variant": key, "side": side, "db": db, "label": label,
                         "medians": v, "target": ttext or None, "status": status or None,
                         "correctness_failed": bad[key]})
-        rows.append([label, db, fmt(v["n"]), fmt(v["delivered"], "msgs") + mark, fmt(v["duplicates"], "msgs") + mark,
+        rows.append([label, "-" if key.startswith("ceiling") else db, fmt(v["n"]), fmt(v["delivered"], "msgs") + mark, fmt(v["duplicates"], "msgs") + mark,
                      fmt(v["connections"], "msgs"), fmt(v["msgs_per_s"]), fmt(v["msgs_per_s_wall"]), ttext, status])
     return summary, rows, failures, errors
 

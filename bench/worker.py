@@ -237,6 +237,15 @@ class Sink:
     def reset(self):
         self.cmd("RESET")
 
+    def cpu_s(self):
+        """CPU time (user + system) the sink process used so far (Linux)."""
+        try:
+            with open("/proc/%d/stat" % self.proc.pid) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stats(self):
         """Messages, connections accepted, most open at once, time of the first."""
         messages, connections, max_open, first = self.cmd("STATS").split()
@@ -370,6 +379,7 @@ def wait_child(proc, timeout):
     finally:
         timer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.bench_cpu_s = ru.ru_utime + ru.ru_stime
     tail = _tail(proc.bench_log)
     if killed:
         tail = "[killed after %.0f s timeout]\n%s" % (timeout, tail)
@@ -859,6 +869,68 @@ def post_office_unsent():
     return Email.objects.exclude(status=STATUS.sent).count()
 
 
+def provider_ceiling(n, k, sink, tag, res):
+    """What the sink and this machine allow: plain smtplib over k connections
+    (one thread each), messages rendered to bytes before the clock starts."""
+    import queue
+
+    try:
+        work = queue.SimpleQueue()
+        for e in make_emails(tag, 0, n, SMALL_BODY):
+            work.put((e.to, e.message().as_bytes()))
+        errors = []
+
+        def client():
+            try:
+                conn = smtplib.SMTP("127.0.0.1", sink.port, local_hostname="bench-client", timeout=60)
+                try:
+                    while True:
+                        try:
+                            to, data = work.get_nowait()
+                        except queue.Empty:
+                            break
+                        conn.sendmail(FROM, to, data)
+                finally:
+                    conn.quit()
+            except Exception as exc:  # reported as a check
+                errors.append(repr(exc))
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(k)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        res["checks"].append(simple_check("every client finished", not errors, "; ".join(errors)[:2000]))
+        sink.wait(n, 10)
+        records = sink.records()
+        stats = sink.stats()
+        arrivals = check_arrivals(records, [msgid(tag, i) for i in range(n)], 2)
+        res["checks"].append(arrival_check("every message arrived exactly once", arrivals))
+        provider_metrics(res["metrics"], arrivals, stats, records, wall, sink)
+    finally:
+        sink.close()
+
+
+def provider_metrics(m, arrivals, stats, records, wall, sink):
+    delivered = arrivals["unique"] - arrivals["unexpected"]
+    m["delivered"] = delivered
+    m["duplicates"] = arrivals["duplicates"]
+    m["lost"] = arrivals["lost"]
+    m["connections"] = stats["connections"]
+    m["max_open_connections"] = stats["max_open"]
+    if records and stats["first_connect"]:
+        window = max(r[0] for r in records) - stats["first_connect"]
+        m["send_window_s"] = window
+        m["msgs_per_s"] = delivered / window
+    m["wall_s"] = wall
+    m["msgs_per_s_wall"] = delivered / wall
+    sink_cpu = sink.cpu_s()
+    if sink_cpu is not None and delivered:
+        m["sink_cpu_ms_per_msg"] = 1000.0 * sink_cpu / delivered
+
+
 def sc_provider(env, p, res):
     """A provider some distance away (a sink that answers late): one
     django-mailer or django-post_office configuration draining a queue.
@@ -866,25 +938,32 @@ def sc_provider(env, p, res):
     params: n, latency {connect, reply, data_end} in ms, and
       app "mailer": concurrency (None: the command's default, which is all
         2.3.2 has), processes (> 1: that many send_mail at once, no file lock);
-      app "post_office": threads (THREADS_PER_PROCESS), one process.
+      app "post_office": threads (THREADS_PER_PROCESS), one process;
+      sqlite_wal: SQLite in WAL mode.
 
     msgs/s is as the provider sees it: messages delivered divided by the time
     from the first connection it accepted to the last message it accepted
     (interpreter and Django start-up left out, for every side alike);
     msgs_per_s_wall includes them.
+
+    client "smtplib" (params connections, no database): the ceiling, see
+    provider_ceiling().
     """
     n = int(p["n"])
     lat = p["latency"]
     processes = int(p.get("processes", 1))
     tag = "prov"
+    sink_args = [
+        "--connect-delay", str(lat["connect"]),
+        "--reply-delay", str(lat["reply"]),
+        "--data-delay", str(lat["data_end"]),
+    ]
+    if p.get("client") == "smtplib":
+        return provider_ceiling(n, int(p["connections"]), Sink(sink_args), tag, res)
+    if p.get("sqlite_wal"):
+        os.environ["BENCH_SQLITE_WAL"] = "1"  # this process and the senders
     env.fresh_db()
-    sink = Sink(
-        [
-            "--connect-delay", str(lat["connect"]),
-            "--reply-delay", str(lat["reply"]),
-            "--data-delay", str(lat["data_end"]),
-        ]
-    )
+    sink = Sink(sink_args)
     try:
         extra = {"BENCH_MAILER_BACKEND": "smtp", "BENCH_SMTP_PORT": str(sink.port)}
         if env.app == "post_office":
@@ -916,20 +995,13 @@ def sc_provider(env, p, res):
         res["checks"].append(arrival_check("every message arrived exactly once", arrivals))
         left = post_office_unsent() if env.app == "post_office" else queue_count()
         res["checks"].append(simple_check("queue empty afterwards", left == 0, "%d not sent" % left))
-        delivered = arrivals["unique"] - arrivals["unexpected"]
-        m = res["metrics"]
-        m["delivered"] = delivered
-        m["duplicates"] = arrivals["duplicates"]
-        m["lost"] = arrivals["lost"]
-        m["connections"] = stats["connections"]
-        m["max_open_connections"] = stats["max_open"]
-        if records and stats["first_connect"]:
-            window = max(r[0] for r in records) - stats["first_connect"]
-            m["send_window_s"] = window
-            m["msgs_per_s"] = delivered / window
-        m["wall_s"] = wall
-        m["msgs_per_s_wall"] = delivered / wall
-        m["max_sender_rss_mb"] = max(o[1] for o in outcomes)
+        provider_metrics(res["metrics"], arrivals, stats, records, wall, sink)
+        res["metrics"]["max_sender_rss_mb"] = max(o[1] for o in outcomes)
+        # CPU the sender(s) used, start-up included: where the time goes
+        cpu = sum(pr.bench_cpu_s for pr in procs)
+        res["metrics"]["sender_cpu_s"] = cpu
+        if delivered := res["metrics"]["delivered"]:
+            res["metrics"]["sender_cpu_ms_per_msg"] = 1000.0 * cpu / delivered
     finally:
         sink.close()
 

@@ -6,6 +6,8 @@ subprocesses it starts):
 
 BENCH_DB                  "sqlite" (default) or "postgres"
 BENCH_SQLITE_PATH         SQLite database file (sqlite)
+BENCH_SQLITE_WAL          "1": SQLite in WAL mode (default: Django's default,
+                          rollback journal)
 BENCH_PG_NAME             database name (postgres; default mailer_bench)
 BENCH_PG_HOST/PORT/USER   PostgreSQL server (default 127.0.0.1:5432, postgres,
                           trust auth, BENCH_PG_PASSWORD if needed)
@@ -54,6 +56,9 @@ elif _db == "sqlite":
             "OPTIONS": {"timeout": 60},
         }
     }
+    if os.environ.get("BENCH_SQLITE_WAL") == "1":
+        # As docs/deployment.rst recommends (Django 5.1+: init_command).
+        DATABASES["default"]["OPTIONS"]["init_command"] = "PRAGMA journal_mode=WAL;"
 else:
     raise RuntimeError("BENCH_DB must be sqlite or postgres, not %r" % _db)
 
