@@ -677,7 +677,7 @@ def main(argv=None):
             "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         },
         "sides": {s: {k: v for k, v in st.items()} for s, st in side_state.items()},
-        "runs": runs,
+        "runs": runs + provider_runs,
         "summary": summary,
     }
     os.makedirs(RESULTS_DIR, exist_ok=True)
@@ -756,7 +756,7 @@ def aggregate_provider(runs, variants):
             if not c["ok"]:
                 failures.append((r["side"], "provider:" + r["variant"], r["db"], r["run"], c["name"], c["detail"]))
     metric_keys = ["delivered", "duplicates", "lost", "connections", "max_open_connections", "msgs_per_s",
-                   "msgs_per_s_wall", "send_window_s", "wall_s"]
+                   "msgs_per_s_wall", "send_window_s", "wall_s", "sender_cpu_ms_per_msg", "sink_cpu_ms_per_msg"]
     medians = {}
     bad = {}
     for key, *_ in variants:
