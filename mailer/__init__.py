@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mailer.monitoring import MessageStatus
 
 __version__ = "3.0.0"
 
@@ -19,6 +22,7 @@ __all__ = [
     "send_html_mail",
     "send_mail",
     "send_mass_mail",
+    "status",
 ]
 
 
@@ -219,6 +223,21 @@ def _mail_server_people(
         html_message=html_message,
     )
     return _deliver([email], priority, using=using, connection=connection)
+
+
+def status(message_id: str) -> MessageStatus | None:
+    """What happened to the message with this Message-ID (``None``: never queued).
+
+    ``message_id`` is the header's value, angle brackets included: the one
+    the queued ``EmailMessage`` carries in ``extra_headers["Message-ID"]``
+    (given at queue time) and the recipient sees. Returns a
+    :class:`mailer.monitoring.MessageStatus` with ``state`` ("queued",
+    "scheduled", "deferred", "sent", "failed" or "dont_send"), ``attempts``,
+    ``last_attempt``, ``next_attempt`` and ``error``. At most two queries.
+    """
+    from mailer.monitoring import message_status
+
+    return message_status(message_id)
 
 
 def mail_admins(

@@ -56,6 +56,7 @@ from mailer.models import (
     get_message_id,
 )
 from mailer.pool import PassState, SharedCursor, run_lanes
+from mailer.signals import message_deferred, message_failed, message_sent, send_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -548,6 +549,7 @@ def _record_unusable(
     )
     queries.record(message, RESULT_FAILURE, text, keep_data=True)
     result.failed += 1
+    send_outcome(message_failed, message, message.email, text)
 
 
 def _record_success(
@@ -558,6 +560,7 @@ def _record_success(
             "Message %s was removed from the queue by someone else while this worker sent it.",
             message.pk,
         )
+    send_outcome(message_sent, message, email)
 
 
 def _record_dont_send(
@@ -569,13 +572,25 @@ def _record_dont_send(
         logger.warning("Message %s was removed from the queue by someone else.", message.pk)
 
 
-def _record_unhandled(message: Message, exc: BaseException) -> None:
+def _record_unhandled(
+    message: Message, exc: BaseException, email: EmailMessage | None = None
+) -> None:
     """The error handler raised: defer the message so later passes move on."""
     text = _error_text(exc)
     logger.error("Message %s failed with an unexpected error; deferred: %s", message.pk, text)
     with transaction.atomic(using=message._state.db):
         message.defer()
         MessageLog.objects.log(message, RESULT_FAILURE, f"Unexpected error: {text}")
+    send_outcome(message_deferred, message, email, f"Unexpected error: {text}")
+
+
+def _signal_handled(
+    action: str, message: Message, email: EmailMessage, exc: BaseException, connection: Any
+) -> None:
+    """The error handler decided: "sent", "failed" (gave up), else deferred."""
+    signal = {"sent": message_sent, "failed": message_failed}.get(action, message_deferred)
+    if signal.receivers:  # the error text is worth building only for a listener
+        send_outcome(signal, message, email, describe_delivery_error(exc, connection))
 
 
 _UNDECODABLE = "can't be decoded"
@@ -682,9 +697,10 @@ def _deliver_one(
                 new_connection, action = error_handler(sender.backend, message, exc)
         except Exception as handler_exc:
             sender.close()
-            _record_unhandled(message, handler_exc)
+            _record_unhandled(message, handler_exc, email)
             result.failed += 1
             return handler_exc
+        _signal_handled(action, message, email, exc, sender.backend)
         sender.replace(new_connection)
         if action == "sent":
             result.sent += 1

@@ -1,0 +1,298 @@
+"""What happened to a message, and how the queue is doing.
+
+* :func:`message_status` (public as ``mailer.status``): the state of one
+  message by its Message-ID, in at most two indexed queries.
+* :func:`queue_summary`: counts by state and priority, the oldest sendable
+  message's age, the last success and recent outcomes (``mailer_status``).
+* :func:`hourly_outcomes`: sent / deferred / failed per hour, in one
+  aggregate query over the ``mailer_log_outcomes`` index (the admin's chart).
+
+A failure log entry written while the message was deferred carries
+``PRIORITY_DEFERRED`` (the message is deferred before it is logged), so the
+log alone tells a deferral (the message stays queued) from a failure (it left
+the queue): no join, no per-message query.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db.models import Count, Max, Min, Q
+from django.db.models.functions import Coalesce, TruncHour
+from django.utils import timezone
+
+from mailer.models import (
+    PRIORITIES,
+    PRIORITY_DEFERRED,
+    RESULT_DONT_SEND,
+    RESULT_FAILURE,
+    RESULT_SUCCESS,
+    Message,
+    MessageLog,
+)
+
+#: Message states, as ``MessageStatus.state`` names them.
+QUEUED = "queued"
+SCHEDULED = "scheduled"
+DEFERRED = "deferred"
+SENT = "sent"
+FAILED = "failed"
+DONT_SEND = "dont_send"
+STATES = (QUEUED, SCHEDULED, DEFERRED, SENT, FAILED, DONT_SEND)
+
+#: The queue's "not before" column (scheduled sending, automatic retry), used
+#: once the model has it.
+NOT_BEFORE = "not_before"
+
+#: Outcomes as the log records them: (result, logged while deferred?) -> name.
+OUTCOMES = ("sent", "deferred", "failed", "dont_send")
+
+
+def not_before_field() -> str | None:
+    """The name of the queue's "not before" column, or None without one."""
+    names = {f.name for f in Message._meta.concrete_fields}
+    return NOT_BEFORE if NOT_BEFORE in names else None
+
+
+def outcome_of(result: str, priority: int) -> str:
+    """``"sent"``, ``"deferred"``, ``"failed"`` or ``"dont_send"`` for a log entry."""
+    if result == RESULT_SUCCESS:
+        return "sent"
+    if result == RESULT_DONT_SEND:
+        return "dont_send"
+    return "deferred" if priority == PRIORITY_DEFERRED else "failed"
+
+
+# --- one message ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MessageStatus:
+    """What happened to one message (see ``mailer.status``)."""
+
+    message_id: str
+    #: "queued", "scheduled", "deferred", "sent", "failed" or "dont_send".
+    state: str
+    #: Delivery attempts logged for this Message-ID.
+    attempts: int = 0
+    last_attempt: dt.datetime | None = None
+    #: When a worker may next try it (scheduled, or an automatic retry);
+    #: None when that is "as soon as a worker gets to it" or never.
+    next_attempt: dt.datetime | None = None
+    #: The last failure's log text, unless a later attempt succeeded.
+    error: str | None = None
+    #: The queue priority (None once it left the queue).
+    priority: int | None = None
+
+    @property
+    def done(self) -> bool:
+        """Has it left the queue for good (sent, failed, don't send)?"""
+        return self.state in (SENT, FAILED, DONT_SEND)
+
+
+def message_status(message_id: str, *, using: str | None = None) -> MessageStatus | None:
+    """The state of the message with this Message-ID; None if never queued.
+
+    ``message_id`` as in the header, with its angle brackets. Two queries,
+    each over a Message-ID index: the queue row (the newest, if it was
+    requeued), then its log entries.
+    """
+    if not message_id:
+        return None
+    nb = not_before_field()
+    queue = Message.objects.all() if using is None else Message.objects.using(using)
+    fields = ["priority", *([nb] if nb else [])]
+    row = queue.filter(message_id=message_id).order_by("-id").values_list(*fields).first()
+    log = MessageLog.objects.all() if using is None else MessageLog.objects.using(using)
+    entries = list(
+        log.filter(message_id=message_id)
+        .order_by("-id")
+        .values_list("result", "priority", "when_attempted", "log_message")
+    )
+    if row is None and not entries:
+        return None
+    attempts = sum(1 for result, *_ in entries if result != RESULT_DONT_SEND)
+    last_attempt = entries[0][2] if entries else None
+    error = None
+    for result, _priority, _when, text in entries:
+        if result == RESULT_FAILURE:
+            error = text or None
+            break
+        if result in (RESULT_SUCCESS, RESULT_DONT_SEND):
+            break
+    if row is not None:
+        priority = row[0]
+        next_attempt = row[1] if nb else None
+        now = timezone.now()
+        if priority == PRIORITY_DEFERRED:
+            state = DEFERRED
+        elif next_attempt is not None and next_attempt > now:
+            state = SCHEDULED
+        else:
+            state = QUEUED
+            next_attempt = None
+        return MessageStatus(
+            message_id, state, attempts, last_attempt, next_attempt, error, priority
+        )
+    result, priority, _when, text = entries[0]
+    state = {"sent": SENT, "dont_send": DONT_SEND}.get(outcome_of(result, priority), FAILED)
+    if state != FAILED:
+        error = None
+    return MessageStatus(message_id, state, attempts, last_attempt, None, error)
+
+
+# --- the queue -------------------------------------------------------------------------
+
+
+@dataclass
+class QueueSummary:
+    """The queue and recent outcomes at ``now`` (see ``mailer_status``)."""
+
+    now: dt.datetime
+    queued: int = 0
+    scheduled: int = 0
+    deferred: int = 0
+    #: Deferred messages no automatic retry will pick up (retry_deferred,
+    #: the admin, or an operator must).
+    deferred_waiting: int = 0
+    by_priority: dict[str, int] = field(default_factory=dict)
+    oldest_queued: dt.datetime | None = None
+    oldest_deferred: dt.datetime | None = None
+    last_success: dt.datetime | None = None
+    last_hour: dict[str, int] = field(default_factory=dict)
+    last_day: dict[str, int] = field(default_factory=dict)
+
+    def _age(self, value: dt.datetime | None) -> int | None:
+        return None if value is None else max(0, int((self.now - value).total_seconds()))
+
+    @property
+    def oldest_queued_seconds(self) -> int | None:
+        """Age of the oldest sendable message (since it became due)."""
+        return self._age(self.oldest_queued)
+
+    @property
+    def oldest_deferred_seconds(self) -> int | None:
+        return self._age(self.oldest_deferred)
+
+    @property
+    def last_success_seconds(self) -> int | None:
+        return self._age(self.last_success)
+
+    def as_dict(self) -> dict[str, Any]:
+        def iso(value: dt.datetime | None) -> str | None:
+            return None if value is None else value.isoformat()
+
+        return {
+            "queued": self.queued,
+            "scheduled": self.scheduled,
+            "deferred": self.deferred,
+            "deferred_waiting": self.deferred_waiting,
+            "by_priority": self.by_priority,
+            "oldest_queued_seconds": self.oldest_queued_seconds,
+            "oldest_deferred_seconds": self.oldest_deferred_seconds,
+            "last_success": iso(self.last_success),
+            "last_success_seconds": self.last_success_seconds,
+            "last_hour": self.last_hour,
+            "last_day": self.last_day,
+            "now": iso(self.now),
+        }
+
+
+def queue_counts(now: dt.datetime, using: str | None = None) -> QueueSummary:
+    """Counts by state and priority and the oldest messages: one query."""
+    nb = not_before_field()
+    summary = QueueSummary(now=now)
+    queue = Message.objects.all() if using is None else Message.objects.using(using)
+    annotations: dict[str, Any] = {"total": Count("id")}
+    if nb:
+        due_now = Q(**{f"{nb}__isnull": True}) | Q(**{f"{nb}__lte": now})
+        annotations["later"] = Count("id", filter=~due_now)
+        # Deferred with no automatic retry planned: waiting for an operator.
+        annotations["waiting"] = Count("id", filter=Q(**{f"{nb}__isnull": True}))
+        annotations["oldest"] = Min(Coalesce(nb, "when_added"), filter=due_now)
+    else:
+        annotations["oldest"] = Min("when_added")
+    rows = queue.order_by().values("priority").annotate(**annotations)
+    names = dict(PRIORITIES)
+    summary.by_priority = {label: 0 for _number, label in PRIORITIES}
+    for row in rows:
+        priority = row["priority"]
+        summary.by_priority[names.get(priority, str(priority))] = row["total"]
+        if priority == PRIORITY_DEFERRED:
+            summary.deferred += row["total"]
+            summary.deferred_waiting += row.get("waiting", row["total"])
+            summary.oldest_deferred = row["oldest"]
+            continue
+        later = row.get("later", 0)
+        summary.scheduled += later
+        summary.queued += row["total"] - later
+        oldest = row["oldest"]
+        if oldest is not None and (summary.oldest_queued is None or oldest < summary.oldest_queued):
+            summary.oldest_queued = oldest
+    return summary
+
+
+def _outcome_filters() -> dict[str, Q]:
+    return {
+        "sent": Q(result=RESULT_SUCCESS),
+        "deferred": Q(result=RESULT_FAILURE, priority=PRIORITY_DEFERRED),
+        "failed": Q(result=RESULT_FAILURE) & ~Q(priority=PRIORITY_DEFERRED),
+        "dont_send": Q(result=RESULT_DONT_SEND),
+    }
+
+
+def queue_summary(now: dt.datetime | None = None, using: str | None = None) -> QueueSummary:
+    """Everything ``mailer_status`` reports, in three queries."""
+    now = now or timezone.now()
+    summary = queue_counts(now, using)
+    log = MessageLog.objects.all() if using is None else MessageLog.objects.using(using)
+    hour_ago = now - dt.timedelta(hours=1)
+    day_ago = now - dt.timedelta(days=1)
+    filters = _outcome_filters()
+    counts = log.filter(when_attempted__gte=day_ago, when_attempted__lte=now).aggregate(
+        **{f"day_{name}": Count("id", filter=q) for name, q in filters.items()},
+        **{
+            f"hour_{name}": Count("id", filter=q & Q(when_attempted__gte=hour_ago))
+            for name, q in filters.items()
+        },
+    )
+    summary.last_day = {name: counts[f"day_{name}"] for name in OUTCOMES}
+    summary.last_hour = {name: counts[f"hour_{name}"] for name in OUTCOMES}
+    summary.last_success = log.filter(result=RESULT_SUCCESS).aggregate(last=Max("when_attempted"))[
+        "last"
+    ]
+    return summary
+
+
+def hourly_outcomes(
+    hours: int = 48, now: dt.datetime | None = None, using: str | None = None
+) -> list[tuple[dt.datetime, dict[str, int]]]:
+    """``(hour start (UTC), {"sent": n, "deferred": n, "failed": n, "dont_send": n})``
+    for each of the last ``hours`` hours, oldest first, the current hour last.
+
+    One aggregate query over a range of the ``mailer_log_outcomes`` index
+    (``when_attempted, result, priority``).
+    """
+    now = now or timezone.now()
+    current = now.astimezone(dt.timezone.utc).replace(minute=0, second=0, microsecond=0)
+    start = current - dt.timedelta(hours=hours - 1)
+    log = MessageLog.objects.all() if using is None else MessageLog.objects.using(using)
+    rows = (
+        log.filter(when_attempted__gte=start)
+        .annotate(hour=TruncHour("when_attempted", tzinfo=dt.timezone.utc))
+        .order_by()
+        .values_list("hour", "result", "priority")
+        .annotate(n=Count("id"))
+    )
+    buckets = {start + dt.timedelta(hours=i): dict.fromkeys(OUTCOMES, 0) for i in range(hours)}
+    for hour, result, priority, n in rows:
+        if hour is None:
+            continue
+        if timezone.is_naive(hour):
+            hour = hour.replace(tzinfo=dt.timezone.utc)
+        bucket = buckets.get(hour.astimezone(dt.timezone.utc))
+        if bucket is not None:  # attempts stamped in the future are left out
+            bucket[outcome_of(result, priority)] += n
+    return sorted(buckets.items())
