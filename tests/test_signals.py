@@ -231,3 +231,28 @@ def test_in_a_callers_transaction_signals_wait_for_its_commit(
         for callback in callbacks:
             callback()
     assert [name for name, _ in calls] == ["sent"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("fail", [False, True])
+def test_with_several_lanes_each_signal_runs_in_its_lane_after_commit(
+    settings, smtp_settings, smtp_server, fail
+):
+    """MAILER_CONCURRENCY > 1: one signal per message, from the lane threads."""
+    settings.MAILER_CONCURRENCY = 3
+    if fail:
+        smtp_server.fail_with = "451 4.3.0 later"
+    ids = {queue_one(f"s{i}", to=f"to{i}@example.com").extra_headers["Message-ID"] for i in range(9)}
+    with recorded(check_committed=True) as calls:
+        result = send_all()
+    assert (result.deferred if fail else result.sent) == 9
+    name = "deferred" if fail else "sent"
+    assert sorted(n for n, _ in calls) == [name] * 9
+    assert {kw["message_id"] for _, kw in calls} == ids
+    expected = [RESULT_FAILURE] if fail else ["1"]
+    assert all(kw["committed"] == expected for _, kw in calls)
+    assert all(kw["in_atomic_block"] is False for _, kw in calls)
+    main = threading.current_thread().name
+    assert all(kw["thread"] != main for _, kw in calls)
+    for message_id in ids:
+        assert mailer.status(message_id).state == name
