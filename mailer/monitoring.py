@@ -296,3 +296,80 @@ def hourly_outcomes(
         if bucket is not None:  # attempts stamped in the future are left out
             bucket[outcome_of(result, priority)] += n
     return sorted(buckets.items())
+
+
+# --- words for people and monitors ---------------------------------------------------------
+
+
+def duration(seconds: int | None) -> str:
+    """``"2d 3h"``, ``"5m 12s"``, ``"40s"``; ``"-"`` for None."""
+    if seconds is None:
+        return "-"
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def summary_problems(
+    summary: QueueSummary, *, max_age: int | None = None, max_deferred: int | None = None
+) -> list[str]:
+    """What exceeds the thresholds (empty: healthy)."""
+    problems = []
+    age = summary.oldest_queued_seconds
+    if max_age is not None and age is not None and age > max_age:
+        problems.append(
+            f"the oldest sendable message has waited {age} s ({duration(age)}), "
+            f"more than --max-age {max_age}"
+        )
+    if max_deferred is not None and summary.deferred_waiting > max_deferred:
+        problems.append(
+            f"{summary.deferred_waiting} deferred message(s) wait for an operator, "
+            f"more than --max-deferred {max_deferred}"
+        )
+    return problems
+
+
+def _outcome_line(counts: dict[str, int]) -> str:
+    return (
+        f"{counts['sent']} sent, {counts['deferred']} deferred, {counts['failed']} failed, "
+        f"{counts['dont_send']} don't send"
+    )
+
+
+def summary_text(summary: QueueSummary, problems: list[str] | None = None) -> str:
+    """The summary for people; the first line is the verdict (for Nagios-style checks)."""
+    verdict = "PROBLEM: " + "; ".join(problems) if problems else "OK"
+    priorities = ", ".join(f"{label} {n}" for label, n in summary.by_priority.items())
+    if summary.last_success is None:
+        last = "never (or purged from the log)"
+    else:
+        last = f"{summary.last_success.isoformat()} ({duration(summary.last_success_seconds)} ago)"
+    lines = [
+        f"mailer_status: {verdict}",
+        f"Queue: {summary.queued} queued, {summary.scheduled} scheduled, "
+        f"{summary.deferred} deferred ({summary.deferred_waiting} waiting for an operator)",
+        f"By priority: {priorities}",
+        "Oldest sendable message: "
+        + (
+            "none"
+            if summary.oldest_queued is None
+            else f"waiting {duration(summary.oldest_queued_seconds)}"
+        ),
+        "Oldest deferred message: "
+        + (
+            "none"
+            if summary.oldest_deferred is None
+            else f"waiting {duration(summary.oldest_deferred_seconds)}"
+        ),
+        f"Last success: {last}",
+        f"Last hour: {_outcome_line(summary.last_hour)}",
+        f"Last 24 hours: {_outcome_line(summary.last_day)}",
+    ]
+    return "\n".join(lines)

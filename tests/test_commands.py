@@ -534,3 +534,109 @@ def test_runmailer_wakes_for_scheduled_mail_and_due_retries(manage, smtp_server)
     assert 1.8 <= retried - first < 3.0, stderr
     assert 0 <= scheduled - send_at.timestamp() < 1.0, stderr
     assert "transient: retry at" in stderr
+
+
+# --- mailer_status ----------------------------------------------------------------------
+
+STATUS_KEYS = {
+    "queued",
+    "scheduled",
+    "deferred",
+    "deferred_waiting",
+    "by_priority",
+    "oldest_queued_seconds",
+    "oldest_deferred_seconds",
+    "last_success",
+    "last_success_seconds",
+    "last_hour",
+    "last_day",
+    "now",
+    "ok",
+    "problems",
+}
+
+
+def _age_queue(seconds):
+    Message.objects.update(when_added=timezone.now() - timezone.timedelta(seconds=seconds))
+
+
+@pytest.mark.django_db
+def test_mailer_status_text(capsys):
+    queue(2)
+    Message.objects.filter(subject_text="S 1").update(priority=PRIORITY_DEFERRED)
+    _age_queue(125)
+    call_command("mailer_status")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "mailer_status: OK"
+    text = "\n".join(lines)
+    assert "Queue: 1 queued, 0 scheduled, 1 deferred (1 waiting for an operator)" in text
+    assert "By priority: high 0, medium 1, low 0, deferred 1" in text
+    assert "Oldest sendable message: waiting 2m " in text
+    assert "Last success: never" in text
+    assert "Last hour: 0 sent, 0 deferred, 0 failed, 0 don't send" in text
+
+
+@pytest.mark.django_db
+def test_mailer_status_json(capsys):
+    import json
+
+    queue(1)
+    MessageLog.objects.log(Message.objects.get(), RESULT_SUCCESS)
+    call_command("mailer_status", "--json")
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == STATUS_KEYS
+    for key in ("queued", "scheduled", "deferred", "oldest_queued_seconds"):
+        assert type(data[key]) is int, key
+    assert data["queued"] == 1 and data["ok"] is True and data["problems"] == []
+    assert data["last_hour"]["sent"] == 1 and data["last_success_seconds"] < 60
+    assert set(data["last_day"]) == {"sent", "deferred", "failed", "dont_send"}
+
+
+@pytest.mark.django_db
+def test_mailer_status_empty_queue_json(capsys):
+    import json
+
+    call_command("mailer_status", "--json", "--max-age", "0")
+    data = json.loads(capsys.readouterr().out)
+    assert data["oldest_queued_seconds"] is None and data["ok"] is True
+
+
+@pytest.mark.django_db
+def test_mailer_status_thresholds(capsys):
+    queue(3)
+    _age_queue(300)
+    call_command("mailer_status", "--max-age", "600")  # fine
+    assert capsys.readouterr().out.startswith("mailer_status: OK")
+    with pytest.raises(CommandError) as info:
+        call_command("mailer_status", "--max-age", "120")
+    assert info.value.returncode == 1
+    assert "more than --max-age 120" in str(info.value)
+    assert capsys.readouterr().out.startswith("mailer_status: PROBLEM: the oldest sendable")
+    Message.objects.update(priority=PRIORITY_DEFERRED)
+    call_command("mailer_status", "--max-age", "120", "--max-deferred", "3")  # none sendable
+    with pytest.raises(CommandError) as info:
+        call_command("mailer_status", "--max-deferred", "2")
+    assert info.value.returncode == 1 and "3 deferred message(s)" in str(info.value)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("args", [["--max-age", "-1"], ["--max-deferred", "x"]])
+def test_mailer_status_rejects_bad_thresholds(args):
+    with pytest.raises(CommandError, match="must be 0 or more|not a whole number"):
+        call_command("mailer_status", *args)
+
+
+@pytest.mark.slow
+def test_mailer_status_exit_codes_in_a_subprocess(manage):
+    import json
+
+    queue(1)
+    _age_queue(1000)
+    ok = manage.run("mailer_status", "--json", "--max-age", "3600")
+    assert json.loads(ok.stdout)["queued"] == 1
+    late = manage.run("mailer_status", "--max-age", "60", check=False)
+    assert late.returncode == 1, (late.stdout, late.stderr)
+    assert late.stdout.startswith("mailer_status: PROBLEM:")
+    assert "more than --max-age 60" in late.stderr
+    bad = manage.run("mailer_status", "--max-age", "soon", check=False)
+    assert bad.returncode == 2 and "not a whole number" in bad.stderr

@@ -1,0 +1,59 @@
+import argparse
+import json
+from typing import Any
+
+from django.core.management.base import CommandError, CommandParser
+
+from mailer.management.base import MailerCommand
+from mailer.monitoring import queue_summary, summary_problems, summary_text
+
+
+def _non_negative(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {number}")
+    return number
+
+
+class Command(MailerCommand):
+    help = (
+        "Queue health for people and monitors: counts by state and priority, the oldest "
+        "sendable message's age, the last success, outcomes in the last hour and day. "
+        "Exits 1 when a --max-* threshold is exceeded."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--json", action="store_true", help="One JSON object on stdout.")
+        parser.add_argument(
+            "--max-age",
+            type=_non_negative,
+            default=None,
+            metavar="SECONDS",
+            help="Exit 1 when the oldest sendable message waited longer than SECONDS.",
+        )
+        parser.add_argument(
+            "--max-deferred",
+            type=_non_negative,
+            default=None,
+            metavar="COUNT",
+            help="Exit 1 when more than COUNT deferred messages wait for an operator "
+            "(no automatic retry planned).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        summary = queue_summary()
+        problems = summary_problems(
+            summary, max_age=options["max_age"], max_deferred=options["max_deferred"]
+        )
+        if options["json"]:
+            data = summary.as_dict()
+            data["ok"] = not problems
+            data["problems"] = problems
+            self.stdout.write(json.dumps(data, sort_keys=True))
+        else:
+            self.stdout.write(summary_text(summary, problems))
+        if problems:
+            raise CommandError("; ".join(problems), returncode=1)
