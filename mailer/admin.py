@@ -60,6 +60,7 @@ from mailer.models import (
     get_message_id,
     queue_emails,
 )
+from mailer.overview import overview
 from mailer.validation import validate_email
 
 if TYPE_CHECKING:
@@ -874,6 +875,15 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
     ]
     #: Log entries shown on a message's page (the newest; all are one search away).
     attempts_shown = 20
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> Any:
+        # A callable: the template calls it only when it renders the list
+        # (an action's POST that redirects costs no query for it).
+        url = reverse(f"{self.admin_site.name}:mailer_message_changelist")
+        context = {**(extra_context or {}), "mailer_overview": lambda: overview(url)}
+        return super().changelist_view(request, context)
 
     @admin.display(description=_("retry count"), ordering="retry_count")
     def retry_count_display(self, obj: Message) -> int:

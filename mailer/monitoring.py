@@ -19,6 +19,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.db import connections
 from django.db.models import Count, Max, Min, Q
 from django.db.models.functions import Coalesce, TruncHour
 from django.utils import timezone
@@ -232,6 +233,40 @@ def queue_counts(now: dt.datetime, using: str | None = None) -> QueueSummary:
         if oldest is not None and (summary.oldest_queued is None or oldest < summary.oldest_queued):
             summary.oldest_queued = oldest
     return summary
+
+
+def capped_state_counts(
+    now: dt.datetime, cap: int, using: str | None = None
+) -> dict[str, int]:
+    """``queued``, ``scheduled``, ``deferred`` and ``deferred_waiting``, each
+    counted up to ``cap + 1`` rows (more than ``cap`` means "more than"), in
+    one statement: cheap however large the queue (for the admin's page).
+    """
+    nb = not_before_field()
+    queue = Message.objects.all() if using is None else Message.objects.using(using)
+    alias = queue.db
+    sendable = queue.exclude(priority=PRIORITY_DEFERRED)
+    deferred = queue.filter(priority=PRIORITY_DEFERRED)
+    subsets: dict[str, Any] = {"deferred": deferred}
+    if nb:
+        due_now = Q(**{f"{nb}__isnull": True}) | Q(**{f"{nb}__lte": now})
+        subsets["queued"] = sendable.filter(due_now)
+        subsets["scheduled"] = sendable.exclude(due_now)
+        subsets["deferred_waiting"] = deferred.filter(**{f"{nb}__isnull": True})
+    else:
+        subsets["queued"] = sendable
+    parts, params = [], []
+    for name, qs in subsets.items():
+        sql, sub_params = qs.order_by().values("pk")[: cap + 1].query.get_compiler(alias).as_sql()
+        parts.append(f"(SELECT COUNT(*) FROM ({sql}) mailer_{name})")
+        params.extend(sub_params)
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT " + ", ".join(parts), params)
+        row = cursor.fetchone()
+    counts = {name: int(n) for name, n in zip(subsets, row, strict=True)}
+    counts.setdefault("scheduled", 0)
+    counts.setdefault("deferred_waiting", counts["deferred"])
+    return counts
 
 
 def _outcome_filters() -> dict[str, Q]:

@@ -660,7 +660,10 @@ def _assert_lean(queries: CaptureQueriesContext) -> None:
         sql = query["sql"]
         assert "message_data" not in sql, sql
         if "COUNT(" in sql.upper():
-            assert "LIMIT" in sql.upper(), sql  # never an unbounded count
+            # Never an unbounded count: capped with LIMIT, or (the overview's
+            # chart) a range of the last 48 hours of the outcomes index.
+            chart = '"mailer_messagelog"."when_attempted" >=' in sql and "GROUP BY" in sql
+            assert "LIMIT" in sql.upper() or chart, sql
 
 
 @pytest.mark.parametrize(
@@ -676,7 +679,8 @@ def _assert_lean(queries: CaptureQueriesContext) -> None:
 def test_large_message_changelist_is_lean(admin_client, django_assert_max_num_queries, params):
     _bulk_messages(N_ROWS)
     with CaptureQueriesContext(connection) as queries:
-        with django_assert_max_num_queries(7):  # 2 auth + count + rows + 2 date hierarchy + last errors
+        # 2 auth + count + rows + 2 date hierarchy + last errors + 2 overview
+        with django_assert_max_num_queries(9):
             text = page_text(admin_client.get(MESSAGE_LIST, params))
     _assert_lean(queries)
     assert "undecodable" not in text
@@ -1185,3 +1189,131 @@ def test_send_now_says_a_scheduled_message_was_not_sent(admin_client, smtp_setti
         in notes
     )
     assert Message.objects.filter(pk=scheduled.pk).exists()
+
+# --- the overview at the top of the message list ---------------------------------------------
+
+
+def _overview_queries(queries: CaptureQueriesContext) -> list[str]:
+    """The queue's capped state counts (one statement) and the chart's aggregate."""
+    return [
+        q["sql"]
+        for q in queries.captured_queries
+        if q["sql"].startswith("SELECT (SELECT COUNT(*) FROM")
+        or ("GROUP BY" in q["sql"] and "mailer_messagelog" in q["sql"])
+    ]
+
+
+def _outcome_logs(now, spec) -> None:
+    """``spec``: (hours ago, result, priority, how many)."""
+    rows = []
+    for hours_ago, result, priority, count in spec:
+        when = now - timedelta(hours=hours_ago)
+        rows += [
+            MessageLog(
+                when_added=when,
+                when_attempted=when,
+                priority=priority,
+                result=result,
+                log_message="",
+                message_id=f"<o.{hours_ago}.{result}.{i}@example.com>",
+            )
+            for i in range(count)
+        ]
+    MessageLog.objects.bulk_create(rows)
+
+
+def test_overview_counts_and_chart(admin_client):
+    now = timezone.now()
+    queue("waiting")
+    queue("also waiting", priority=PRIORITY_HIGH)
+    queue("stuck", priority=PRIORITY_DEFERRED)
+    _outcome_logs(
+        now,
+        [
+            (0, RESULT_SUCCESS, PRIORITY_MEDIUM, 7),
+            (0, RESULT_FAILURE, PRIORITY_DEFERRED, 2),
+            (5, RESULT_FAILURE, PRIORITY_MEDIUM, 1),
+            (47, RESULT_SUCCESS, PRIORITY_MEDIUM, 3),
+            (49, RESULT_SUCCESS, PRIORITY_MEDIUM, 100),  # older than the chart
+        ],
+    )
+    with CaptureQueriesContext(connection) as queries:
+        text = page_text(admin_client.get(MESSAGE_LIST))
+    states, chart = _overview_queries(queries)  # exactly these two
+    assert states.count("LIMIT 10001") == 2 and "mailer_messagelog" in chart
+    assert "<strong>2 queued</strong>" in text and "0 scheduled" in text
+    assert f'?priority={PRIORITY_DEFERRED}">1 deferred</a>' in text
+    assert "1 waiting for an operator" in text
+    svg = re.search(r"<svg class=\"mailer-chart\".*?</svg>", text, re.S).group(0)
+    assert "<script" not in svg and "href" not in svg
+    assert svg.count('class="mailer-hour"') == 48
+    assert "10 sent, 2 deferred, 1 failed." in svg  # the whole chart, in its title
+    assert svg.count('class="mailer-bar-sent"') == 2
+    assert svg.count('class="mailer-bar-deferred"') == 1
+    assert svg.count('class="mailer-bar-failed"') == 1
+    assert ": 7 sent, 2 deferred, 0 failed</title>" in svg
+    # Only the message list has it.
+    assert "mailer-chart" not in page_text(admin_client.get(LOG_LIST))
+
+
+def test_overview_is_escaped_and_empty_safe(admin_client):
+    text = page_text(admin_client.get(MESSAGE_LIST))
+    assert "<strong>0 queued</strong>" in text
+    assert "0 sent, 0 deferred, 0 failed." in text
+
+
+def test_overview_costs_no_query_on_an_action_redirect(admin_client, django_assert_max_num_queries):
+    msg = queue("Retry me", priority=PRIORITY_DEFERRED)
+    with CaptureQueriesContext(connection) as queries:
+        admin_client.post(MESSAGE_LIST, {"action": "retry", "_selected_action": [msg.pk]})
+    assert _overview_queries(queries) == []
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_overview_on_a_log_of_a_million_rows_is_one_indexed_aggregate(admin_user, client):
+    """1M log rows over ~23 days: the chart is one GROUP BY over the outcomes index."""
+    import time
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO mailer_messagelog (message_data, message_id, when_added, priority, "
+            "when_attempted, result, log_message, recipients, subject_text) "
+            "SELECT NULL, '<' || i || '@bulk.example.com>', now() - i * interval '2 seconds', "
+            "CASE WHEN i % 50 = 0 THEN 4 ELSE 2 END, now() - i * interval '2 seconds', "
+            "CASE WHEN i % 50 = 0 OR i % 997 = 0 THEN '3' WHEN i % 499 = 0 THEN '2' ELSE '1' END, "
+            "'', 'user@example.com', 'bulk' FROM generate_series(1, 1000000) AS i"
+        )
+        cursor.execute("VACUUM ANALYZE mailer_messagelog")
+    client.force_login(admin_user)
+    started = time.monotonic()
+    with CaptureQueriesContext(connection) as queries:
+        text = page_text(client.get(MESSAGE_LIST))
+    seconds = time.monotonic() - started
+    assert len(queries.captured_queries) <= 9, [q["sql"] for q in queries.captured_queries]
+    log_queries = [q["sql"] for q in queries.captured_queries if "mailer_messagelog" in q["sql"]]
+    chart = [sql for sql in log_queries if "GROUP BY" in sql.upper()]
+    assert len(chart) == 1, log_queries
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN " + chart[0])
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "mailer_log_outcomes" in plan, plan
+    assert "Seq Scan on mailer_messagelog" not in plan, plan
+    # One row every 2 seconds; the chart covers 47 whole hours and the current
+    # one so far (don't-send entries, 1 in 499, are not charted).
+    match = re.search(r"over the last 48 hours: (\d+) sent, (\d+) deferred, (\d+) failed", text)
+    assert match, text
+    sent, deferred, failed = (int(n) for n in match.groups())
+    assert 47 * 1800 * 0.99 < sent + deferred + failed <= 48 * 1800
+    assert 0.019 < deferred / (sent + deferred + failed) < 0.021  # 1 in 50
+    assert seconds < 10, seconds
+
+
+def test_overview_counts_stop_at_the_cap(admin_client, monkeypatch):
+    import mailer.overview
+
+    monkeypatch.setattr(mailer.overview, "COUNT_CAP", 5)
+    _bulk_messages(30)  # 3 deferred, 27 sendable
+    text = page_text(admin_client.get(MESSAGE_LIST))
+    assert "<strong>5+ queued</strong>" in text
+    assert f'?priority={PRIORITY_DEFERRED}">3 deferred</a>' in text
