@@ -1317,3 +1317,14 @@ def test_overview_counts_stop_at_the_cap(admin_client, monkeypatch):
     text = page_text(admin_client.get(MESSAGE_LIST))
     assert "<strong>5+ queued</strong>" in text
     assert f'?priority={PRIORITY_DEFERRED}">3 deferred</a>' in text
+
+
+@pytest.mark.parametrize(
+    "language, expected", [("ja", ["待機中 1 件", "送信済み"]), ("ru", ["в очереди: 1", "отправлено"])]
+)
+def test_overview_is_translated(admin_client, language, expected):
+    queue("Translated overview")
+    with translation.override(language):
+        text = page_text(admin_client.get(MESSAGE_LIST))
+    for value in expected:
+        assert value in text, (language, value)
