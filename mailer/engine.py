@@ -587,10 +587,17 @@ def _record_unhandled(
 def _signal_handled(
     action: str, message: Message, email: EmailMessage, exc: BaseException, connection: Any
 ) -> None:
-    """The error handler decided: "sent", "failed" (gave up), else deferred."""
-    signal = {"sent": message_sent, "failed": message_failed}.get(action, message_deferred)
-    if signal.receivers:  # the error text is worth building only for a listener
-        send_outcome(signal, message, email, describe_delivery_error(exc, connection))
+    """Signal what the error handler did: "sent" as it says; otherwise failed
+    when it took the message off the queue, else deferred (one query, and
+    only when someone listens)."""
+    if action == "sent":
+        send_outcome(message_sent, message, email)
+        return
+    if not (message_failed.receivers or message_deferred.receivers):
+        return
+    gone = not Message.objects.using(message._state.db).filter(pk=message.pk).exists()
+    signal = message_failed if gone else message_deferred
+    send_outcome(signal, message, email, describe_delivery_error(exc, connection))
 
 
 _UNDECODABLE = "can't be decoded"

@@ -136,9 +136,14 @@ def test_failed_undecodable_row_has_no_email(smtp_settings, smtp_server):
 
 
 def giving_up_handler(connection, message, exc):
-    message.delete()
+    # As docs/delivery.rst's example: logged, deleted, and "deferred" for the counter.
     MessageLog.objects.log(message, RESULT_FAILURE, f"gave up: {exc}")
-    return connection, "failed"
+    message.delete()
+    return None, "deferred"
+
+
+def untouching_handler(connection, message, exc):
+    return None, "deferred"
 
 
 def exploding_handler(connection, message, exc):
@@ -157,6 +162,20 @@ def test_failed_when_the_error_handler_gives_up(settings, smtp_settings, smtp_se
     assert kwargs["message_id"] == email.extra_headers["Message-ID"]
     assert "554" in kwargs["error"]
     assert mailer.status(kwargs["message_id"]).state == "failed"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deferred_when_the_error_handler_leaves_the_message_queued(
+    settings, smtp_settings, smtp_server
+):
+    settings.MAILER_ERROR_HANDLER = "tests.test_signals.untouching_handler"
+    smtp_server.fail_with = "451 later"
+    queue_one()
+    with recorded() as calls:
+        send_all()
+    assert [name for name, _ in calls] == ["deferred"]
+    assert "451" in calls[0][1]["error"]
+    assert mailer.status(calls[0][1]["message_id"]).state == "queued"
 
 
 @pytest.mark.django_db(transaction=True)
