@@ -612,6 +612,7 @@ def _record_unavailable(message: Message, result: PassResult, reason: str) -> No
         message.defer()
         MessageLog.objects.log(message, RESULT_FAILURE, f"Not sent: {reason}")
     result.deferred += 1
+    send_outcome(message_deferred, message, message.email, f"Not sent: {reason}")
 
 
 def _prepare(message: Message) -> tuple[EmailMessage | None, str, str]:

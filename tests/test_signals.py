@@ -275,3 +275,22 @@ def test_with_several_lanes_each_signal_runs_in_its_lane_after_commit(
     assert all(kw["thread"] != main for _, kw in calls)
     for message_id in ids:
         assert mailer.status(message_id).state == name
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deferred_when_a_stored_attachment_is_missing(
+    attachment_storage, smtp_settings, smtp_server
+):
+    from mailer import attachments
+
+    email = EmailMessage("Report", "b", "from@example.com", ["to@example.com"])
+    email.attach("big.bin", b"x" * 5000, "application/octet-stream")
+    DbBackend().send_messages([email])
+    attachment_storage.delete(attachments.references(Message.objects.get().email)[0].key)
+    with recorded(check_committed=True) as calls:
+        assert send_all().deferred == 1
+    assert [name for name, _ in calls] == ["deferred"]
+    kwargs = calls[0][1]
+    assert kwargs["message_id"] == email.extra_headers["Message-ID"]
+    assert "big.bin is missing" in kwargs["error"] and kwargs["committed"] == [RESULT_FAILURE]
+    assert mailer.status(kwargs["message_id"]).state == "deferred"
