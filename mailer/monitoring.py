@@ -32,6 +32,7 @@ from mailer.models import (
     RESULT_SUCCESS,
     Message,
     MessageLog,
+    due_q,
 )
 
 #: Message states, as ``MessageStatus.state`` names them.
@@ -43,18 +44,8 @@ FAILED = "failed"
 DONT_SEND = "dont_send"
 STATES = (QUEUED, SCHEDULED, DEFERRED, SENT, FAILED, DONT_SEND)
 
-#: The queue's "not before" column (scheduled sending, automatic retry), used
-#: once the model has it.
-NOT_BEFORE = "not_before"
-
 #: Outcomes as the log records them: (result, logged while deferred?) -> name.
 OUTCOMES = ("sent", "deferred", "failed", "dont_send")
-
-
-def not_before_field() -> str | None:
-    """The name of the queue's "not before" column, or None without one."""
-    names = {f.name for f in Message._meta.concrete_fields}
-    return NOT_BEFORE if NOT_BEFORE in names else None
 
 
 def outcome_of(result: str, priority: int) -> str:
@@ -102,10 +93,13 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
     """
     if not message_id:
         return None
-    nb = not_before_field()
     queue = Message.objects.all() if using is None else Message.objects.using(using)
-    fields = ["priority", *([nb] if nb else [])]
-    row = queue.filter(message_id=message_id).order_by("-id").values_list(*fields).first()
+    row = (
+        queue.filter(message_id=message_id)
+        .order_by("-id")
+        .values_list("priority", "not_before")
+        .first()
+    )
     log = MessageLog.objects.all() if using is None else MessageLog.objects.using(using)
     entries = list(
         log.filter(message_id=message_id)
@@ -124,8 +118,7 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
         if result in (RESULT_SUCCESS, RESULT_DONT_SEND):
             break
     if row is not None:
-        priority = row[0]
-        next_attempt = row[1] if nb else None
+        priority, next_attempt = row
         now = timezone.now()
         if priority == PRIORITY_DEFERRED:
             state = DEFERRED
@@ -203,19 +196,22 @@ class QueueSummary:
 
 def queue_counts(now: dt.datetime, using: str | None = None) -> QueueSummary:
     """Counts by state and priority and the oldest messages: one query."""
-    nb = not_before_field()
     summary = QueueSummary(now=now)
     queue = Message.objects.all() if using is None else Message.objects.using(using)
-    annotations: dict[str, Any] = {"total": Count("id")}
-    if nb:
-        due_now = Q(**{f"{nb}__isnull": True}) | Q(**{f"{nb}__lte": now})
-        annotations["later"] = Count("id", filter=~due_now)
-        # Deferred with no automatic retry planned: waiting for an operator.
-        annotations["waiting"] = Count("id", filter=Q(**{f"{nb}__isnull": True}))
-        annotations["oldest"] = Min(Coalesce(nb, "when_added"), filter=due_now)
-    else:
-        annotations["oldest"] = Min("when_added")
-    rows = queue.order_by().values("priority").annotate(**annotations)
+    due_now = due_q(now)
+    rows = (
+        queue.order_by()
+        .values("priority")
+        .annotate(
+            total=Count("id"),
+            later=Count("id", filter=~due_now),
+            # Deferred with no automatic retry planned: waiting for an operator.
+            waiting=Count("id", filter=Q(not_before__isnull=True)),
+            # Since it became due (a scheduled message is not late before its time).
+            oldest=Min(Coalesce("not_before", "when_added"), filter=due_now),
+            oldest_added=Min("when_added"),
+        )
+    )
     names = dict(PRIORITIES)
     summary.by_priority = {label: 0 for _number, label in PRIORITIES}
     for row in rows:
@@ -223,12 +219,11 @@ def queue_counts(now: dt.datetime, using: str | None = None) -> QueueSummary:
         summary.by_priority[names.get(priority, str(priority))] = row["total"]
         if priority == PRIORITY_DEFERRED:
             summary.deferred += row["total"]
-            summary.deferred_waiting += row.get("waiting", row["total"])
-            summary.oldest_deferred = row["oldest"]
+            summary.deferred_waiting += row["waiting"]
+            summary.oldest_deferred = row["oldest_added"]
             continue
-        later = row.get("later", 0)
-        summary.scheduled += later
-        summary.queued += row["total"] - later
+        summary.scheduled += row["later"]
+        summary.queued += row["total"] - row["later"]
         oldest = row["oldest"]
         if oldest is not None and (summary.oldest_queued is None or oldest < summary.oldest_queued):
             summary.oldest_queued = oldest
@@ -242,19 +237,15 @@ def capped_state_counts(
     counted up to ``cap + 1`` rows (more than ``cap`` means "more than"), in
     one statement: cheap however large the queue (for the admin's page).
     """
-    nb = not_before_field()
     queue = Message.objects.all() if using is None else Message.objects.using(using)
     alias = queue.db
     sendable = queue.exclude(priority=PRIORITY_DEFERRED)
-    deferred = queue.filter(priority=PRIORITY_DEFERRED)
-    subsets: dict[str, Any] = {"deferred": deferred}
-    if nb:
-        due_now = Q(**{f"{nb}__isnull": True}) | Q(**{f"{nb}__lte": now})
-        subsets["queued"] = sendable.filter(due_now)
-        subsets["scheduled"] = sendable.exclude(due_now)
-        subsets["deferred_waiting"] = deferred.filter(**{f"{nb}__isnull": True})
-    else:
-        subsets["queued"] = sendable
+    subsets = {
+        "queued": sendable.filter(due_q(now)),
+        "scheduled": sendable.exclude(due_q(now)),
+        "deferred": queue.deferred(),
+        "deferred_waiting": queue.waiting_for_operator(),
+    }
     parts, params = [], []
     for name, qs in subsets.items():
         sql, sub_params = qs.order_by().values("pk")[: cap + 1].query.get_compiler(alias).as_sql()
@@ -263,10 +254,7 @@ def capped_state_counts(
     with connections[alias].cursor() as cursor:
         cursor.execute("SELECT " + ", ".join(parts), params)
         row = cursor.fetchone()
-    counts = {name: int(n) for name, n in zip(subsets, row, strict=True)}
-    counts.setdefault("scheduled", 0)
-    counts.setdefault("deferred_waiting", counts["deferred"])
-    return counts
+    return {name: int(n) for name, n in zip(subsets, row, strict=True)}
 
 
 def _outcome_filters() -> dict[str, Q]:

@@ -1227,6 +1227,8 @@ def test_overview_counts_and_chart(admin_client):
     queue("waiting")
     queue("also waiting", priority=PRIORITY_HIGH)
     queue("stuck", priority=PRIORITY_DEFERRED)
+    later = queue("later")
+    Message.objects.filter(pk=later.pk).update(not_before=now + timedelta(hours=2))
     _outcome_logs(
         now,
         [
@@ -1240,8 +1242,8 @@ def test_overview_counts_and_chart(admin_client):
     with CaptureQueriesContext(connection) as queries:
         text = page_text(admin_client.get(MESSAGE_LIST))
     states, chart = _overview_queries(queries)  # exactly these two
-    assert states.count("LIMIT 10001") == 2 and "mailer_messagelog" in chart
-    assert "<strong>2 queued</strong>" in text and "0 scheduled" in text
+    assert states.count("LIMIT 10001") == 4 and "mailer_messagelog" in chart
+    assert "<strong>2 queued</strong>" in text and "1 scheduled" in text
     assert f'?priority={PRIORITY_DEFERRED}">1 deferred</a>' in text
     assert "1 waiting for an operator" in text
     svg = re.search(r"<svg class=\"mailer-chart\".*?</svg>", text, re.S).group(0)

@@ -229,3 +229,41 @@ def test_hourly_outcomes_in_one_query(django_assert_num_queries):
 def test_message_status_on_another_database_alias_argument():
     message_id = queue_one()
     assert message_status(message_id, using="default").state == "queued"
+
+
+def test_scheduled_then_queued(settings, django_assert_max_num_queries):
+    send_at = timezone.now() + dt.timedelta(hours=1)
+    mailer.send_mail("Later", "b", "from@example.com", ["to@example.com"], send_at=send_at)
+    message_id = Message.objects.get().message_id
+    st = status_in_two_queries(message_id, django_assert_max_num_queries)
+    assert st.state == "scheduled" and st.next_attempt == send_at and st.attempts == 0
+    summary = queue_summary()
+    assert (summary.queued, summary.scheduled) == (0, 1)
+    assert summary.oldest_queued_seconds is None  # not late before its time
+    # Its time has come: queued, and late only since then.
+    Message.objects.update(not_before=timezone.now() - dt.timedelta(seconds=30))
+    st = mailer.status(message_id)
+    assert st.state == "queued" and st.next_attempt is None
+    summary = queue_summary()
+    assert (summary.queued, summary.scheduled) == (1, 0)
+    assert 30 <= summary.oldest_queued_seconds < 60
+
+
+def test_deferred_with_an_automatic_retry(settings, smtp_settings, smtp_server):
+    settings.MAILER_AUTO_RETRY = True
+    smtp_server.fail_with = "451 4.3.0 later"
+    message_id = queue_one()
+    before = timezone.now()
+    send_all()
+    st = mailer.status(message_id)
+    assert st.state == "deferred" and st.attempts == 1 and "451" in st.error
+    assert st.next_attempt is not None and st.next_attempt > before
+    summary = queue_summary()
+    assert (summary.deferred, summary.deferred_waiting) == (1, 0)  # a retry is planned
+    # A permanent failure waits for an operator: no next attempt.
+    smtp_server.fail_with = "550 5.1.1 no such user"
+    other = queue_one("Permanent", to="gone@example.com")
+    send_all()
+    st = mailer.status(other)
+    assert st.state == "deferred" and st.next_attempt is None
+    assert queue_summary().deferred_waiting == 1
