@@ -662,7 +662,8 @@ def _assert_lean(queries: CaptureQueriesContext) -> None:
         if "COUNT(" in sql.upper():
             # Never an unbounded count: capped with LIMIT, or (the overview's
             # chart) a range of the last 48 hours of the outcomes index.
-            chart = '"mailer_messagelog"."when_attempted" >=' in sql and "GROUP BY" in sql
+            where = sql.split("WHERE", 1)[-1]
+            chart = "mailer_messagelog" in sql and "when_attempted" in where and "GROUP BY" in sql
             assert "LIMIT" in sql.upper() or chart, sql
 
 
