@@ -389,31 +389,88 @@ def _message_id_header(email: EmailMessage) -> dict[str, str]:
     return {"Message-ID": get_message_id(email) or ""}
 
 
-class RowInserter:
-    """A one-row INSERT of an unsaved instance, compiled once.
+_NOTHING = object()
+_PLAIN_FIELDS = {
+    models.TextField: str,
+    models.CharField: str,
+    models.IntegerField: int,
+    models.SmallIntegerField: int,
+    models.PositiveSmallIntegerField: int,
+    models.BigIntegerField: int,
+}
 
-    For the per-message hot paths (one ``send_mail`` call, one log entry per
-    sent message) the ORM's per-query compile costs more than the database.
-    Values still go through each field's ``get_db_prep_save``, as the ORM
-    does. No signals are sent and the primary key is not read back. Many
-    rows go through ``bulk_create``, which Django optimises per backend
-    (UNNEST arrays on PostgreSQL).
+
+class RowInserter:
+    """INSERTs of unsaved instances, compiled once.
+
+    For the hot paths (one ``send_mail`` call, one log entry per sent
+    message, a bulk of queued messages) the ORM's per-query compile costs
+    more than the database. Values go through each field's
+    ``get_db_prep_save``, as the ORM does, except plain text and integer
+    values of plain text and integer fields, which that would return
+    unchanged. No signals are sent and primary keys are not read back.
     """
 
+    _made: dict[tuple[type[models.Model], str], RowInserter] = {}
+
+    @classmethod
+    def for_model(cls, model: type[models.Model], using: str) -> RowInserter:
+        """The inserter of ``model`` on ``using``, made once per process."""
+        key = (model, using)
+        inserter = cls._made.get(key)
+        if inserter is None:
+            inserter = cls._made[key] = cls(model, using)
+        return inserter
+
     def __init__(self, model: type[models.Model], using: str) -> None:
-        self.connection = connections[using]
+        self.using = using
         self.fields = [f for f in model._meta.concrete_fields if not f.primary_key]
-        quote = self.connection.ops.quote_name
-        self.sql = "INSERT INTO {} ({}) VALUES ({})".format(
-            quote(model._meta.db_table),
-            ", ".join(quote(f.column) for f in self.fields),
-            ", ".join(["%s"] * len(self.fields)),
+        self._plain = [_PLAIN_FIELDS.get(type(f)) for f in self.fields]
+        quote = connections[using].ops.quote_name
+        self.head = "INSERT INTO {} ({}) VALUES ".format(
+            quote(model._meta.db_table), ", ".join(quote(f.column) for f in self.fields)
         )
+        self.row = "({})".format(", ".join(["%s"] * len(self.fields)))
+        self._last: list[tuple[Any, Any]] = [(_NOTHING, None)] * len(self.fields)
+        self.sql = self.head + self.row
+
+    @property
+    def connection(self) -> Any:
+        return connections[self.using]  # this thread's
+
+    def values(self, obj: models.Model) -> list[Any]:
+        connection = self.connection
+        last = self._last
+        values = []
+        for index, (field, plain) in enumerate(zip(self.fields, self._plain, strict=True)):
+            value = getattr(obj, field.attname)
+            if value is None or (plain is not None and type(value) is plain):
+                values.append(value)
+            elif value is (cached := last[index])[0]:  # the same object as the row before
+                values.append(cached[1])
+            else:
+                prepared = field.get_db_prep_save(value, connection)
+                last[index] = (value, prepared)
+                values.append(prepared)
+        return values
 
     def insert(self, obj: models.Model) -> None:
-        values = [f.get_db_prep_save(getattr(obj, f.attname), self.connection) for f in self.fields]
         with self.connection.cursor() as cursor:
-            cursor.execute(self.sql, values)
+            cursor.execute(self.sql, self.values(obj))
+
+    def insert_many(self, objs: list[models.Model], batch_size: int | None = None) -> None:
+        """Multi-row INSERTs of at most ``batch_size`` rows (and at most what
+        the database takes in one statement)."""
+        # 65535: the most parameters PostgreSQL's protocol carries.
+        most = min(self.connection.ops.bulk_batch_size(self.fields, objs), 65535 // len(self.fields))
+        size = max(1, min(batch_size or most, most))
+        with self.connection.cursor() as cursor:
+            for start in range(0, len(objs), size):
+                chunk = objs[start : start + size]
+                params: list[Any] = []
+                for obj in chunk:
+                    params.extend(self.values(obj))
+                cursor.execute(self.head + ", ".join([self.row] * len(chunk)), params)
 
 
 def _scheduled_form(stored: EmailMessage, send_at: Any) -> tuple[EmailMessage, datetime | None]:
@@ -459,11 +516,12 @@ def queue_emails(
     # Large attachments are written to MAILER_ATTACHMENT_STORAGE before the
     # rows; should anything fail before the rows are in, they are deleted.
     written = attachments.Stored()
+    now = timezone.now()  # one time for the whole call: adapted once
     try:
         for email, not_before in prepared:
             if not email.recipients():
                 continue
-            row = Message(priority=priority, not_before=not_before)
+            row = Message(priority=priority, not_before=not_before, when_added=now)
             stored, row.attachment_bundle = attachments.store(email, written)
             row.email = stored
             fill_search_fields(row, email)
@@ -484,10 +542,10 @@ def _insert(rows: list[Message], batch_size: int | None) -> int:
         if len(rows) == 1:
             # One send_mail call: a plain INSERT, which in autocommit needs no
             # BEGIN/COMMIT round trips (bulk_create always opens a transaction).
-            RowInserter(Message, using).insert(rows[0])
+            RowInserter.for_model(Message, using).insert(rows[0])
             return 1
         with transaction.atomic(using=using, savepoint=False):
-            Message.objects.using(using).bulk_create(rows, batch_size=fit(batch_size))
+            RowInserter.for_model(Message, using).insert_many(rows, fit(batch_size))
     return len(rows)
 
 

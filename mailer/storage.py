@@ -193,6 +193,15 @@ def safe_loads(raw: bytes, extra: tuple[str, ...] | None = None) -> Any:
     return SafeUnpickler(io.BytesIO(raw), extra=extra).load()
 
 
+def _encodebytes(raw: bytes) -> str:
+    """``base64.encodebytes(raw).decode()`` (76-character lines, each ending
+    in a newline, as 2.3.2 stores it), in half the time."""
+    text = base64.b64encode(raw).decode("ascii")
+    if not text:
+        return ""
+    return "\n".join([text[i : i + 76] for i in range(0, len(text), 76)]) + "\n"
+
+
 def email_to_db(email: Any) -> str:
     """Serialize a message (or any allowed object): ASCII base64 of its pickle.
 
@@ -201,7 +210,7 @@ def email_to_db(email: Any) -> str:
     """
     saved = strip_connection(email) if hasattr(email, "__dict__") else None
     try:
-        return base64.encodebytes(pickle.dumps(email)).decode("ascii")
+        return _encodebytes(pickle.dumps(email))
     finally:
         if saved:
             email.__dict__.update(saved)
