@@ -339,9 +339,18 @@ class _PassQueries:
         self.lock_rows = lock_rows
         self._claim: tuple[Any, ...] | None = None
         quote = self.connection.ops.quote_name
-        self.log_inserter = RowInserter(MessageLog, db)
+        self.log_inserter = RowInserter.for_model(MessageLog, db)
         table, pk = quote(Message._meta.db_table), quote(Message._meta.pk.column)
         self.delete_sql = f"DELETE FROM {table} WHERE {pk} = %s"
+        # PostgreSQL runs both in one statement (data-modifying WITH clauses
+        # always run to completion, whether read or not).
+        self.record_sql = (
+            f"WITH gone AS ({self.delete_sql} RETURNING 1), "
+            f"logged AS ({self.log_inserter.sql} RETURNING 1) "
+            "SELECT count(*) FROM gone"
+            if self.connection.vendor == "postgresql"
+            else None
+        )
         self.use_orm = False
         self.refresh()
 
@@ -442,8 +451,14 @@ class _PassQueries:
                 entry.save(force_insert=True, using=self.db)
                 deleted, _ = Message.objects.using(self.db).filter(pk=message.pk).delete()
                 return bool(deleted)
-            self.log_inserter.insert(entry)
             with self.connection.cursor() as cursor:
+                if self.record_sql is not None:
+                    # One round trip: log it, delete it, say if it was there.
+                    cursor.execute(
+                        self.record_sql, [message.pk, *self.log_inserter.values(entry)]
+                    )
+                    return cursor.fetchone()[0] != 0
+                self.log_inserter.insert(entry)
                 cursor.execute(self.delete_sql, [message.pk])
                 return cursor.rowcount != 0
 

@@ -894,3 +894,20 @@ def test_a_session_reuses_the_compiled_statements(smtp_settings, smtp_server,
         compile_.assert_not_called()
     finally:
         session.close()
+
+
+def test_statements_per_sent_message(smtp_settings, smtp_server):
+    """The drain's round trips: a claim, then the log entry and the delete
+    (one statement on PostgreSQL), in the message's one transaction."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    queue(5)
+    with CaptureQueriesContext(connection) as captured:
+        assert send_all().sent == 5
+    statements = [q["sql"] for q in captured if q["sql"] not in ("BEGIN", "COMMIT")]
+    per_message = 2 if connection.vendor == "postgresql" else 3
+    # + the don't-send list once, + the claim that finds the queue empty.
+    assert len(statements) == 5 * per_message + 2, statements
+    assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == 5
+    assert not Message.objects.exists()
