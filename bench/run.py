@@ -108,6 +108,10 @@ METRICS = {
         ("drain_wall_s", "send_mail wall time", "s", False),
         ("ceiling_msgs_per_s", "smtplib 1-connection ceiling", "msgs/s", True),
         ("drain_vs_ceiling", "drain / ceiling", "x", True),
+        ("django_backend_msgs_per_s", "Django SMTP backend, 1 connection, no queue", "msgs/s", True),
+        ("drain_vs_django", "drain / Django backend", "x", True),
+        ("commits_per_s", "1-row INSERT, autocommit (durable commits/s)", "/s", True),
+        ("drain_limit_vs_django", "limit of drain / Django with 1 commit per msg", "x", True),
         ("drain_peak_rss_mb", "send_mail peak RSS", "MB", False),
     ],
     "dummy": [
@@ -172,6 +176,7 @@ TARGETS = {
     ("enqueue", "single_vs_raw"): ("ours >= 0.80", False, lambda d, o: o >= 0.8),
     ("enqueue", "single_statements"): ("ours = 1", False, lambda d, o: o == 1),
     ("drain", "drain_vs_ceiling"): ("ours >= 0.90", False, lambda d, o: o >= 0.9),
+    ("drain", "drain_vs_django"): ("ours >= 0.80", False, lambda d, o: o >= 0.8),
     ("dummy", "msgs_per_s"): (">= 5x 2.3.2", True, lambda d, o: o >= 5 * d),
     ("memory", "rss_ratio"): ("ours <= 1.10", False, lambda d, o: o <= 1.1),
     ("runmailer_pg", "latency_p99_ms"): ("<= 2.3.2", True, lambda d, o: o <= d),

@@ -576,6 +576,48 @@ def sc_drain(env, p, res):
         res["metrics"]["ceiling_s"] = t_ceiling
         res["metrics"]["ceiling_msgs_per_s"] = n / t_ceiling
         res["metrics"]["drain_vs_ceiling"] = (n / r.wall) / (n / t_ceiling)
+
+        # Ceiling 2: Django's own SMTP backend sending the same n messages
+        # over ONE connection, no queue: what the drain costs beyond sending.
+        from django.core.mail.backends.smtp import EmailBackend
+        from django.core.mail.utils import DNS_NAME
+
+        str(DNS_NAME)  # resolved once per process, as in the drain
+        sink.reset()
+        emails = make_emails("drain", 0, n, SMALL_BODY)
+        t0 = time.perf_counter()
+        backend = EmailBackend(host="127.0.0.1", port=sink.port, timeout=60)
+        sent = backend.send_messages(emails)
+        t_django = time.perf_counter() - t0
+        del emails
+        sink.wait(n, 10)
+        stats = check_arrivals(sink.records(), [msgid("drain", i) for i in range(n)], 2)
+        res["checks"].append(arrival_check("Django backend: every message arrived exactly once", stats))
+        res["checks"].append(simple_check("Django backend: sent count", sent == n, "sent %r, want %d" % (sent, n)))
+        res["metrics"]["django_backend_s"] = t_django
+        res["metrics"]["django_backend_msgs_per_s"] = n / t_django
+        res["metrics"]["drain_vs_django"] = (n / r.wall) / (n / t_django)
+
+        # The floor of "one committed transaction per sent message": k
+        # single-row INSERTs in autocommit (one round trip and one durable
+        # commit each). Even a queue costing nothing else could not beat
+        # 1 / (1/django + 1/commits) msgs/s: that ratio to the Django backend
+        # is the limit the drain can reach on this machine.
+        from django.db import connection
+
+        k = min(n, 2000)
+        table = connection.ops.quote_name("bench_commit_floor")
+        with connection.cursor() as cur:
+            cur.execute("CREATE TABLE %s (id integer PRIMARY KEY, data text NOT NULL)" % table)
+            t0 = time.perf_counter()
+            for i in range(k):
+                cur.execute("INSERT INTO %s (id, data) VALUES (%%s, %%s)" % table, [i, SMALL_BODY])
+            t_commits = time.perf_counter() - t0
+            cur.execute("DROP TABLE %s" % table)
+        commits_per_s = k / t_commits
+        django_per_s = n / t_django
+        res["metrics"]["commits_per_s"] = commits_per_s
+        res["metrics"]["drain_limit_vs_django"] = 1 / (1 + django_per_s / commits_per_s)
     finally:
         sink.close()
 
