@@ -208,12 +208,14 @@ class _Sender:
     def __init__(self) -> None:
         self.backend: Any = None
         self.refused: dict[str, Any] = {}
-        # The connection was open before the message being sent (kept from
-        # an earlier message or pass): the server may have closed it since.
+        # kept: the connection was kept open after a pass (set by Session);
+        # reused: the message being sent is the first on it since, and the
+        # server may have closed it meanwhile.
+        self.kept = False
         self.reused = False
 
     def get(self) -> Any:
-        self.reused = self.backend is not None
+        self.reused, self.kept = self.kept and self.backend is not None, False
         if self.backend is None:
             self.backend = get_sending_backend()
             self.backend.open()
@@ -221,7 +223,8 @@ class _Sender:
         return self.backend
 
     def may_resend(self, exc: BaseException) -> bool:
-        """Was ``exc`` a connection the server had closed while we kept it?
+        """Was ``exc`` a connection the server had closed while we kept it
+        between passes?
 
         Then the message was not accepted on it and goes out on a new
         connection instead of being deferred (a timeout is not that: the
@@ -500,6 +503,7 @@ class Session:
         """Keep ``sender``'s open connection for the next pass."""
         if sender.backend is None:
             return
+        sender.kept = True
         with self._lock:
             self._senders.append((time.monotonic(), sender))
 

@@ -854,6 +854,22 @@ def test_a_fresh_connection_that_drops_is_deferred_not_resent(settings, smtp_set
     assert smtp_server.connections == 1  # no second attempt on a new connection
 
 
+def test_a_drop_in_the_middle_of_a_pass_is_deferred_not_resent(smtp_settings, smtp_server):
+    """Only a connection kept between passes is retried: a server that drops
+    the connection on a message it was sent in the same pass means it."""
+    smtp_server.drop_matching = "drop me"
+    queue(2)
+    mailer.send_mail("drop me", "b", "f@example.com", ["t@example.com"])
+    session = engine.Session()
+    try:
+        result = send_all(session=session)
+    finally:
+        session.close()
+    assert (result.sent, result.deferred) == (2, 1)
+    assert smtp_server.connections == 1
+    assert Message.objects.get().priority == PRIORITY_DEFERRED
+
+
 def test_a_kept_connection_is_closed_after_its_time(smtp_settings, smtp_server):
     session = engine.Session(keep_seconds=0.2)
     queue(1)
