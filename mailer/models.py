@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from email.utils import make_msgid, parseaddr
 from typing import Any
@@ -458,7 +458,7 @@ class RowInserter:
         with self.connection.cursor() as cursor:
             cursor.execute(self.sql, self.values(obj))
 
-    def insert_many(self, objs: list[models.Model], batch_size: int | None = None) -> None:
+    def insert_many(self, objs: Sequence[models.Model], batch_size: int | None = None) -> None:
         """Multi-row INSERTs of at most ``batch_size`` rows (and at most what
         the database takes in one statement)."""
         # 65535: the most parameters PostgreSQL's protocol carries.
