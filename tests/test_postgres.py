@@ -410,6 +410,17 @@ def test_claim_is_one_scan_of_the_sending_order_index(transactional_db):
     assert "Index Scan using mailer_msg_sending_order" in plan, plan
     assert "Sort" not in plan and "Seq Scan" not in plan, plan
     assert "not_before" in plan, plan
+    # The loops' "when is the next message due": a walk of the not_before index.
+    for retries in (False, True):
+        qs = Message.objects.filter(not_before__isnull=False)
+        if not retries:
+            qs = qs.non_deferred()
+        sql, params = qs.order_by("not_before").values_list("not_before")[:1].query.sql_with_params()
+        with connection.cursor() as cursor:
+            cursor.execute("EXPLAIN " + sql, params)
+            plan = "\n".join(line for (line,) in cursor.fetchall())
+        assert "Scan using mailer_msg_not_before" in plan, plan
+        assert "Sort" not in plan, plan
 
 
 # --- faults -------------------------------------------------------------------------------
