@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from email.utils import make_msgid, parseaddr
@@ -433,10 +434,30 @@ class RowInserter:
         self.row = "({})".format(", ".join(["%s"] * len(self.fields)))
         self._last: list[tuple[Any, Any]] = [(_NOTHING, None)] * len(self.fields)
         self.sql = self.head + self.row
+        self._unnest: str | None = None
 
     @property
     def connection(self) -> Any:
         return connections[self.using]  # this thread's
+
+    def _copy(self, connection: Any, raw: Any, rows: list[list[Any]]) -> None:
+        """``COPY ... FROM STDIN`` (fires the INSERT triggers, once per
+        statement); shown in Django's query log like any statement."""
+        sql = self.head.replace(" VALUES ", " FROM STDIN").replace("INSERT INTO", "COPY", 1)
+        start = time.monotonic()
+        with raw.copy(sql) as copy:
+            for row in rows:
+                copy.write_row(row)
+        if connection.queries_logged:
+            connection.queries_log.append(
+                {"sql": f"{sql} -- {len(rows)} rows", "time": f"{time.monotonic() - start:.3f}"}
+            )
+
+    def _unnest_sql(self, connection: Any) -> str:
+        if self._unnest is None:
+            arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in self.fields)
+            self._unnest = self.head.replace(" VALUES ", f" SELECT * FROM unnest({arrays})")
+        return self._unnest
 
     def values(self, obj: models.Model) -> list[Any]:
         connection = self.connection
@@ -461,10 +482,23 @@ class RowInserter:
     def insert_many(self, objs: Sequence[models.Model], batch_size: int | None = None) -> None:
         """Multi-row INSERTs of at most ``batch_size`` rows (and at most what
         the database takes in one statement)."""
+        connection = self.connection
+        if connection.vendor == "postgresql":
+            size = batch_size or len(objs)
+            with connection.cursor() as cursor:
+                for start in range(0, len(objs), size):
+                    rows = [self.values(obj) for obj in objs[start : start + size]]
+                    raw = cursor.cursor
+                    if hasattr(raw, "copy"):  # psycopg 3: COPY, a third of an INSERT's time
+                        self._copy(connection, raw, rows)
+                    else:  # psycopg2: one array per column, a small statement
+                        columns = [list(c) for c in zip(*rows, strict=True)]
+                        cursor.execute(self._unnest_sql(connection), columns)
+            return
         # 65535: the most parameters PostgreSQL's protocol carries.
-        most = min(self.connection.ops.bulk_batch_size(self.fields, objs), 65535 // len(self.fields))
+        most = min(connection.ops.bulk_batch_size(self.fields, objs), 65535 // len(self.fields))
         size = max(1, min(batch_size or most, most))
-        with self.connection.cursor() as cursor:
+        with connection.cursor() as cursor:
             for start in range(0, len(objs), size):
                 chunk = objs[start : start + size]
                 params: list[Any] = []
