@@ -396,3 +396,21 @@ def test_without_use_tz(settings, smtp_settings, smtp_server):
     retry_at = Message.objects.get().not_before
     assert timezone.is_naive(retry_at)
     assert 540 - 5 <= (retry_at - dt.datetime.now()).total_seconds() <= 600
+
+
+def test_dbbackend_batch_keeps_each_messages_send_at(smtp_settings):
+    """Several messages in one call (one multi-row INSERT): each keeps its own time."""
+    now = timezone.now()
+    emails = []
+    for minutes in (None, 5, 10):
+        email = EmailMessage(f"in {minutes}", "B", "f@example.com", ["t@example.com"])
+        if minutes is not None:
+            email.send_at = now + dt.timedelta(minutes=minutes)
+        emails.append(email)
+    assert DbBackend().send_messages(emails) == 3
+    rows = dict(Message.objects.values_list("subject_text", "not_before"))
+    assert rows == {
+        "in None": None,
+        "in 5": now + dt.timedelta(minutes=5),
+        "in 10": now + dt.timedelta(minutes=10),
+    }
