@@ -615,6 +615,25 @@ class PostgresWorker(Worker):
             _close_django_connections()
             return func()
 
+    def refresh_connections(self) -> None:
+        """Keep a healthy connection between passes even with
+        ``CONN_MAX_AGE = 0`` (Django's "one per request"; a worker has no
+        requests): connecting again costs more than the rest of a pass for
+        one message. A connection that broke, or one past a positive
+        ``CONN_MAX_AGE``, is closed as usual; one that died unnoticed fails
+        its first query, and the pass is retried at once on a new one
+        (``_with_db_retry``)."""
+        for conn in connections.all(initialized_only=True):
+            healthy = (
+                conn.connection is not None
+                and conn.settings_dict.get("CONN_MAX_AGE") == 0
+                and not conn.errors_occurred
+                and not conn.in_atomic_block
+                and conn.get_autocommit() == conn.settings_dict["AUTOCOMMIT"]
+            )
+            if not healthy:
+                conn.close_if_unusable_or_obsolete()
+
     def has_work(self) -> bool:
         # After a notification the pass itself finds the work: one query
         # less between commit and delivery.

@@ -109,6 +109,12 @@ class Worker:
     def has_work(self) -> bool:
         return engine.has_sendable()
 
+    def refresh_connections(self) -> None:
+        """Before each pass: Django's ``close_old_connections()`` (broken
+        connections, and those past ``CONN_MAX_AGE``, are closed; the next
+        query opens a new one)."""
+        close_old_connections()
+
     def seconds_until_due(self) -> float | None:
         """Seconds until the earliest scheduled message or automatic retry."""
         return engine.seconds_until_due()
@@ -181,7 +187,7 @@ class Worker:
             while self.running:
                 if self.max_passes is not None and self.passes >= self.max_passes:
                     break
-                close_old_connections()
+                self.refresh_connections()
                 if conf.PAUSE_SEND:
                     logger.debug("MAILER_PAUSE_SEND is set; not sending.")
                     self.wait(self.idle_seconds())

@@ -322,10 +322,14 @@ def test_paced_messages_one_connection_and_no_has_work_query(
     settings.MAILER_EMPTY_QUEUE_SLEEP = 60
     worker = PostgresWorker(install_signal_handlers=False)
     statements: list[str] = []
+    sessions: set[int] = set()
     result: dict = {}
 
     def record(execute, sql, params, many, context):
         statements.append(sql)
+        raw = context["connection"].connection
+        info = getattr(raw, "info", None)  # psycopg 3, else psycopg2
+        sessions.add(info.backend_pid if info is not None else raw.get_backend_pid())
         return execute(sql, params, many, context)
 
     def run() -> None:
@@ -343,6 +347,7 @@ def test_paced_messages_one_connection_and_no_has_work_query(
         smtp_server.wait_for(1)
         time.sleep(0.2)
         before = len(statements)
+        sessions.clear()
         for n in range(2, 7):
             queue(1, f"paced {n}")
             smtp_server.wait_for(n)
@@ -353,6 +358,7 @@ def test_paced_messages_one_connection_and_no_has_work_query(
         thread.join(30)
     assert not thread.is_alive()
     assert smtp_server.connections == 1
+    assert len(sessions) == 1  # one database connection, kept between passes
     # Per message: the don't-send list (read once per pass), the claim, the
     # log entry with the delete (one statement), the claim that finds the
     # queue empty, and the look at the not_before index for the earliest
