@@ -27,6 +27,7 @@ import pickle
 import signal
 import smtplib
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -457,15 +458,20 @@ def sc_enqueue(env, p, res):
     queue_count()  # warm the connection
 
     # 1. send_mass_mail through EMAIL_BACKEND = mailer.backend.DbBackend
+    # A bulk is a fraction of a second: the median of 5, each into an
+    # emptied queue, so that one scheduling hiccup doesn't decide the figure.
     datatuple = [("bench bulk %d" % i, SMALL_BODY, FROM, ["rcpt%d@bench.example" % i]) for i in range(n)]
-    t0 = time.perf_counter()
-    sent = mail.send_mass_mail(datatuple)
-    t_bulk = time.perf_counter() - t0
-    c = queue_count()
-    res["checks"].append(simple_check("bulk rows stored", c == n and sent == n, "%d rows, returned %r, want %d" % (c, sent, n)))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        sent = mail.send_mass_mail(datatuple)
+        times.append(time.perf_counter() - t0)
+        c = queue_count()
+        res["checks"].append(simple_check("bulk rows stored", c == n and sent == n, "%d rows, returned %r, want %d" % (c, sent, n)))
+        clear_queue()
+    t_bulk = statistics.median(times)
     res["metrics"]["bulk_s"] = t_bulk
     res["metrics"]["bulk_rows_per_s"] = n / t_bulk
-    clear_queue()
 
     # 2. mailer.send_mail, one call (one autocommit transaction) each, in
     # blocks of 100 alternating with the raw INSERT reference (3. below), so
