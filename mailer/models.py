@@ -13,6 +13,7 @@ from typing import Any
 from django.core.mail import EmailMessage
 from django.core.mail.utils import DNS_NAME
 from django.db import connections, models, router, transaction
+from django.db.models.base import ModelState
 from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -551,11 +552,19 @@ def queue_emails(
     # rows; should anything fail before the rows are in, they are deleted.
     written = attachments.Stored()
     now = timezone.now()  # one time for the whole call: adapted once
+    # Rows are copies of one instance built by Django (a tenth of
+    # Model.__init__'s time per row); nothing about them is saved through
+    # the ORM.
+    template = Message(priority=priority, when_added=now).__dict__.copy()
+    del template["_state"]
     try:
         for email, not_before in prepared:
             if not email.recipients():
                 continue
-            row = Message(priority=priority, not_before=not_before, when_added=now)
+            row = Message.__new__(Message)
+            row.__dict__.update(template)
+            row._state = ModelState()
+            row.not_before = not_before
             stored, row.attachment_bundle = attachments.store(email, written)
             row.email = stored
             fill_search_fields(row, email)
