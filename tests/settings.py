@@ -161,5 +161,10 @@ if not os.environ.get("MAILER_TEST_NO_LOGGING"):
         "version": 1,
         "disable_existing_loggers": False,
         "handlers": {"console": {"class": "logging.StreamHandler"}},
-        "loggers": {"mailer": {"handlers": ["console"], "level": "INFO"}},
+        "loggers": {
+            "mailer": {"handlers": ["console"], "level": "INFO"},
+            # Not Django's default mail_admins handler: rendering a technical
+            # 500 report of a test's frames takes minutes on Django 6.1.
+            "django": {"handlers": ["console"], "level": "INFO"},
+        },
     }
