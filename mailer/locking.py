@@ -224,7 +224,22 @@ def acquire(
 
 
 def release(lock: Any) -> None:
-    """Release a lock taken by :func:`acquire`."""
+    """Release a lock taken by :func:`acquire`.
+
+    If our lock file was deleted and another process has taken the lock
+    since, only our own part is removed: lockfile's ``release()`` would
+    delete the other process's lock file too.
+    """
+    i_am_locking = getattr(lock, "i_am_locking", None)  # a replaced FileLock may lack it
+    if i_am_locking is not None and lock.is_locked() and not i_am_locking():
+        logger.warning(
+            "The send lock was taken over by another process; leaving its lock in place."
+        )
+        unique = getattr(lock, "unique_name", None)
+        if unique:
+            with contextlib.suppress(OSError):
+                os.unlink(unique)
+        return
     try:
         lock.release()
     except lockfile.NotLocked:

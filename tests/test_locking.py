@@ -176,3 +176,22 @@ def test_release_of_a_lock_file_removed_meanwhile_warns(lock_path, caplog):
     locking.release(lock)
     assert "The send lock was already released." in caplog.text
 
+
+
+def test_release_never_removes_another_process_lock(lock_path, caplog):
+    """Our lock file was deleted and another process took the lock: theirs stays."""
+    caplog.set_level(logging.WARNING, logger="mailer")
+    acquired, ours = locking.acquire(lock_path, -1)
+    assert acquired
+    os.unlink(lock_path + ".lock")
+    holder = hold_lock(FOREIGN, lock_path)
+    try:
+        locking.release(ours)
+        assert os.path.exists(lock_path + ".lock"), "the other process's lock was deleted"
+        assert not os.path.exists(ours.unique_name)
+        assert "taken over by another process" in caplog.text
+        # It still keeps everyone else out.
+        assert locking.acquire(lock_path, -1)[0] is False
+    finally:
+        holder.kill()
+        holder.wait()
