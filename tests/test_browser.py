@@ -96,11 +96,19 @@ def browser():
 def admin_browser(browser, live_server, django_user_model):
     """The browser, logged in to the admin through its login form."""
     django_user_model.objects.create_superuser("boss", "boss@example.com", PASSWORD)
+    # A page of an earlier test (the control page) may have left alerts open,
+    # which would swallow this navigation and the form's submit.
+    for _ in range(20):
+        if no_alert(browser):
+            break
+    browser.get("about:blank")
     browser.delete_all_cookies()
     browser.get(live_server.url + reverse("admin:login"))
     browser.find_element(By.NAME, "username").send_keys("boss")
     browser.find_element(By.NAME, "password").send_keys(PASSWORD)
     browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    # The submit navigates asynchronously: wait for the page after the login.
+    WebDriverWait(browser, 15).until(lambda d: "Log in |" not in d.title)
     assert "Log out" in browser.page_source or "logout" in browser.page_source
     browser.base = live_server.url
     return browser
