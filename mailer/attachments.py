@@ -35,7 +35,7 @@ import posixpath
 import re
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -55,12 +55,14 @@ __all__ = [
     "PREFIX",
     "AttachmentUnavailable",
     "StoredAttachment",
+    "chunks",
     "get_storage",
     "load",
     "references",
     "release",
     "store",
     "sweep_orphans",
+    "verify",
 ]
 
 #: Where in the storage the bundles live.
@@ -318,8 +320,7 @@ def references(email: Any) -> list[StoredAttachment]:
 # --- send time ---------------------------------------------------------------------------
 
 
-def read(ref: StoredAttachment, storage: Storage | None = None) -> str | bytes:
-    """The content ``ref`` stands for, checked against its size and sha256."""
+def _storage_for(ref: StoredAttachment, storage: Storage | None) -> tuple[Storage, str | None]:
     alias = storage_alias()
     if storage is None:
         if alias is None:
@@ -329,25 +330,83 @@ def read(ref: StoredAttachment, storage: Storage | None = None) -> str | bytes:
                 "written to."
             )
         storage = get_storage(alias)
-    try:
-        with storage.open(ref.key, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError as err:
-        raise AttachmentUnavailable(
+    return storage, alias
+
+
+def _unreadable(ref: StoredAttachment, alias: str | None, err: Exception) -> AttachmentUnavailable:
+    if isinstance(err, FileNotFoundError):
+        return AttachmentUnavailable(
             f"stored attachment {ref.name or '(no name)'} is missing from "
             f"MAILER_ATTACHMENT_STORAGE {alias!r} ({ref.key}); the message is not sent "
             "without it."
-        ) from err
-    except Exception as err:
-        raise AttachmentUnavailable(
-            f"stored attachment {ref.name or '(no name)'} ({ref.key}) can't be read from "
-            f"MAILER_ATTACHMENT_STORAGE {alias!r}: {type(err).__name__}: {err}"
-        ) from err
-    if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise AttachmentUnavailable(
-            f"stored attachment {ref.name or '(no name)'} ({ref.key}) is not what was "
-            f"stored: {len(data)} bytes read, {ref.size} expected, or its sha256 differs."
         )
+    return AttachmentUnavailable(
+        f"stored attachment {ref.name or '(no name)'} ({ref.key}) can't be read from "
+        f"MAILER_ATTACHMENT_STORAGE {alias!r}: {type(err).__name__}: {err}"
+    )
+
+
+def _changed(ref: StoredAttachment, size: int) -> AttachmentUnavailable:
+    return AttachmentUnavailable(
+        f"stored attachment {ref.name or '(no name)'} ({ref.key}) is not what was "
+        f"stored: {size} bytes read, {ref.size} expected, or its sha256 differs."
+    )
+
+
+#: Bytes read at a time when a stored attachment is checked or streamed.
+READ_CHUNK = 57 * 16384
+
+
+def chunks(ref: StoredAttachment, storage: Storage | None = None) -> Iterator[bytes]:
+    """The content ``ref`` stands for, in pieces of :data:`READ_CHUNK` bytes
+    (the last may be shorter), checked against its size and sha256 as it is
+    read: :class:`AttachmentUnavailable` when it can't be read or, after the
+    last piece, when it is not what was stored. Holds one piece at a time."""
+    storage, alias = _storage_for(ref, storage)
+    digest = hashlib.sha256()
+    size = 0
+    pending = b""
+    try:
+        with storage.open(ref.key, "rb") as handle:
+            while True:
+                # A storage may return less than asked before the end: the
+                # pieces are kept whole so that they encode line by line.
+                piece = handle.read(READ_CHUNK - len(pending))
+                if not piece:
+                    break
+                digest.update(piece)
+                size += len(piece)
+                pending = pending + piece if pending else piece
+                if len(pending) == READ_CHUNK:
+                    yield pending
+                    pending = b""
+    except AttachmentUnavailable:
+        raise
+    except Exception as err:
+        raise _unreadable(ref, alias, err) from err
+    if size != ref.size or digest.hexdigest() != ref.sha256:
+        raise _changed(ref, size)
+    if pending:
+        yield pending
+
+
+def verify(ref: StoredAttachment, storage: Storage | None = None) -> None:
+    """Check that ``ref``'s file is there and is what was stored, reading it
+    a piece at a time (:class:`AttachmentUnavailable` if not)."""
+    for _ in chunks(ref, storage):
+        pass
+
+
+def read(ref: StoredAttachment, storage: Storage | None = None) -> str | bytes:
+    """The content ``ref`` stands for, checked against its size and sha256."""
+    storage, alias = _storage_for(ref, storage)
+    try:
+        with storage.open(ref.key, "rb") as handle:
+            data = handle.read()
+    except Exception as err:
+        raise _unreadable(ref, alias, err) from err
+    if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise _changed(ref, len(data))
     return data.decode("utf-8") if ref.text else data
 
 
@@ -355,15 +414,19 @@ def read(ref: StoredAttachment, storage: Storage | None = None) -> str | bytes:
 _loaded: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()
 
 
-def load(email: Any) -> Any:
+def load(email: Any, keep: Callable[[str, Any], bool] | None = None) -> Any:
     """``email`` with every stored attachment read back (a shallow copy).
 
     ``email`` itself when it has none. Raises :class:`AttachmentUnavailable`
     when one can't be read, or is not what was stored. :func:`for_log` turns
-    the result back into the stored form.
+    the result back into the stored form. Items for which ``keep(field,
+    item)`` is true stay references, their files checked (:func:`verify`)
+    but not read into memory: they are sent straight from the storage
+    (:mod:`mailer.smtpstream`).
     """
     changes: dict[str, list[Any]] = {}
-    originals: dict[int, Any] = {}  # id(item sent) -> item as stored
+    # id(item sent) -> item as stored; those of an earlier load carry over.
+    originals: dict[int, Any] = dict(_loaded_from(email))
     storage = None
     for field, index, item in _parts(email):
         ref = ref_in(item)
@@ -371,6 +434,9 @@ def load(email: Any) -> Any:
             continue
         if storage is None and storage_alias() is not None:
             storage = get_storage()
+        if keep is not None and keep(field, item):
+            verify(ref, storage)
+            continue
         content = read(ref, storage)
         loaded = _prerendered(email, field, item, content)
         if loaded is None:
@@ -452,12 +518,16 @@ def _prerendered(email: Any, field: str, item: Any, content: str | bytes) -> Any
     return part
 
 
+def _loaded_from(email: Any) -> dict[int, Any]:
+    try:
+        return _loaded.get(email) or {}
+    except TypeError:
+        return {}
+
+
 def for_log(email: Any) -> Any:
     """The form of a sent message to keep in the log: references, not content."""
-    try:
-        originals = _loaded.get(email)
-    except TypeError:
-        return email
+    originals = _loaded_from(email)
     if not originals:
         return email
     changes: dict[str, list[Any]] = {}

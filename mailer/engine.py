@@ -38,7 +38,7 @@ from django.db.models import signals
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from mailer import attachments, locking, retry
+from mailer import attachments, locking, retry, smtpstream
 from mailer.compat import get_sending_backend, require_no_backend_loop
 from mailer.conf import conf
 from mailer.errors import describe_delivery_error
@@ -213,13 +213,15 @@ class _Sender:
         # server may have closed it meanwhile.
         self.kept = False
         self.reused = False
+        # Stored attachments to stream into the next sendmail (smtpstream).
+        self.plan: smtpstream.Plan | None = None
 
     def get(self) -> Any:
         self.reused, self.kept = self.kept and self.backend is not None, False
         if self.backend is None:
             self.backend = get_sending_backend()
             self.backend.open()
-        self._watch_refusals()
+        self.watch_refusals()
         return self.backend
 
     def may_resend(self, exc: BaseException) -> bool:
@@ -236,7 +238,7 @@ class _Sender:
             and not _is_timeout(exc)
         )
 
-    def _watch_refusals(self) -> None:
+    def watch_refusals(self) -> None:
         smtp: Any = getattr(self.backend, "connection", None)
         sendmail = getattr(smtp, "sendmail", None)
         if sendmail is None or getattr(sendmail, "mailer_watched", False):
@@ -244,13 +246,22 @@ class _Sender:
         refused = self.refused
 
         def watched_sendmail(*args: Any, **kwargs: Any) -> Any:
-            answer = sendmail(*args, **kwargs)
+            plan = self.plan
+            if plan is not None:
+                answer = smtpstream.sendmail(plan, smtp, *args, **kwargs)
+            else:
+                answer = sendmail(*args, **kwargs)
             if answer:
                 refused.update(answer)
             return answer
 
         watched_sendmail.mailer_watched = True  # type: ignore[attr-defined]
         smtp.sendmail = watched_sendmail
+
+    def watched(self, backend: Any) -> bool:
+        """Is ``backend``'s open connection one whose ``sendmail`` we watch?"""
+        sendmail = getattr(getattr(backend, "connection", None), "sendmail", None)
+        return bool(getattr(sendmail, "mailer_watched", False))
 
     def replace(self, backend: Any) -> None:
         if backend is not self.backend:
@@ -651,8 +662,9 @@ def _prepare(message: Message) -> tuple[EmailMessage | None, str, str]:
     except Exception as exc:
         return None, _UNSENDABLE, f"the stored message is broken: {_error_text(exc)}"
     try:
-        # Attachments kept in MAILER_ATTACHMENT_STORAGE are read back here.
-        obj = attachments.load(obj)
+        # Attachments kept in MAILER_ATTACHMENT_STORAGE are checked, and read
+        # back unless they can be streamed when sent (mailer.smtpstream).
+        obj = attachments.load(obj, keep=smtpstream.streamable)
     except attachments.AttachmentUnavailable as exc:
         return None, _UNAVAILABLE, str(exc)
     return obj, "", ""
@@ -717,6 +729,12 @@ def _deliver_one(
         return None
     try:
         _send(message, email, sender)
+    except attachments.AttachmentUnavailable as exc:
+        # A stored file changed or vanished while it was being streamed: the
+        # connection was closed mid-message, nothing was accepted.
+        sender.close()
+        _record_unavailable(message, result, str(exc))
+        return None
     except Exception as exc:
         result.timed_out = _is_timeout(exc)
         try:
@@ -744,13 +762,42 @@ def _deliver_one(
     return None
 
 
+def _hand_over(backend: Any, email: EmailMessage, sender: _Sender) -> None:
+    """``backend.send_messages([email])``, stored attachments that ``email``
+    still refers to streamed from the storage when the backend is Django's
+    SMTP backend (else read back first)."""
+    if not attachments.references(email):
+        backend.send_messages([email])
+        return
+    planned = smtpstream.plan_for(backend, email)
+    if planned is not None:
+        # Open now, so that the connection the message goes out on is the
+        # one whose sendmail streams: never the stand-in's sample bytes.
+        backend.open()
+        sender.watch_refusals()
+        if sender.watched(backend):
+            stand_in, sender.plan = planned
+            try:
+                backend.send_messages([stand_in])
+                return
+            except smtpstream.PlanMismatch as exc:
+                logger.warning(
+                    "Can't stream the stored attachments of %s (%s); reading them into memory.",
+                    get_message_id(email),
+                    exc,
+                )
+            finally:
+                sender.plan = None
+    backend.send_messages([attachments.load(email)])
+
+
 def _send(message: Message, email: EmailMessage, sender: _Sender) -> None:
     """Hand ``email`` to the backend; once more on a new connection when the
     server had closed the kept one."""
     backend = sender.get()
     sender.refused.clear()
     try:
-        backend.send_messages([email])
+        _hand_over(backend, email, sender)
     except Exception as exc:
         if not sender.may_resend(exc):
             raise
@@ -762,7 +809,7 @@ def _send(message: Message, email: EmailMessage, sender: _Sender) -> None:
         sender.close()
         backend = sender.get()
         sender.refused.clear()
-        backend.send_messages([email])
+        _hand_over(backend, email, sender)
 
 
 def _limits_reached(result: PassResult, in_flight: int = 0) -> bool:

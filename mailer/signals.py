@@ -2,7 +2,9 @@
 
 Each is sent with ``sender=Message`` and the keyword arguments
 ``message_id`` (the Message-ID header, as the recipient sees it), ``email``
-(the ``EmailMessage``, or ``None`` when the stored data can't be decoded) and,
+(the ``EmailMessage``, or ``None`` when the stored data can't be decoded;
+attachments kept in ``MAILER_ATTACHMENT_STORAGE`` appear in it as
+``mailer.attachments.StoredAttachment`` references) and,
 for ``message_deferred`` and ``message_failed``, ``error`` (text: what the log
 entry says).
 
@@ -51,8 +53,13 @@ def send_outcome(
     """
     if not signal.receivers:
         return
+    from mailer.attachments import for_log
     from mailer.models import Message, get_message_id
 
+    if email is not None:
+        # Attachments kept in MAILER_ATTACHMENT_STORAGE as references, not
+        # content: they may never have been in memory whole (smtpstream).
+        email = for_log(email)
     if message_id is None:
         message_id = get_message_id(email) or message.message_id
     kwargs: dict[str, Any] = {"message_id": message_id, "email": email}

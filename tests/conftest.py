@@ -126,7 +126,13 @@ class SMTPServer:
         msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self.lock:
             self.messages.append(
-                {"from": envelope.mail_from, "to": list(envelope.rcpt_tos), "message": msg}
+                {
+                    "from": envelope.mail_from,
+                    "to": list(envelope.rcpt_tos),
+                    "message": msg,
+                    "raw": envelope.content,
+                    "mail_options": list(envelope.mail_options),
+                }
             )
         return "250 Message accepted"
 
