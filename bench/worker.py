@@ -339,13 +339,41 @@ def _tail(path, n=2000):
         return ""
 
 
+# Runs manage.py and, at exit, writes the process's own peak RSS (VmHWM of
+# its own address space) to $BENCH_RSS_FILE. The rusage os.wait4 reports is
+# not enough: Linux counts in a child's ru_maxrss the address space it was
+# forked from (this worker's RSS at the time, over 200 MB after some
+# scenarios), so a small command looked as big as the worker.
+RSS_WRAPPER = """
+import atexit, os, runpy, sys
+
+def _report():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                with open(os.environ["BENCH_RSS_FILE"], "w") as out:
+                    out.write(line.split()[1])
+
+atexit.register(_report)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as "python manage.py" does
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def start_manage(args, env_extra, tmpdir, label):
     env = os.environ.copy()
     env.update(env_extra)
     log_path = os.path.join(tmpdir, "%s.log" % label)
     log = open(log_path, "wb")
+    rss_file = os.path.join(tmpdir, "%s.rss" % label)
+    if os.path.exists(rss_file):
+        os.unlink(rss_file)
+    wrapper = sys.platform.startswith("linux")
+    if wrapper:
+        env["BENCH_RSS_FILE"] = rss_file
     proc = subprocess.Popen(
-        [sys.executable, MANAGE] + list(args),
+        [sys.executable] + (["-c", RSS_WRAPPER] if wrapper else []) + [MANAGE] + list(args),
         cwd=tmpdir,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -356,6 +384,7 @@ def start_manage(args, env_extra, tmpdir, label):
     log.close()
     _CHILDREN.append(proc)
     proc.bench_log = log_path
+    proc.bench_rss_file = rss_file
     return proc
 
 
@@ -384,8 +413,12 @@ def wait_child(proc, timeout):
     tail = _tail(proc.bench_log)
     if killed:
         tail = "[killed after %.0f s timeout]\n%s" % (timeout, tail)
-    # Linux reports ru_maxrss in KiB
-    return proc.returncode, ru.ru_maxrss / 1024.0, tail
+    try:
+        with open(proc.bench_rss_file) as fh:
+            return proc.returncode, int(fh.read()) / 1024.0, tail  # VmHWM, KiB
+    except (OSError, ValueError):
+        # Linux reports ru_maxrss in KiB (an upper bound: see RSS_WRAPPER)
+        return proc.returncode, ru.ru_maxrss / 1024.0, tail
 
 
 def run_manage(args, env_extra, tmpdir, label, timeout):

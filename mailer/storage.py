@@ -32,6 +32,7 @@ import binascii
 import io
 import logging
 import pickle
+import re
 from typing import Any
 
 from mailer.compat import repair_email, strip_connection
@@ -193,13 +194,16 @@ def safe_loads(raw: bytes, extra: tuple[str, ...] | None = None) -> Any:
     return SafeUnpickler(io.BytesIO(raw), extra=extra).load()
 
 
+_LINES = re.compile(r".{1,76}", re.S)
+
+
 def _encodebytes(raw: bytes) -> str:
     """``base64.encodebytes(raw).decode()`` (76-character lines, each ending
     in a newline, as 2.3.2 stores it), in half the time."""
-    text = base64.b64encode(raw).decode("ascii")
+    text = binascii.b2a_base64(raw, newline=False).decode("ascii")
     if not text:
         return ""
-    return "\n".join([text[i : i + 76] for i in range(0, len(text), 76)]) + "\n"
+    return "\n".join(_LINES.findall(text)) + "\n"
 
 
 def email_to_db(email: Any) -> str:

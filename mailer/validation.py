@@ -123,6 +123,35 @@ def validate_email(email: EmailMessage) -> None:
             check_header(f"attachments[{index}] mimetype", mimetype)
 
 
+def validate_simple(email: EmailMessage) -> None:
+    """:func:`validate_email` for a :func:`simple_message`, in one regular
+    expression search over its header text and one match per address; any
+    doubt (a control character, an address in another form) runs the full
+    checks, which name the field."""
+    headers = email.extra_headers
+    # Strings, as simple_message() found (typed Any: stubs allow lazy ones).
+    addresses: list[Any] = [
+        email.from_email,
+        *email.to,
+        *getattr(email, "cc", ()),
+        *email.bcc,
+        *getattr(email, "reply_to", ()),
+    ]
+    try:
+        texts: list[Any] = [email.subject, *headers, *headers.values(), *addresses]
+        joined = "\t".join(texts)
+    except TypeError:  # a None somewhere
+        validate_email(email)
+        return
+    if (
+        _UNSAFE_IN_HEADER.search(joined)
+        or email.attachments
+        or getattr(email, "alternatives", None)
+        or not all(_PLAIN_ADDRESS.match(address) for address in addresses)
+    ):
+        validate_email(email)
+
+
 # --- lazy strings ------------------------------------------------------------
 
 
@@ -275,6 +304,34 @@ def _plain(obj: Any, depth: int = 0) -> bool:
     return False
 
 
+_SIMPLE_VALUES = frozenset({str, int, bool, type(None)})
+
+
+def simple_message(email: EmailMessage) -> bool:
+    """Django's own message class holding only strings, numbers, lists of
+    strings and dicts of strings (what ``send_mail`` and ``send_mass_mail``
+    make), besides its connection (never stored): nothing lazy, nothing the
+    decoder could refuse. One pass over its attributes, without recursion."""
+    if type(email) not in _MESSAGE_CLASSES:
+        return False
+    simple = _SIMPLE_VALUES
+    for name, value in email.__dict__.items():
+        kind = type(value)
+        if kind in simple or name in _NOT_STORED:  # the connection is never stored
+            continue
+        if kind is list:
+            for item in value:
+                if type(item) is not str:
+                    return False
+        elif kind is dict:
+            for key, item in value.items():
+                if type(key) is not str or type(item) is not str:
+                    return False
+        else:
+            return False
+    return True
+
+
 def _plain_message(email: EmailMessage) -> bool:
     """A Django message class holding only plain data (the usual case)."""
     return type(email) in _MESSAGE_CLASSES and all(
@@ -282,18 +339,19 @@ def _plain_message(email: EmailMessage) -> bool:
     )
 
 
-def encode_for_queue(email: EmailMessage) -> str:
+def encode_for_queue(email: EmailMessage, *, simple: bool = False) -> str:
     """``email_to_db(email)``, refusing what couldn't be stored or read back.
 
     ``ValueError`` naming the attribute when pickling fails, or when the
     pickle holds a class the worker's allow-listed decoder would refuse
     (``MAILER_PICKLE_ALLOWLIST``): such a row could never be sent.
+    ``simple``: the caller found ``email`` to be a :func:`simple_message`.
     """
     try:
         data = email_to_db(email)
     except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as err:
         raise _storage_error(email, err, _unpicklable, "can't be stored") from err
-    if _plain_message(email):
+    if simple or _plain_message(email):
         return data  # nothing in it the decoder could refuse: skip the check
     try:
         safe_loads(base64.decodebytes(data.encode("ascii")))

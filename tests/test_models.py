@@ -1,13 +1,15 @@
 """mailer/models.py: stored data, managers, properties."""
 
 import base64
+import gc
 import pickle
 
 import pytest
 from django.core.mail import EmailMessage
 from django.utils import timezone
+from django.utils.functional import lazy
 
-from mailer import models
+from mailer import models, storage
 from mailer.models import (
     PRIORITIES,
     PRIORITY_MAPPING,
@@ -20,6 +22,7 @@ from mailer.models import (
     filter_recipient_list,
     get_message_id,
     make_message,
+    queue_emails,
 )
 
 
@@ -44,6 +47,33 @@ def test_stored_form_is_base64_pickle():
     assert data.isascii()
     assert pickle.loads(base64.decodebytes(data.encode("ascii"))).subject == "S"
     assert db_to_email(data).subject == "S"
+
+
+@pytest.mark.parametrize("size", [0, 1, 56, 57, 58, 1500, 57 * 40 + 3])
+def test_stored_form_has_the_lines_base64_encodebytes_writes(size):
+    """76-character lines, each ending in a newline, as 2.3.2 stores it."""
+    data = bytes(range(256)) * 40
+    assert storage._encodebytes(data[:size]) == base64.encodebytes(data[:size]).decode("ascii")
+
+
+@pytest.mark.django_db
+def test_queueing_pauses_the_cycle_collector_and_restores_it():
+    seen = []
+    # A lazy subject: forced (and so observed) while the batch is prepared.
+    subject = lazy(lambda: seen.append(gc.isenabled()) or "S", str)()
+
+    assert gc.isenabled()
+    queue_emails([EmailMessage(subject, "b", "f@example.com", ["t@example.com"])] * 2)
+    assert seen and not any(seen) and gc.isenabled()
+    with pytest.raises(ValueError):  # refused: still restored
+        queue_emails([EmailMessage("S\n", "b", "f@example.com", ["t@example.com"])])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        queue_emails([EmailMessage("S", "b", "f@example.com", ["t@example.com"])])
+        assert not gc.isenabled()  # a process that keeps it off keeps it off
+    finally:
+        gc.enable()
 
 
 def test_legacy_raw_pickle_and_garbage():

@@ -4,6 +4,7 @@ Each case: the error type, a message that names the field, and nothing
 stored (neither a queue row nor a log entry) for the whole batch.
 """
 
+import re
 import threading
 
 import django
@@ -369,3 +370,58 @@ def test_rich_but_allowed_messages_are_queued():
     stored = Message.objects.get().email
     assert stored.subject == "Safe <b>subject</b>"
     assert str(stored.note) == "Password" and stored.when.year == 2026
+
+
+# --- the cheap path for plain messages -----------------------------------------------
+
+
+def test_what_send_mail_makes_is_a_simple_message():
+    from mailer.validation import simple_message
+
+    email = EmailMessage("S", "b", "f@example.com", ["t@example.com"], headers={"X-A": "1"})
+    email.connection = DbBackend()  # send_mass_mail sets one; never stored
+    assert simple_message(email)
+    assert simple_message(EmailMultiAlternatives("S", "b", "f@example.com", ["t@example.com"]))
+    assert not simple_message(EmailMessage(gettext_lazy("Password"), "b", "f@example.com"))
+    assert not simple_message(EmailMessage("S", "b", "f@example.com", [gettext_lazy("t@x.org")]))
+    with_file = EmailMessage("S", "b", "f@example.com", ["t@example.com"])
+    with_file.attach("a.txt", "x", "text/plain")
+    assert not simple_message(with_file)
+
+    class Custom(EmailMessage):
+        pass
+
+    assert not simple_message(Custom("S", "b", "f@example.com", ["t@example.com"]))
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        ({"subject": "a\rb"}, "subject"),
+        ({"to": ["ok@example.com", "b\x0bad@example.com"]}, "to[1]"),
+        ({"cc": [""]}, "cc[0]"),
+        ({"bcc": ["<>"]}, "bcc[0]"),
+        ({"reply_to": ["x@example.com\n"]}, "reply_to[0]"),
+        ({"from_email": "f@example.com\u2028"}, "from_email"),
+        ({"headers": {"X-Tag": "v\x00"}}, "extra_headers['X-Tag']"),
+    ],
+)
+@pytest.mark.django_db
+def test_simple_messages_are_refused_naming_the_field(fields, named):
+    """Plain messages take the cheap checks; what fails them is named as the
+    full checks name it."""
+    from mailer.validation import simple_message
+
+    kwargs = {"subject": "S", "body": "b", "from_email": "f@example.com", "to": ["t@example.com"]}
+    kwargs.update(fields)
+    email = EmailMessage(**kwargs)
+    assert simple_message(email)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        mailer.models.queue_emails([email])
+    assert Message.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_simple_messages_with_display_names_are_accepted():
+    email = EmailMessage("S", "b", "Team <f@example.com>", ['"Doe, J" <j@example.com>'])
+    assert mailer.models.queue_emails([email]) == 1
