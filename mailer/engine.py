@@ -41,6 +41,7 @@ from django.utils.module_loading import import_string
 from mailer import attachments, locking, retry, smtpstream
 from mailer.compat import get_sending_backend, require_no_backend_loop
 from mailer.conf import conf
+from mailer.cursors import kept_cursor
 from mailer.errors import describe_delivery_error
 from mailer.models import (
     PRIORITY_DEFERRED,
@@ -424,11 +425,12 @@ class _PassQueries:
         now = self.connection.ops.adapt_datetimefield_value(timezone.now())
         for position, value in zip(positions, (*after, now), strict=True):
             params[position] = value
-        with self.connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
-        if row is None:
+        cursor = kept_cursor(self.connection)
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()  # to the end: SQLite finishes the statement
+        if not rows:
             return None, after
+        row = rows[0]
         key = tuple(row[i] for i in self.KEY)
         if converters:
             row = next(iter(compiler.apply_converters([list(row)], converters)))
@@ -465,16 +467,14 @@ class _PassQueries:
                 entry.save(force_insert=True, using=self.db)
                 deleted, _ = Message.objects.using(self.db).filter(pk=message.pk).delete()
                 return bool(deleted)
-            with self.connection.cursor() as cursor:
-                if self.record_sql is not None:
-                    # One round trip: log it, delete it, say if it was there.
-                    cursor.execute(
-                        self.record_sql, [message.pk, *self.log_inserter.values(entry)]
-                    )
-                    return cursor.fetchone()[0] != 0
-                self.log_inserter.insert(entry)
-                cursor.execute(self.delete_sql, [message.pk])
-                return cursor.rowcount != 0
+            cursor = kept_cursor(self.connection)
+            if self.record_sql is not None:
+                # One round trip: log it, delete it, say if it was there.
+                cursor.execute(self.record_sql, [message.pk, *self.log_inserter.values(entry)])
+                return cursor.fetchall()[0][0] != 0
+            self.log_inserter.insert(entry)
+            cursor.execute(self.delete_sql, [message.pk])
+            return cursor.rowcount != 0
 
 
 #: How long a worker keeps an SMTP connection open between passes.

@@ -23,6 +23,7 @@ from django.utils.translation import gettext_lazy as _
 
 from mailer import attachments
 from mailer.conf import conf
+from mailer.cursors import kept_cursor
 from mailer.mysql import packet_limit
 from mailer.retry import not_before_from
 from mailer.storage import db_to_email as db_to_email  # re-exported (2.3.2 path)
@@ -501,8 +502,7 @@ class RowInserter:
         return values
 
     def insert(self, obj: models.Model) -> None:
-        with self.connection.cursor() as cursor:
-            cursor.execute(self.sql, self.values(obj))
+        kept_cursor(self.connection).execute(self.sql, self.values(obj))
 
     def insert_many(self, objs: Sequence[models.Model], batch_size: int | None = None) -> None:
         """Multi-row INSERTs of at most ``batch_size`` rows (and at most what
