@@ -102,6 +102,10 @@ METRICS = {
         ("single_statements", "SQL statements per send_mail", "stmts", False),
         ("raw_insert_rows_per_s", "raw 1-row INSERT (reference)", "rows/s", True),
         ("single_vs_raw", "send_mail / raw INSERT", "x", True),
+        ("own_row_insert_rows_per_s", "raw INSERT of send_mail's row, own table", "rows/s", True),
+        ("own_row_vs_raw", "own-table row INSERT / raw INSERT", "x", True),
+        ("single_vs_own_row", "send_mail / own-table row INSERT", "x", True),
+        ("bulk_floor_rows_per_s", "bulk floor: raw rows, one transaction", "rows/s", True),
     ],
     "drain": [
         ("drain_msgs_per_s", "manage.py send_mail -> SMTP", "msgs/s", True),
@@ -125,6 +129,8 @@ METRICS = {
         ("latency_p99_ms", "commit->arrival p99", "ms", False),
         ("latency_max_ms", "commit->arrival max", "ms", False),
         ("burst_s", "burst: commit->all arrived", "s", False),
+        ("burst_django_backend_s", "burst floor: Django backend, 1 connection, no queue", "s", False),
+        ("burst_c4_s", "burst, runmailer_pg --concurrency 4", "s", False),
         ("burst_msgs_per_s", "burst throughput", "msgs/s", True),
     ],
     "workers4": [

@@ -506,12 +506,32 @@ def sc_enqueue(env, p, res):
     res["metrics"]["bulk_s"] = t_bulk
     res["metrics"]["bulk_rows_per_s"] = n / t_bulk
 
-    # 2. mailer.send_mail, one call (one autocommit transaction) each, in
-    # blocks of 100 alternating with the raw INSERT reference (3. below), so
-    # that load drift on a shared machine hits both alike.
+    # 1b. The floor of any bulk: the database taking the same number of
+    # 2.3.2-shaped rows, serialized before the clock starts, in one
+    # transaction (executemany: psycopg 3 pipelines it, sqlite3 loops in C).
+    # No queue can queue faster than this; 2.3.2's bulk time over it is the
+    # most any "ours / 2.3.2" ratio can reach in this run.
+    from django.db import transaction
+
     raw_sql, raw_payloads = _raw_insert_reference(n)
+    floor_times = []
+    for _ in range(3):
+        stamp = timezone.now()
+        t0 = time.perf_counter()
+        with transaction.atomic(), connection.cursor() as cur:
+            cur.executemany(raw_sql, [[data, stamp, 2, 0] for data in raw_payloads])
+        floor_times.append(time.perf_counter() - t0)
+        with connection.cursor() as cur:
+            cur.execute("DELETE FROM %s" % connection.ops.quote_name("bench_raw_message"))
+    res["metrics"]["bulk_floor_rows_per_s"] = n / statistics.median(floor_times)
+
+    # 2. mailer.send_mail, one call (one autocommit transaction) each, in
+    # blocks of 100 alternating with the raw INSERT reference (3. below) and
+    # with a raw INSERT of the row send_mail writes, into the queue table
+    # itself (3b.), so that load drift on a shared machine hits all alike.
+    own_sql, own_params = _own_row_reference()
     now = timezone.now
-    t_single = t_raw = 0.0
+    t_single = t_raw = t_own = 0.0
     block = 100
     with connection.cursor() as cur:
         for start in range(0, n, block):
@@ -522,10 +542,17 @@ def sc_enqueue(env, p, res):
             t1 = time.perf_counter()
             for data in raw_payloads[start:stop]:
                 cur.execute(raw_sql, [data, now(), 2, 0])
+            t2 = time.perf_counter()
+            for _ in range(start, stop):
+                cur.execute(own_sql, own_params)
             t_single += t1 - t0
-            t_raw += time.perf_counter() - t1
+            t_raw += t2 - t1
+            t_own += time.perf_counter() - t2
     c = queue_count()
-    res["checks"].append(simple_check("single rows stored", c == n, "%d rows, want %d" % (c, n)))
+    res["checks"].append(simple_check("single rows stored", c == 2 * n + 1, "%d rows, want %d" % (c, 2 * n + 1)))
+    res["metrics"]["own_row_insert_rows_per_s"] = n / t_own
+    res["metrics"]["single_vs_own_row"] = (n / t_single) / (n / t_own)
+    res["metrics"]["own_row_vs_raw"] = (n / t_own) / (n / t_raw)
     res["metrics"]["single_s"] = t_single
     res["metrics"]["single_rows_per_s"] = n / t_single
     clear_queue()
@@ -550,6 +577,28 @@ def sc_enqueue(env, p, res):
     res["metrics"]["raw_insert_rows_per_s"] = n / t_raw
     res["metrics"]["single_vs_raw"] = (n / t_single) / (n / t_raw)
     res["metrics"]["bulk_vs_raw"] = (n / t_bulk) / (n / t_raw)
+
+
+def _own_row_reference():
+    """(sql, params): a raw INSERT of the very row one mailer.send_mail call
+    writes (queued once here, read back), into the package's own queue
+    table: the database's share of a send_mail, with that package's columns
+    and indexes, and no Python."""
+    from django.db import connection
+
+    import mailer
+    from mailer.models import Message
+
+    mailer.send_mail("bench own row", SMALL_BODY, FROM, ["rcpt@bench.example"])
+    row = Message.objects.order_by("-id")[0]
+    fields = [f for f in Message._meta.concrete_fields if not f.primary_key]
+    qn = connection.ops.quote_name
+    sql = "INSERT INTO %s (%s) VALUES (%s)" % (
+        qn(Message._meta.db_table),
+        ", ".join(qn(f.column) for f in fields),
+        ", ".join(["%s"] * len(fields)),
+    )
+    return sql, [f.get_db_prep_save(getattr(row, f.attname), connection) for f in fields]
 
 
 def _raw_insert_reference(n):
@@ -820,6 +869,45 @@ def sc_runmailer_pg(env, p, res):
             time.sleep(0.1)
             left = queue_count()
         res["checks"].append(simple_check("queue empty afterwards", left == 0, "%d rows left" % left))
+
+        # The burst's floor with one connection: Django's own SMTP backend
+        # sending as many ready messages over one connection, no queue.
+        from django.core.mail.backends.smtp import EmailBackend
+
+        emails = make_emails("burstref", 0, n_burst, SMALL_BODY)
+        t0 = time.perf_counter()
+        EmailBackend(host="127.0.0.1", port=sink.port, timeout=60).send_messages(emails)
+        res["metrics"]["burst_django_backend_s"] = time.perf_counter() - t0
+        del emails
+
+        # Where the package can (ours: --concurrency), the same burst over
+        # four connections from one runmailer_pg.
+        if _has_concurrency():
+            os.killpg(proc.pid, signal.SIGTERM)
+            wait_child(proc, 30)
+            sink.reset()
+            proc = start_manage(
+                ["runmailer_pg", "--concurrency", "4"],
+                {"BENCH_MAILER_BACKEND": "smtp", "BENCH_SMTP_PORT": str(sink.port)},
+                env.tmpdir,
+                "runmailer_pg_c4",
+            )
+            mailer.send_mail("bench warmup c4", SMALL_BODY, FROM, ["warmup@bench.example"])
+            if not wait_arrivals(1, 60):
+                raise RuntimeError("runmailer_pg --concurrency 4 did not start: %s" % _tail(proc.bench_log)[-1500:])
+            time.sleep(0.5)
+            subjects = ["bench burst4 %d" % i for i in range(n_burst)]
+            with transaction.atomic():
+                for i, subject in enumerate(subjects):
+                    mailer.send_mail(subject, SMALL_BODY, FROM, ["rcpt%d@bench.example" % i])
+            t_commit = time.time()
+            wait_arrivals(1 + n_burst, child_timeout(n_burst))
+            records = sink.records()
+            stats = check_arrivals(records, ["bench warmup c4"] + subjects, 1)
+            res["checks"].append(arrival_check("--concurrency 4: every message arrived exactly once", stats))
+            arrivals = [ts for ts, subject, _ in records if subject.startswith("bench burst4 ")]
+            if len(arrivals) >= n_burst:
+                res["metrics"]["burst_c4_s"] = max(arrivals) - t_commit
         completed = True
     finally:
         if proc is not None:
@@ -881,6 +969,12 @@ email = EmailMessage("att", "body", "from@example.com", ["to@example.com"],
 email.attach("big.bin", os.urandom(int(os.environ["BENCH_ATT_BYTES"])), "application/octet-stream")
 email.send()
 """
+
+
+def _has_concurrency():
+    import importlib.util
+
+    return importlib.util.find_spec("mailer.pool") is not None
 
 
 def _has_attachment_storage():

@@ -11,6 +11,9 @@ The database comes from the environment:
   the test run itself, in utf8mb4, with the options a site should use
   (docs/installation.rst); ``MAILER_TEST_MYSQL_ISOLATION`` overrides the
   isolation level (default "read committed").
+* ``MAILER_TEST_PG_PREPARED=1``: PostgreSQL with psycopg 3's server-side
+  binding and prepared statements (``server_side_binding``,
+  ``prepare_threshold`` in ``OPTIONS``).
 * ``MAILER_TEST_DB_NAME``: set for subprocesses so they use the database of
   the test run that started them.
 """
@@ -35,6 +38,10 @@ if DB == "postgres":
         "PASSWORD": os.environ.get("MAILER_TEST_PG_PASSWORD", ""),
         "TEST": {"NAME": f"test_mailer_{os.getpid()}" if not NAME_OVERRIDE else NAME_OVERRIDE},
     }
+    if os.environ.get("MAILER_TEST_PG_PREPARED") == "1":
+        # psycopg 3's server-side binding and prepared statements, as
+        # docs/performance.rst suggests for sites that can use them.
+        default["OPTIONS"] = {"server_side_binding": True, "prepare_threshold": 1}
 elif DB == "mysql":
     default = {
         "ENGINE": "django.db.backends.mysql",
