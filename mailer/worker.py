@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -15,6 +16,15 @@ from mailer.conf import conf
 from mailer.locking import LockPathError
 
 logger = logging.getLogger(__name__)
+
+
+def _freeze_startup_objects() -> None:
+    """Move what start-up made (Django, the project's modules, connections)
+    out of reach of Python's cycle collector: a long-running loop's full
+    collections then walk only what the passes made, instead of pausing a
+    pass now and then for the whole process."""
+    gc.collect()
+    gc.freeze()
 
 
 class Worker:
@@ -184,6 +194,7 @@ class Worker:
         logger.info("Worker started (idle sleep %ss).", self.idle_seconds())
         try:
             self.on_start()
+            _freeze_startup_objects()
             while self.running:
                 if self.max_passes is not None and self.passes >= self.max_passes:
                     break

@@ -168,3 +168,17 @@ def test_idle_wait_is_capped_by_the_idle_sleep(locmem):
                      send_at=timezone.now() + dt.timedelta(hours=1))
     assert Worker(sleep=30, install_signal_handlers=False).idle_wait() == 30
     assert 3590 < Worker(sleep=7200, install_signal_handlers=False).idle_wait() <= 3600
+
+
+def test_start_up_objects_are_frozen_out_of_the_collectors_way(locmem):
+    """A long-running loop's full collections walk only what passes make."""
+    import gc
+
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        mailer.send_mail("S", "b", "f@example.com", ["t@example.com"])
+        assert Worker(sleep=0.01, max_passes=1, install_signal_handlers=False).run() == 1
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
