@@ -55,6 +55,7 @@ __all__ = [
     "PREFIX",
     "AttachmentUnavailable",
     "StoredAttachment",
+    "check_present",
     "chunks",
     "get_storage",
     "load",
@@ -397,6 +398,19 @@ def verify(ref: StoredAttachment, storage: Storage | None = None) -> None:
         pass
 
 
+def check_present(ref: StoredAttachment, storage: Storage | None = None) -> None:
+    """Check that ``ref``'s file is there with the size stored, without
+    reading it (:class:`AttachmentUnavailable` if not). Its content is
+    checked as it is streamed (:func:`chunks`)."""
+    storage, alias = _storage_for(ref, storage)
+    try:
+        size = storage.size(ref.key)
+    except Exception as err:
+        raise _unreadable(ref, alias, err) from err
+    if size != ref.size:
+        raise _changed(ref, size)
+
+
 def read(ref: StoredAttachment, storage: Storage | None = None) -> str | bytes:
     """The content ``ref`` stands for, checked against its size and sha256."""
     storage, alias = _storage_for(ref, storage)
@@ -420,9 +434,10 @@ def load(email: Any, keep: Callable[[str, Any], bool] | None = None) -> Any:
     ``email`` itself when it has none. Raises :class:`AttachmentUnavailable`
     when one can't be read, or is not what was stored. :func:`for_log` turns
     the result back into the stored form. Items for which ``keep(field,
-    item)`` is true stay references, their files checked (:func:`verify`)
-    but not read into memory: they are sent straight from the storage
-    (:mod:`mailer.smtpstream`).
+    item)`` is true stay references, their files checked for presence and
+    size (:func:`check_present`) but not read: they are sent straight from
+    the storage (:mod:`mailer.smtpstream`), which checks their sha256 as
+    they stream.
     """
     changes: dict[str, list[Any]] = {}
     # id(item sent) -> item as stored; those of an earlier load carry over.
@@ -435,7 +450,7 @@ def load(email: Any, keep: Callable[[str, Any], bool] | None = None) -> Any:
         if storage is None and storage_alias() is not None:
             storage = get_storage()
         if keep is not None and keep(field, item):
-            verify(ref, storage)
+            check_present(ref, storage)
             continue
         content = read(ref, storage)
         loaded = _prerendered(email, field, item, content)

@@ -21,11 +21,12 @@ storage never enters memory whole:
    line by line as Django would, and so on.
 
 What goes out is byte for byte what Django would have sent with the content
-inline (``SIZE`` included). The file was checked before the message was
-claimed for sending (:func:`mailer.attachments.verify`) and is checked again
-as it is streamed: if it changed meanwhile, the connection is closed before
-the end of the DATA, so the server never accepts a message without its
-attachment, and the message is deferred.
+inline (``SIZE`` included). Before anything is sent the file's presence and
+size are checked (:func:`mailer.attachments.check_present`, no download);
+its sha256 is checked as it streams: if it is not what was stored, or the
+storage fails mid-read, the connection is closed before the end of the
+DATA, so the server never accepts a message without its attachment, and
+the message is deferred.
 
 Anything else (another backend, a subclass that renders or sends its own
 way, text attachments, MIME parts) is read into memory and sent the usual

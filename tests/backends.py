@@ -16,37 +16,34 @@ class PlainSMTP(EmailBackend):
         return super()._send(email_message)
 
 
-class _SecondOpenStorage(FileSystemStorage):
-    """Serves each file as stored on its first open (the worker's check),
-    and through :meth:`later` after (the send)."""
-
-    opened: dict[str, int] = {}
+class _OpenedStorage(FileSystemStorage):
+    """A file system storage whose opened files go through :meth:`opened`;
+    its size and listing stay the real ones (what the worker checks before
+    sending)."""
 
     def _open(self, name, mode="rb"):
-        count = self.opened[name] = self.opened.get(name, 0) + 1
-        handle = super()._open(name, mode)
-        return handle if count == 1 else self.later(handle)
+        return self.opened(super()._open(name, mode))
 
-    def later(self, handle):
+    def opened(self, handle):
         raise NotImplementedError
 
 
-class ChangingStorage(_SecondOpenStorage):
-    """Tampered with after the first open (someone rewrote the file between
-    the worker's check and the send)."""
+class ChangingStorage(_OpenedStorage):
+    """Serves each file with its last byte changed, at its stored size
+    (someone rewrote it after it was queued)."""
 
-    def later(self, handle):
+    def opened(self, handle):
         data = bytearray(handle.read())
         handle.close()
         data[-1] ^= 0xFF
         return io.BytesIO(bytes(data))
 
 
-class FailingReadStorage(_SecondOpenStorage):
-    """Fails part-way through reading after the first open (a network
-    storage dropping out mid-download)."""
+class FailingReadStorage(_OpenedStorage):
+    """Fails part-way through reading a file (a network storage dropping out
+    mid-download)."""
 
-    def later(self, handle):
+    def opened(self, handle):
         return _FailingReader(handle)
 
 
