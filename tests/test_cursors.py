@@ -17,16 +17,17 @@ def test_the_same_cursor_while_the_connection_lasts_and_a_new_one_after():
     first = kept_cursor(connection)
     assert kept_cursor(connection).cursor is first.cursor
     first.execute(f"SELECT COUNT(*) FROM {TABLE}")
-    assert first.fetchall() == [(0,)]
+    assert [tuple(r) for r in first.fetchall()] == [(0,)]
     connection.close()
     second = kept_cursor(connection)  # reconnects, with a cursor of the new connection
     assert second.cursor is not first.cursor
     second.execute(f"SELECT COUNT(*) FROM {TABLE}")
-    assert second.fetchall() == [(0,)]
+    assert [tuple(r) for r in second.fetchall()] == [(0,)]
 
 
 def test_statements_are_seen_and_errors_are_djangos():
     seen = []
+    connection.ensure_connection()  # MariaDB sets the isolation level on connecting
 
     def spy(execute, sql, params, many, context):
         seen.append(sql)
