@@ -8,7 +8,7 @@ instead: the same cursor for as long as Django's connection object holds the
 same DB-API connection, wrapped as ``connection.cursor()`` wraps it (errors
 become Django's, ``execute_wrapper()`` hooks and the query log still see
 every statement). It is never closed by its users: it goes with its
-connection.
+connection. On SQLite every call gets a new cursor (see :func:`kept_cursor`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ __all__ = ["kept_cursor"]
 def kept_cursor(connection: Any) -> Any:
     """A cursor on ``connection`` (this thread's Django connection), wrapped
     like ``connection.cursor()``'s; don't close it."""
+    if connection.vendor == "sqlite":
+        # A new sqlite3 cursor costs next to nothing, and one kept with an
+        # unfinished SELECT would hold the database's shared lock against
+        # every other connection: a new one each time, closed when dropped.
+        return connection.cursor()
     connection.close_if_health_check_failed()
     connection.ensure_connection()
     raw = connection.connection
