@@ -279,13 +279,16 @@ def test_sending_holds_no_copy_of_a_large_stored_attachment(
         email.attach("big.bin", os.urandom(size), "application/octet-stream")
         queue_emails([email])
         del email
-        env = {**manage.env, "MEASURE_SETTINGS": json.dumps({**stored, **extra})}
+        # A generous SMTP timeout: under CI load (coverage tracing both
+        # sides) the test server takes a while to take in 27 MB.
+        env = {**manage.env, "MEASURE_SETTINGS": json.dumps({**stored, **extra}),
+               "MAILER_TEST_EMAIL_TIMEOUT": "300"}
         proc = manage.__class__(env=env).python(MEASURE, timeout=300)
         return json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
 
     streamed = growth({})
     if HAS_MAILERS:
-        mailers = smtp_mailers(smtp_server.port)
+        mailers = smtp_mailers(smtp_server.port, timeout=300)
         plain = {"MAILERS": {**mailers, "smtp": {**mailers["smtp"], "BACKEND": "tests.backends.PlainSMTP"}}}
     else:
         plain = {"MAILER_EMAIL_BACKEND": "tests.backends.PlainSMTP"}
