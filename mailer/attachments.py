@@ -63,7 +63,6 @@ __all__ = [
     "release",
     "store",
     "sweep_orphans",
-    "verify",
 ]
 
 #: Where in the storage the bundles live.
@@ -354,7 +353,7 @@ def _changed(ref: StoredAttachment, size: int) -> AttachmentUnavailable:
     )
 
 
-#: Bytes read at a time when a stored attachment is checked or streamed.
+#: Bytes read at a time when a stored attachment is streamed.
 READ_CHUNK = 57 * 16384
 
 
@@ -389,13 +388,6 @@ def chunks(ref: StoredAttachment, storage: Storage | None = None) -> Iterator[by
         raise _changed(ref, size)
     if pending:
         yield pending
-
-
-def verify(ref: StoredAttachment, storage: Storage | None = None) -> None:
-    """Check that ``ref``'s file is there and is what was stored, reading it
-    a piece at a time (:class:`AttachmentUnavailable` if not)."""
-    for _ in chunks(ref, storage):
-        pass
 
 
 def check_present(ref: StoredAttachment, storage: Storage | None = None) -> None:

@@ -36,6 +36,7 @@ way (:func:`mailer.attachments.load`).
 from __future__ import annotations
 
 import base64
+import copy
 import os
 import re
 import smtplib
@@ -126,7 +127,6 @@ class Plan:
     def __init__(self, storage: Any) -> None:
         self.storage = storage
         self.streams: list[_Stream] = []
-        self.used = False
 
     def add(self, ref: StoredAttachment) -> bytes:
         sample = os.urandom(SAMPLE_BYTES)
@@ -183,8 +183,6 @@ def plan_for(backend: Any, email: Any) -> tuple[Any, Plan] | None:
             items[index] = attachments._with_content("attachments", item, plan.add(item[1]))
     if not plan.streams:
         return None
-    import copy
-
     stand_in = copy.copy(email)
     stand_in.attachments = items
     return attachments.load(stand_in), plan
@@ -214,7 +212,6 @@ def sendmail(
     accepted) if a file can't be read or is not what was stored.
     """
     segments = plan.segments(msg)
-    plan.used = True
     smtp.ehlo_or_helo_if_needed()
     esmtp_opts = []
     if smtp.does_esmtp:
