@@ -7,16 +7,14 @@ import copy
 import functools
 import gc
 import logging
-import operator
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from email.utils import make_msgid, parseaddr
 from typing import Any
 
 from django.core.mail import EmailMessage
 from django.core.mail.utils import DNS_NAME
-from django.db import connections, models, router, transaction
+from django.db import models, router, transaction
 from django.db.models.base import ModelState
 from django.db.models.functions import Lower
 from django.utils import timezone
@@ -24,9 +22,9 @@ from django.utils.translation import gettext_lazy as _
 
 from mailer import attachments
 from mailer.conf import conf
-from mailer.cursors import kept_cursor
 from mailer.mysql import packet_limit
 from mailer.retry import not_before_from
+from mailer.rows import RowInserter
 from mailer.storage import db_to_email as db_to_email  # re-exported (2.3.2 path)
 from mailer.storage import decode
 from mailer.storage import decode_error as decode_error
@@ -410,129 +408,6 @@ def _message_id_header(email: EmailMessage) -> dict[str, str]:
     return {"Message-ID": get_message_id(email) or ""}
 
 
-_NOTHING = object()
-_PLAIN_FIELDS = {
-    models.TextField: str,
-    models.CharField: str,
-    models.IntegerField: int,
-    models.SmallIntegerField: int,
-    models.PositiveSmallIntegerField: int,
-    models.BigIntegerField: int,
-}
-
-
-class RowInserter:
-    """INSERTs of unsaved instances, compiled once.
-
-    For the hot paths (one ``send_mail`` call, one log entry per sent
-    message, a bulk of queued messages) the ORM's per-query compile costs
-    more than the database. Values go through each field's
-    ``get_db_prep_save``, as the ORM does, except plain text and integer
-    values of plain text and integer fields, which that would return
-    unchanged. No signals are sent and primary keys are not read back.
-    """
-
-    _made: dict[tuple[type[models.Model], str], RowInserter] = {}
-
-    @classmethod
-    def for_model(cls, model: type[models.Model], using: str) -> RowInserter:
-        """The inserter of ``model`` on ``using``, made once per process."""
-        key = (model, using)
-        inserter = cls._made.get(key)
-        if inserter is None:
-            inserter = cls._made[key] = cls(model, using)
-        return inserter
-
-    def __init__(self, model: type[models.Model], using: str) -> None:
-        self.using = using
-        self.fields = [f for f in model._meta.concrete_fields if not f.primary_key]
-        # One C call reads every value; then only values that aren't of
-        # their field's plain type (a datetime, a lazy string) are prepared.
-        names = [f.attname for f in self.fields]
-        get = operator.attrgetter(*names)
-        self._get = get if len(names) > 1 else (lambda obj: (get(obj),))
-        self._checks = [(i, _PLAIN_FIELDS.get(type(f))) for i, f in enumerate(self.fields)]
-        quote = connections[using].ops.quote_name
-        self.head = "INSERT INTO {} ({}) VALUES ".format(
-            quote(model._meta.db_table), ", ".join(quote(f.column) for f in self.fields)
-        )
-        self.row = "({})".format(", ".join(["%s"] * len(self.fields)))
-        self._last: list[tuple[Any, Any]] = [(_NOTHING, None)] * len(self.fields)
-        self.sql = self.head + self.row
-        self._unnest: str | None = None
-
-    @property
-    def connection(self) -> Any:
-        return connections[self.using]  # this thread's
-
-    def _copy(self, connection: Any, raw: Any, rows: list[list[Any]]) -> None:
-        """``COPY ... FROM STDIN`` (fires the INSERT triggers, once per
-        statement); shown in Django's query log like any statement."""
-        sql = self.head.replace(" VALUES ", " FROM STDIN").replace("INSERT INTO", "COPY", 1)
-        start = time.monotonic()
-        with raw.copy(sql) as copy:
-            for row in rows:
-                copy.write_row(row)
-        if connection.queries_logged:
-            connection.queries_log.append(
-                {"sql": f"{sql} -- {len(rows)} rows", "time": f"{time.monotonic() - start:.3f}"}
-            )
-
-    def _unnest_sql(self, connection: Any) -> str:
-        if self._unnest is None:
-            arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in self.fields)
-            self._unnest = self.head.replace(" VALUES ", f" SELECT * FROM unnest({arrays})")
-        return self._unnest
-
-    def values(self, obj: models.Model) -> list[Any]:
-        values = list(self._get(obj))
-        last = self._last
-        connection = None
-        for index, plain in self._checks:
-            value = values[index]
-            if value is None or type(value) is plain:
-                continue
-            if value is (cached := last[index])[0]:  # the same object as the row before
-                values[index] = cached[1]
-                continue
-            if connection is None:
-                connection = self.connection
-            prepared = self.fields[index].get_db_prep_save(value, connection)
-            last[index] = (value, prepared)
-            values[index] = prepared
-        return values
-
-    def insert(self, obj: models.Model) -> None:
-        kept_cursor(self.connection).execute(self.sql, self.values(obj))
-
-    def insert_many(self, objs: Sequence[models.Model], batch_size: int | None = None) -> None:
-        """Multi-row INSERTs of at most ``batch_size`` rows (and at most what
-        the database takes in one statement)."""
-        connection = self.connection
-        if connection.vendor == "postgresql":
-            size = batch_size or len(objs)
-            with connection.cursor() as cursor:
-                for start in range(0, len(objs), size):
-                    rows = [self.values(obj) for obj in objs[start : start + size]]
-                    raw = cursor.cursor
-                    if hasattr(raw, "copy"):  # psycopg 3: COPY, a third of an INSERT's time
-                        self._copy(connection, raw, rows)
-                    else:  # psycopg2: one array per column, a small statement
-                        columns = [list(c) for c in zip(*rows, strict=True)]
-                        cursor.execute(self._unnest_sql(connection), columns)
-            return
-        # 65535: the most parameters PostgreSQL's protocol carries.
-        most = min(connection.ops.bulk_batch_size(self.fields, objs), 65535 // len(self.fields))
-        size = max(1, min(batch_size or most, most))
-        with connection.cursor() as cursor:
-            for start in range(0, len(objs), size):
-                chunk = objs[start : start + size]
-                params: list[Any] = []
-                for obj in chunk:
-                    params.extend(self.values(obj))
-                cursor.execute(self.head + ", ".join([self.row] * len(chunk)), params)
-
-
 def _scheduled_form(stored: EmailMessage, send_at: Any) -> tuple[EmailMessage, datetime | None]:
     """``(form to store, not_before)`` for a message and its ``send_at``.
 
@@ -610,53 +485,72 @@ def _queue_emails(
     for e in emails:
         simple = simple_message(e)
         prepared.append((*_scheduled_form(_prepare(e, simple), send_at), simple))
-    rows: list[Message] = []
+    using = router.db_for_write(Message)
+    inserter = RowInserter.for_model(Message, using)
     store = attachments.storage_alias() is not None  # read once per call
     # Large attachments are written to MAILER_ATTACHMENT_STORAGE before the
     # rows; should anything fail before the rows are in, they are deleted.
     written = attachments.Stored()
-    now = timezone.now()  # one time for the whole call: adapted once
     # Rows are copies of one instance built by Django once per process (a
-    # tenth of Model.__init__'s time per row); nothing about them is saved
-    # through the ORM.
-    template = {**_row_template(), "priority": priority, "when_added": now}
+    # tenth of Model.__init__'s time per row), with one time for the whole
+    # call; nothing about them is saved through the ORM. A simple message's
+    # row is built as a list of values straight away.
+    template = {**_row_template(), "priority": priority, "when_added": timezone.now()}
+    base = inserter.values(_new_row(template))
+    at = inserter.index
+    data, not_before_at = at["message_data"], at["not_before"]
+    recipients_at, subject_at, id_at = at["recipients"], at["subject_text"], at["message_id"]
+    rows: list[list[Any]] = []
     try:
         for email, not_before, simple in prepared:
             if not email.recipients():
                 continue
-            row = Message.__new__(Message)
-            row.__dict__.update(template)
-            row._state = ModelState()
-            row.not_before = not_before
             if simple and not store:
                 # No attachments, nothing that could refer to stored ones.
-                row.message_data = encode_for_queue(email, simple=True)
-                row.__dict__["_email_cache"] = (row.message_data, email, None)
-            else:
-                stored, row.attachment_bundle = attachments.store(email, written)
-                row.email = stored
+                values = base.copy()
+                values[data] = encode_for_queue(email, simple=True)
+                values[recipients_at] = "\n".join(
+                    [*email.to, *getattr(email, "cc", ()), *email.bcc]
+                )
+                values[subject_at] = str(email.subject)
+                values[id_at] = get_message_id(email)
+                if not_before is not None:
+                    values[not_before_at] = inserter.prepare(not_before_at, not_before)
+                rows.append(values)
+                continue
+            row = _new_row(template)
+            row.not_before = not_before
+            stored, row.attachment_bundle = attachments.store(email, written)
+            row.email = stored
             fill_search_fields(row, email)
-            rows.append(row)
+            rows.append(inserter.values(row))
         if not rows:
             return 0
-        return _insert(rows, batch_size)
+        return _insert(inserter, rows, batch_size)
     except BaseException:
         written.discard()
         raise
 
 
-def _insert(rows: list[Message], batch_size: int | None) -> int:
+def _new_row(attributes: dict[str, Any]) -> Message:
+    row = Message.__new__(Message)
+    row.__dict__.update(attributes)
+    row._state = ModelState()
+    return row
+
+
+def _insert(inserter: RowInserter, rows: list[list[Any]], batch_size: int | None) -> int:
     if batch_size is None:
         batch_size = conf.MESSAGES_BATCH_SIZE
-    using = router.db_for_write(Message)
+    using = inserter.using
     with packet_limit(using, rows) as fit:
         if len(rows) == 1:
             # One send_mail call: a plain INSERT, which in autocommit needs no
             # BEGIN/COMMIT round trips (bulk_create always opens a transaction).
-            RowInserter.for_model(Message, using).insert(rows[0])
+            inserter.insert_values(rows[0])
             return 1
         with transaction.atomic(using=using, savepoint=False):
-            RowInserter.for_model(Message, using).insert_many(rows, fit(batch_size))
+            inserter.insert_rows(rows, fit(batch_size))
     return len(rows)
 
 

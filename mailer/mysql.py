@@ -38,11 +38,13 @@ _limits: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 BatchFitter = Callable[[int | None], int | None]
 
 
-def row_size(obj: Model) -> int:
-    """About how many bytes ``obj``'s values take in an INSERT statement."""
+def row_size(obj: Model | Sequence[Any]) -> int:
+    """About how many bytes a row's values take in an INSERT statement
+    (``obj``: a model instance or the list of its values)."""
     size = ROW_OVERHEAD
-    for field in obj._meta.concrete_fields:
-        value = getattr(obj, field.attname)
+    if isinstance(obj, Model):
+        obj = [getattr(obj, field.attname) for field in obj._meta.concrete_fields]
+    for value in obj:
         if isinstance(value, str):
             size += (len(value) if value.isascii() else len(value.encode())) + sum(
                 value.count(char) for char in _ESCAPED
@@ -85,7 +87,7 @@ def too_large(size: int, limit: int | None) -> str:
 
 
 @contextmanager
-def packet_limit(using: str, rows: Sequence[Model]) -> Iterator[BatchFitter]:
+def packet_limit(using: str, rows: Sequence[Model | Sequence[Any]]) -> Iterator[BatchFitter]:
     """Insert ``rows`` on ``using`` within the server's ``max_allowed_packet``.
 
     Raises ``ValueError`` naming the setting (and ``MAILER_ATTACHMENT_STORAGE``)
