@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import gc
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from email.utils import make_msgid, parseaddr
 from typing import Any
@@ -444,25 +443,17 @@ def queue_emails(
     ``send_at`` (or a message's own ``send_at`` attribute, django-anymail's
     convention): not sent before that time; see ``mailer.retry.not_before_from``.
     """
-    with _collector_paused():
-        return _queue_emails(emails, priority, batch_size, send_at)
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cycle collector off while a batch is queued.
-
-    Queueing makes a few dozen small containers per message, none in a
-    reference cycle, and every few hundred of them made the collector walk
-    the young objects (and now and then every object of the process): a
-    third of the time of queueing 10,000 messages. Cycles made meanwhile are
-    collected once it is back on. Left off if it was off.
-    """
+    # Python's cycle collector is off while a batch is queued. Queueing
+    # makes a few dozen small containers per message, none in a reference
+    # cycle, and every few hundred of them made the collector walk the young
+    # objects (and now and then every object of the process): a third of
+    # the time of queueing 10,000 messages. Cycles made meanwhile are
+    # collected once it is back on. Left off if it was off.
     enabled = gc.isenabled()
     if enabled:
         gc.disable()
     try:
-        yield
+        return _queue_emails(emails, priority, batch_size, send_at)
     finally:
         if enabled:
             gc.enable()
@@ -476,6 +467,23 @@ def _row_template() -> dict[str, Any]:
     return template
 
 
+_default_rows: dict[RowInserter, list[Any]] = {}
+
+
+def _base_values(inserter: RowInserter, priority: int, when_added: datetime) -> list[Any]:
+    """A new row's values (every field's default) with ``priority`` and
+    ``when_added``, prepared for ``inserter``'s database."""
+    defaults = _default_rows.get(inserter)
+    if defaults is None:
+        defaults = _default_rows[inserter] = inserter.values(_new_row(_row_template()))
+    values = defaults.copy()
+    values[inserter.index["priority"]] = priority
+    # What DateTimeField.get_db_prep_save() returns for timezone.now().
+    ops = inserter.connection.ops
+    values[inserter.index["when_added"]] = ops.adapt_datetimefield_value(when_added)
+    return values
+
+
 def _queue_emails(
     emails: Iterable[EmailMessage], priority: int, batch_size: int | None, send_at: Any
 ) -> int:
@@ -487,16 +495,15 @@ def _queue_emails(
         prepared.append((*_scheduled_form(_prepare(e, simple), send_at), simple))
     using = router.db_for_write(Message)
     inserter = RowInserter.for_model(Message, using)
-    store = attachments.storage_alias() is not None  # read once per call
     # Large attachments are written to MAILER_ATTACHMENT_STORAGE before the
     # rows; should anything fail before the rows are in, they are deleted.
     written = attachments.Stored()
-    # Rows are copies of one instance built by Django once per process (a
-    # tenth of Model.__init__'s time per row), with one time for the whole
-    # call; nothing about them is saved through the ORM. A simple message's
-    # row is built as a list of values straight away.
-    template = {**_row_template(), "priority": priority, "when_added": timezone.now()}
-    base = inserter.values(_new_row(template))
+    # A simple message's row is a copy of one list of values, made from an
+    # instance built by Django once per process, with one time for the whole
+    # call. Other rows are copies of that instance (a tenth of
+    # Model.__init__'s time); nothing about them is saved through the ORM.
+    now = timezone.now()
+    base = _base_values(inserter, priority, now)
     at = inserter.index
     data, not_before_at = at["message_data"], at["not_before"]
     recipients_at, subject_at, id_at = at["recipients"], at["subject_text"], at["message_id"]
@@ -505,8 +512,9 @@ def _queue_emails(
         for email, not_before, simple in prepared:
             if not email.recipients():
                 continue
-            if simple and not store:
-                # No attachments, nothing that could refer to stored ones.
+            if simple:
+                # No attachments (nor anything MAILER_ATTACHMENT_STORAGE
+                # could take), nothing that could refer to stored ones.
                 values = base.copy()
                 values[data] = encode_for_queue(email, simple=True)
                 values[recipients_at] = "\n".join(
@@ -518,7 +526,7 @@ def _queue_emails(
                     values[not_before_at] = inserter.prepare(not_before_at, not_before)
                 rows.append(values)
                 continue
-            row = _new_row(template)
+            row = _new_row({**_row_template(), "priority": priority, "when_added": now})
             row.not_before = not_before
             stored, row.attachment_bundle = attachments.store(email, written)
             row.email = stored
@@ -540,13 +548,17 @@ def _new_row(attributes: dict[str, Any]) -> Message:
 
 
 def _insert(inserter: RowInserter, rows: list[list[Any]], batch_size: int | None) -> int:
+    using = inserter.using
+    connection = inserter.connection
+    if len(rows) == 1 and connection.vendor != "mysql":
+        # One send_mail call: a plain INSERT, which in autocommit needs no
+        # BEGIN/COMMIT round trips (bulk_create always opens a transaction).
+        inserter.insert_values(rows[0], connection)
+        return 1
     if batch_size is None:
         batch_size = conf.MESSAGES_BATCH_SIZE
-    using = inserter.using
     with packet_limit(using, rows) as fit:
         if len(rows) == 1:
-            # One send_mail call: a plain INSERT, which in autocommit needs no
-            # BEGIN/COMMIT round trips (bulk_create always opens a transaction).
             inserter.insert_values(rows[0])
             return 1
         with transaction.atomic(using=using, savepoint=False):

@@ -142,9 +142,10 @@ class RowInserter:
     def insert(self, obj: models.Model) -> None:
         self.insert_values(self.values(obj))
 
-    def insert_values(self, values: list[Any]) -> None:
-        """One INSERT of one prepared row (one round trip in autocommit)."""
-        kept_cursor(self.connection).execute(self.sql, values)
+    def insert_values(self, values: list[Any], connection: Any = None) -> None:
+        """One INSERT of one prepared row (one round trip in autocommit).
+        ``connection``: this thread's connection to ``using``, if at hand."""
+        kept_cursor(connection or self.connection).execute(self.sql, values)
 
     def insert_many(self, objs: Sequence[models.Model], batch_size: int | None = None) -> None:
         self.insert_rows([self.values(obj) for obj in objs], batch_size)
