@@ -386,25 +386,24 @@ def prepare_for_queue(email: EmailMessage) -> EmailMessage:
     in the active language in the returned form only (a copy when there were
     any).
     """
-    return _prepare(email, simple_message(email))
+    return _prepare(email, simple_message(email), str(DNS_NAME))[0]
 
 
-def _prepare(email: EmailMessage, simple: bool) -> EmailMessage:
+def _prepare(email: EmailMessage, simple: bool, domain: str) -> tuple[EmailMessage, str]:
+    """``(form to store, Message-ID)``; ``domain``: ``str(DNS_NAME)``."""
     if simple:  # plain strings only: nothing lazy, the cheap checks
         stored = email
         validate_simple(email)
     else:
         stored = force_lazy(email)
         validate_email(stored)
-    if get_message_id(email) is None:
-        email.extra_headers = {**email.extra_headers, "Message-ID": make_msgid(domain=DNS_NAME)}
+    message_id = get_message_id(email)
+    if message_id is None:
+        message_id = make_msgid(domain=domain)
+        email.extra_headers = {**email.extra_headers, "Message-ID": message_id}
         if stored is not email:
-            stored.extra_headers = {**stored.extra_headers, **_message_id_header(email)}
-    return stored
-
-
-def _message_id_header(email: EmailMessage) -> dict[str, str]:
-    return {"Message-ID": get_message_id(email) or ""}
+            stored.extra_headers = {**stored.extra_headers, "Message-ID": message_id}
+    return stored, message_id
 
 
 def _scheduled_form(stored: EmailMessage, send_at: Any) -> tuple[EmailMessage, datetime | None]:
@@ -490,9 +489,14 @@ def _queue_emails(
     # Every message is checked before anything is stored: one bad message
     # refuses the whole batch.
     prepared = []
+    domain = str(DNS_NAME)
     for e in emails:
         simple = simple_message(e)
-        prepared.append((*_scheduled_form(_prepare(e, simple), send_at), simple))
+        stored, message_id = _prepare(e, simple, domain)
+        if send_at is None and "send_at" not in vars(stored):
+            prepared.append((stored, None, simple, message_id))  # not scheduled: the usual case
+        else:
+            prepared.append((*_scheduled_form(stored, send_at), simple, message_id))
     using = router.db_for_write(Message)
     inserter = RowInserter.for_model(Message, using)
     # Large attachments are written to MAILER_ATTACHMENT_STORAGE before the
@@ -509,22 +513,23 @@ def _queue_emails(
     recipients_at, subject_at, id_at = at["recipients"], at["subject_text"], at["message_id"]
     rows: list[list[Any]] = []
     try:
-        for email, not_before, simple in prepared:
-            if not email.recipients():
-                continue
+        for email, not_before, simple, message_id in prepared:
             if simple:
                 # No attachments (nor anything MAILER_ATTACHMENT_STORAGE
                 # could take), nothing that could refer to stored ones.
+                addresses = [*email.to, *email.cc, *email.bcc]
+                if not any(addresses):  # email.recipients(), for plain strings
+                    continue
                 values = base.copy()
                 values[data] = encode_for_queue(email, simple=True)
-                values[recipients_at] = "\n".join(
-                    [*email.to, *getattr(email, "cc", ()), *email.bcc]
-                )
+                values[recipients_at] = "\n".join(addresses)
                 values[subject_at] = str(email.subject)
-                values[id_at] = get_message_id(email)
+                values[id_at] = message_id
                 if not_before is not None:
                     values[not_before_at] = inserter.prepare(not_before_at, not_before)
                 rows.append(values)
+                continue
+            if not email.recipients():
                 continue
             row = _new_row({**_row_template(), "priority": priority, "when_added": now})
             row.not_before = not_before
