@@ -488,7 +488,7 @@ def _queue_emails(
 ) -> int:
     # Every message is checked before anything is stored: one bad message
     # refuses the whole batch.
-    prepared = []
+    prepared: list[tuple[EmailMessage, datetime | None, bool, str]] = []
     domain = str(DNS_NAME)
     for e in emails:
         simple = simple_message(e)
