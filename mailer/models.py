@@ -6,9 +6,12 @@ import copy
 import functools
 import gc
 import logging
-from collections.abc import Iterable
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
-from email.utils import make_msgid, parseaddr
+from email.utils import parseaddr
 from typing import Any
 
 from django.core.mail import EmailMessage
@@ -31,9 +34,8 @@ from mailer.storage import email_to_db as email_to_db
 from mailer.validation import (
     encode_for_queue,
     force_lazy,
-    simple_message,
+    quick_check,
     validate_email,
-    validate_simple,
 )
 
 logger = logging.getLogger(__name__)
@@ -386,20 +388,35 @@ def prepare_for_queue(email: EmailMessage) -> EmailMessage:
     in the active language in the returned form only (a copy when there were
     any).
     """
-    return _prepare(email, simple_message(email), str(DNS_NAME))[0]
+    return _prepare(email, quick_check(email), message_ids(str(DNS_NAME)))[0]
 
 
-def _prepare(email: EmailMessage, simple: bool, domain: str) -> tuple[EmailMessage, str]:
-    """``(form to store, Message-ID)``; ``domain``: ``str(DNS_NAME)``."""
-    if simple:  # plain strings only: nothing lazy, the cheap checks
-        stored = email
-        validate_simple(email)
-    else:
+def message_ids(domain: str) -> Callable[[], str]:
+    """A maker of ``Message-ID`` values: what ``email.utils.make_msgid(
+    domain=domain)`` returns, with its time and process id read once (a
+    fifth of its time): ``<time.pid.random@domain>``, unique by their 64
+    random bits, as the standard library's."""
+    prefix = f"<{int(time.time() * 100)}.{os.getpid()}."
+    suffix = f"@{domain}>"
+    bits = random.getrandbits
+    return lambda: f"{prefix}{bits(64)}{suffix}"
+
+
+def _prepare(
+    email: EmailMessage, checked: bool | None, new_id: Callable[[], str]
+) -> tuple[EmailMessage, str]:
+    """``(form to store, Message-ID)``. ``checked``: :func:`quick_check`'s
+    verdict; ``new_id``: a :func:`message_ids` maker."""
+    if checked is None:
         stored = force_lazy(email)
         validate_email(stored)
+    else:  # plain strings only: nothing lazy
+        stored = email
+        if not checked:
+            validate_email(email)
     message_id = get_message_id(email)
     if message_id is None:
-        message_id = make_msgid(domain=domain)
+        message_id = new_id()
         email.extra_headers = {**email.extra_headers, "Message-ID": message_id}
         if stored is not email:
             stored.extra_headers = {**stored.extra_headers, "Message-ID": message_id}
@@ -489,10 +506,11 @@ def _queue_emails(
     # Every message is checked before anything is stored: one bad message
     # refuses the whole batch.
     prepared: list[tuple[EmailMessage, datetime | None, bool, str]] = []
-    domain = str(DNS_NAME)
+    new_id = message_ids(str(DNS_NAME))
     for e in emails:
-        simple = simple_message(e)
-        stored, message_id = _prepare(e, simple, domain)
+        checked = quick_check(e)
+        simple = checked is not None
+        stored, message_id = _prepare(e, checked, new_id)
         if send_at is None and "send_at" not in vars(stored):
             prepared.append((stored, None, simple, message_id))  # not scheduled: the usual case
         else:

@@ -123,33 +123,78 @@ def validate_email(email: EmailMessage) -> None:
             check_header(f"attachments[{index}] mimetype", mimetype)
 
 
-def validate_simple(email: EmailMessage) -> None:
-    """:func:`validate_email` for a :func:`simple_message`, in one regular
-    expression search over its header text and one match per address; any
-    doubt (a control character, an address in another form) runs the full
-    checks, which name the field."""
-    headers = email.extra_headers
-    # Strings, as simple_message() found (typed Any: stubs allow lazy ones).
-    addresses: list[Any] = [
-        email.from_email,
-        *email.to,
-        *getattr(email, "cc", ()),
-        *email.bcc,
-        *getattr(email, "reply_to", ()),
-    ]
+_STRINGS = frozenset({str})
+#: Every attribute Django's message classes set (4.2 to 6.1); a message with
+#: any other attribute takes the full checks.
+_KNOWN_ATTRIBUTES = frozenset(
+    {
+        "to",
+        "cc",
+        "bcc",
+        "reply_to",
+        "from_email",
+        "subject",
+        "body",
+        "attachments",
+        "alternatives",
+        "extra_headers",
+        "encoding",
+        "connection",
+        "_connection",
+    }
+)
+
+
+def quick_check(email: EmailMessage) -> bool | None:
+    """:func:`simple_message` and :func:`validate_email` at once, for what
+    ``send_mail`` and ``send_mass_mail`` make, without a loop in Python.
+
+    ``True``: a simple message (plain strings, no attachment, no
+    alternative) that passes every check: its header text printable, one
+    regular expression match per address. ``False``: a simple
+    message in some doubt (a control character, an address in another form):
+    :func:`validate_email` decides and names the field. ``None``: not such a
+    message (an attribute of another kind or name, a lazy string, a subclass):
+    the full path (:func:`force_lazy`, :func:`validate_email`, the decoder's
+    check in :func:`encode_for_queue`) takes it.
+    """
+    if type(email) not in _MESSAGE_CLASSES:
+        return None
+    state = email.__dict__
+    if not state.keys() <= _KNOWN_ATTRIBUTES:
+        return None
     try:
-        texts: list[Any] = [email.subject, *headers, *headers.values(), *addresses]
-        joined = "\t".join(texts)
-    except TypeError:  # a None somewhere
-        validate_email(email)
-        return
+        subject, sender, headers = state["subject"], state["from_email"], state["extra_headers"]
+        to, cc, bcc, reply_to = state["to"], state["cc"], state["bcc"], state["reply_to"]
+        if (
+            type(state["body"]) is not str
+            or type(subject) is not str
+            or type(sender) is not str
+            or type(headers) is not dict
+            or type(state.get("encoding")) not in _ENCODINGS
+            or state["attachments"] != []
+            or state.get("alternatives", []) != []
+        ):
+            return None
+        addresses = [*to, *cc, *bcc, *reply_to]
+        texts = [subject, sender, *headers, *headers.values(), *addresses]
+    except (KeyError, TypeError):  # a missing attribute, an address list of another kind
+        return None
     if (
-        _UNSAFE_IN_HEADER.search(joined)
-        or email.attachments
-        or getattr(email, "alternatives", None)
-        or not all(_PLAIN_ADDRESS.match(address) for address in addresses)
+        not _STRINGS.issuperset(map(type, texts))  # exactly str: nothing lazy, no subclass
+        or type(to) is not list
+        or type(cc) is not list
+        or type(bcc) is not list
+        or type(reply_to) is not list
     ):
-        validate_email(email)
+        return None
+    addresses.append(sender)
+    # Not printable: any control character (tab too), a line or paragraph
+    # separator, and some other Unicode (validate_email() lets most through).
+    return " ".join(texts).isprintable() and all(map(_PLAIN_ADDRESS.match, addresses))
+
+
+_ENCODINGS = frozenset({str, type(None)})
 
 
 # --- lazy strings ------------------------------------------------------------

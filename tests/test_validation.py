@@ -4,6 +4,7 @@ Each case: the error type, a message that names the field, and nothing
 stored (neither a queue row nor a log entry) for the whole batch.
 """
 
+import os
 import re
 import threading
 
@@ -392,6 +393,79 @@ def test_what_send_mail_makes_is_a_simple_message():
         pass
 
     assert not simple_message(Custom("S", "b", "f@example.com", ["t@example.com"]))
+
+
+def _plain(**fields):
+    kwargs = {"subject": "S", "body": "b", "from_email": "f@example.com", "to": ["t@example.com"]}
+    kwargs.update(fields)
+    return EmailMessage(**kwargs)
+
+
+def test_quick_check_verdicts():
+    """True: the cheap path, nothing more to check; False: simple, but
+    validate_email() decides; None: the full path (lazy strings, other
+    kinds or names of attributes, attachments)."""
+    from mailer.validation import quick_check
+
+    email = _plain(headers={"X-A": "1"}, cc=["c@example.com"], bcc=["b@example.com"], reply_to=["r@example.com"])
+    email.connection = DbBackend()  # send_mass_mail sets one; never stored
+    assert quick_check(email) is True
+    assert quick_check(EmailMultiAlternatives("S", "b", "f@example.com", ["t@example.com"])) is True
+    # In doubt: validate_email() decides (and accepts these).
+    assert quick_check(_plain(to=['"Doe, J" <j@example.com>'])) is False
+    assert quick_check(_plain(subject="a\tb")) is False
+    assert quick_check(_plain(subject="a\nb")) is False
+    assert quick_check(_plain(headers={"X-A": "\u2028"})) is False
+    # Not such a message: the full path.
+    assert quick_check(_plain(subject=gettext_lazy("Password"))) is None
+    assert quick_check(_plain(to=[gettext_lazy("t@x.org")])) is None
+    assert quick_check(_plain(headers={"X-A": gettext_lazy("x")})) is None
+    with_file = _plain()
+    with_file.attach("a.txt", "x", "text/plain")
+    assert quick_check(with_file) is None
+    with_html = EmailMultiAlternatives("S", "b", "f@example.com", ["t@example.com"])
+    with_html.attach_alternative("<p>b</p>", "text/html")
+    assert quick_check(with_html) is None
+    extra = _plain()
+    extra.note = "x"  # an attribute Django doesn't set: pickled, so checked in full
+    assert quick_check(extra) is None
+    as_tuple = _plain()
+    as_tuple.to = ("t@example.com",)
+    assert quick_check(as_tuple) is None
+
+    class Custom(EmailMessage):
+        pass
+
+    assert quick_check(Custom("S", "b", "f@example.com", ["t@example.com"])) is None
+
+
+@pytest.mark.parametrize("field", ["subject", "to", "from_email", "headers"])
+@pytest.mark.django_db
+def test_str_subclasses_take_the_full_path(field):
+    """A str subclass pickles as its class: the decoder's check must run."""
+    from django.utils.safestring import mark_safe
+
+    from mailer.validation import quick_check
+
+    value = {"subject": mark_safe("S"), "to": [mark_safe("t@example.com")], "from_email": mark_safe("f@example.com")}
+    value["headers"] = {"X-A": mark_safe("1")}
+    email = _plain(**{field: value[field]})
+    assert quick_check(email) is None
+    assert mailer.models.queue_emails([email]) == 1
+
+
+def test_message_ids_look_like_the_standard_librarys():
+    from email.utils import make_msgid
+
+    from mailer.models import message_ids
+
+    new_id = message_ids("host.example.com")
+    ours = [new_id() for _ in range(1000)]
+    assert len(set(ours)) == 1000
+    pattern = re.compile(r"<\d+\.\d+\.\d+@host\.example\.com>\Z")
+    assert all(pattern.match(i) for i in ours)
+    assert pattern.match(make_msgid(domain="host.example.com"))
+    assert ours[0].split(".")[1] == str(os.getpid())
 
 
 @pytest.mark.parametrize(
