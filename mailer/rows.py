@@ -69,6 +69,24 @@ def copy_line(values: Sequence[Any]) -> str | None:
     return "\t".join(out) + "\n"
 
 
+def _sqlite_unwatched(connection: Any) -> bool:
+    """A SQLite connection whose statements nobody formats for display.
+
+    Django's SQLite cursor turns each ``%s`` into sqlite3's ``?`` with a
+    regular expression: for a bulk of queued rows, a sixth of the Python
+    time per row. Statements already written with ``?`` pass through it
+    unchanged, but only Django's formatting for display (the query log,
+    ``assertNumQueries``, the debug toolbar's panel) can't take them: those
+    get ``%s``, as do ``execute_wrapper()`` hooks.
+    """
+    return (
+        connection.vendor == "sqlite"
+        and not connection.queries_logged
+        and not connection.execute_wrappers
+        and "cursor" not in connection.__dict__  # not wrapped by a tool (debug toolbar)
+    )
+
+
 class RowInserter:
     """INSERTs of unsaved instances (or of their values), compiled once.
 
@@ -107,6 +125,9 @@ class RowInserter:
         self.row = "({})".format(", ".join(["%s"] * len(self.fields)))
         self._last: list[tuple[Any, Any]] = [(_NOTHING, None)] * len(self.fields)
         self.sql = self.head + self.row
+        # sqlite3's own placeholders (see _sqlite_unwatched).
+        self._qmark_row = self.row.replace("%s", "?")
+        self._qmark_sql = self.head + self._qmark_row
         self._unnest: str | None = None
 
     @property
@@ -145,7 +166,9 @@ class RowInserter:
     def insert_values(self, values: list[Any], connection: Any = None) -> None:
         """One INSERT of one prepared row (one round trip in autocommit).
         ``connection``: this thread's connection to ``using``, if at hand."""
-        kept_cursor(connection or self.connection).execute(self.sql, values)
+        connection = connection or self.connection
+        sql = self._qmark_sql if _sqlite_unwatched(connection) else self.sql
+        kept_cursor(connection).execute(sql, values)
 
     def insert_many(self, objs: Sequence[models.Model], batch_size: int | None = None) -> None:
         self.insert_rows([self.values(obj) for obj in objs], batch_size)
@@ -170,13 +193,14 @@ class RowInserter:
         # 65535: the most parameters PostgreSQL's protocol carries.
         most = min(connection.ops.bulk_batch_size(self.fields, rows), 65535 // len(self.fields))
         size = max(1, min(batch_size or most, most))
+        one = self._qmark_row if _sqlite_unwatched(connection) else self.row
         with connection.cursor() as cursor:
             for start in range(0, len(rows), size):
                 chunk = rows[start : start + size]
                 params: list[Any] = []
                 for row in chunk:
                     params.extend(row)
-                cursor.execute(self.head + ", ".join([self.row] * len(chunk)), params)
+                cursor.execute(self.head + ", ".join([one] * len(chunk)), params)
 
     def _copy(self, connection: Any, raw: Any, rows: Sequence[list[Any]]) -> None:
         """``COPY ... FROM STDIN`` (fires the INSERT triggers, once per

@@ -112,3 +112,39 @@ def test_inserter_prepares_values_as_the_orm_does():
     assert inserter.prepare(at, now) == field.get_db_prep_save(now, connection)
     assert inserter.prepare(inserter.index["message_data"], "x") == "x"
     assert inserter.prepare(at, None) is None
+
+
+# --- what watchers see ------------------------------------------------------------
+
+
+def _two_and_one():
+    bulk = [EmailMessage(f"s{i}", "b", "f@example.com", [f"r{i}@example.com"]) for i in range(2)]
+    mailer.models.queue_emails(bulk)
+    mailer.send_mail("one", "b", "f@example.com", ["one@example.com"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_execute_wrappers_and_the_query_log_see_djangos_placeholders():
+    """On SQLite, statements nobody watches are written with sqlite3's own
+    ``?``; a hook, the query log and assertNumQueries get Django's ``%s``
+    (Django formats logged statements with ``%``)."""
+    seen = []
+
+    def hook(execute, sql, params, many, context):
+        seen.append(sql)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(hook):
+        _two_and_one()
+    inserts = [sql for sql in seen if "mailer_message" in sql and sql.startswith(("INSERT", "COPY"))]
+    # On PostgreSQL the bulk is a COPY, which execute_wrapper() doesn't see.
+    assert len(inserts) == (1 if connection.vendor == "postgresql" else 2), seen
+    assert all("?" not in sql for sql in inserts)
+    with CaptureQueriesContext(connection) as captured:
+        _two_and_one()
+    logged = [q["sql"] for q in captured.captured_queries if "mailer_message" in q["sql"]]
+    assert len(logged) == 2 and all("?" not in sql and "%s" not in sql for sql in logged)
+    assert "'one@example.com'" in logged[1]  # formatted with its values
+    _two_and_one()  # unwatched
+    assert Message.objects.count() == 9
+    assert sorted(Message.objects.values_list("subject_text", flat=True)) == sorted(["s0", "s1", "one"] * 3)
