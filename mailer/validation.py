@@ -188,10 +188,21 @@ def quick_check(email: EmailMessage) -> bool | None:
         or type(reply_to) is not list
     ):
         return None
-    addresses.append(sender)
     # Not printable: any control character (tab too), a line or paragraph
     # separator, and some other Unicode (validate_email() lets most through).
-    return " ".join(texts).isprintable() and all(map(_PLAIN_ADDRESS.match, addresses))
+    if not (" ".join(texts).isprintable() and all(map(_PLAIN_ADDRESS.match, addresses))):
+        return False
+    # The sender is most often the very same string as the message before's
+    # (DEFAULT_FROM_EMAIL, a bulk's one sender): checked once.
+    if sender is not _plain_sender[0]:
+        if not _PLAIN_ADDRESS.match(sender):
+            return False
+        _plain_sender[0] = sender
+    return True
+
+
+#: The last sender found plain (any thread's: a str never changes).
+_plain_sender: list[Any] = [None]
 
 
 _ENCODINGS = frozenset({str, type(None)})

@@ -416,6 +416,10 @@ def test_quick_check_verdicts():
     assert quick_check(_plain(subject="a\tb")) is False
     assert quick_check(_plain(subject="a\nb")) is False
     assert quick_check(_plain(headers={"X-A": "\u2028"})) is False
+    team = "Team <f@example.com>"
+    for _ in range(2):  # the same sender object again is checked again
+        assert quick_check(_plain(from_email=team)) is False
+    assert quick_check(_plain()) is True
     # Not such a message: the full path.
     assert quick_check(_plain(subject=gettext_lazy("Password"))) is None
     assert quick_check(_plain(to=[gettext_lazy("t@x.org")])) is None
