@@ -10,6 +10,10 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+# Neither needs the app registry (mailer.models does: imported on first use).
+from django.core.mail import EmailMessage, EmailMultiAlternatives
+from django.utils.encoding import force_str
+
 if TYPE_CHECKING:
     from mailer.monitoring import MessageStatus
 
@@ -32,10 +36,10 @@ def get_priority(priority: int | str | None) -> int:
     The labels ``"high"``, ``"medium"``, ``"low"`` and ``"deferred"`` still
     work but are deprecated; pass ``mailer.models.PRIORITY_*``.
     """
-    from mailer.models import PRIORITY_MAPPING, PRIORITY_MEDIUM
-
     if priority is None:
-        return PRIORITY_MEDIUM
+        return _queueing()[2]
+    from mailer.models import PRIORITY_MAPPING
+
     if isinstance(priority, str) and priority in PRIORITY_MAPPING:
         warnings.warn(
             f"Pass one of the mailer.models.PRIORITY_* constants, not {priority!r}.",
@@ -51,6 +55,22 @@ def get_priority(priority: int | str | None) -> int:
     return int(priority)
 
 
+_loaded: list[tuple[Any, type, int]] = []
+
+
+def _queueing() -> tuple[Any, type, int]:
+    """``(queue_emails, DbBackend, PRIORITY_MEDIUM)``, imported on the first
+    call (the app registry isn't ready when Django imports this package),
+    then kept: an import statement per call is a few per cent of a
+    ``send_mail``."""
+    if not _loaded:
+        from mailer.backend import DbBackend
+        from mailer.models import PRIORITY_MEDIUM, queue_emails
+
+        _loaded.append((queue_emails, DbBackend, PRIORITY_MEDIUM))
+    return _loaded[0]
+
+
 def _deliver(
     emails: Sequence[Any],
     priority: int | str | None,
@@ -64,15 +84,13 @@ def _deliver(
     ``send_at``: not sent before then (on the queue; a mailer named by the
     caller gets it as the message's ``send_at`` attribute, anymail's way).
     """
-    from mailer.backend import DbBackend
-    from mailer.models import queue_emails
-
+    queue_emails, db_backend, _medium = _queueing()
     priority = get_priority(priority)
     if using is not None:
         from django.core.mail import mailers  # type: ignore[attr-defined]  # Django 6.1+
 
         connection = mailers[using]
-    if connection is not None and not isinstance(connection, DbBackend):
+    if connection is not None and not isinstance(connection, db_backend):
         # The caller asked for this mailer explicitly: send through it.
         if send_at is not None:
             for email in emails:
@@ -91,9 +109,6 @@ def _make_email(
     html_message: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Any:
-    from django.core.mail import EmailMessage, EmailMultiAlternatives
-    from django.utils.encoding import force_str
-
     if isinstance(recipient_list, str):
         # Django's own words; list("a@example.com") would be single letters.
         raise TypeError('"to" argument must be a list or tuple')

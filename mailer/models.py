@@ -486,7 +486,9 @@ def _row_template() -> dict[str, Any]:
 _default_rows: dict[RowInserter, list[Any]] = {}
 
 
-def _base_values(inserter: RowInserter, priority: int, when_added: datetime) -> list[Any]:
+def _base_values(
+    inserter: RowInserter, priority: int, when_added: datetime, connection: Any
+) -> list[Any]:
     """A new row's values (every field's default) with ``priority`` and
     ``when_added``, prepared for ``inserter``'s database."""
     defaults = _default_rows.get(inserter)
@@ -495,7 +497,7 @@ def _base_values(inserter: RowInserter, priority: int, when_added: datetime) -> 
     values = defaults.copy()
     values[inserter.index["priority"]] = priority
     # What DateTimeField.get_db_prep_save() returns for timezone.now().
-    ops = inserter.connection.ops
+    ops = connection.ops
     values[inserter.index["when_added"]] = ops.adapt_datetimefield_value(when_added)
     return values
 
@@ -525,7 +527,8 @@ def _queue_emails(
     # call. Other rows are copies of that instance (a tenth of
     # Model.__init__'s time); nothing about them is saved through the ORM.
     now = timezone.now()
-    base = _base_values(inserter, priority, now)
+    connection = inserter.connection  # this thread's: looked up once
+    base = _base_values(inserter, priority, now, connection)
     at = inserter.index
     data, not_before_at = at["message_data"], at["not_before"]
     recipients_at, subject_at, id_at = at["recipients"], at["subject_text"], at["message_id"]
@@ -557,7 +560,7 @@ def _queue_emails(
             rows.append(inserter.values(row))
         if not rows:
             return 0
-        return _insert(inserter, rows, batch_size)
+        return _insert(inserter, rows, batch_size, connection)
     except BaseException:
         written.discard()
         raise
@@ -570,9 +573,10 @@ def _new_row(attributes: dict[str, Any]) -> Message:
     return row
 
 
-def _insert(inserter: RowInserter, rows: list[list[Any]], batch_size: int | None) -> int:
+def _insert(
+    inserter: RowInserter, rows: list[list[Any]], batch_size: int | None, connection: Any
+) -> int:
     using = inserter.using
-    connection = inserter.connection
     if len(rows) == 1 and connection.vendor != "mysql":
         # One send_mail call: a plain INSERT, which in autocommit needs no
         # BEGIN/COMMIT round trips (bulk_create always opens a transaction).
