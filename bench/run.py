@@ -119,6 +119,8 @@ METRICS = {
         ("startup_s", "send_mail start-up (empty queue)", "s", False),
         ("commits_per_s", "1-row INSERT, autocommit (durable commits/s)", "/s", True),
         ("drain_limit_vs_django", "limit of drain / Django with 1 commit per msg", "x", True),
+        ("claim_commits_per_s", "1-row SELECT + durable INSERT (claims+commits/s)", "/s", True),
+        ("claim_limit_vs_django", "limit of drain / Django, 1 claim + 1 commit per msg", "x", True),
         ("machinery_msgs_per_s", "the same pass, dummy backend (queue machinery)", "msgs/s", True),
         ("machinery_limit_vs_django", "limit of drain / Django, this queue's machinery", "x", True),
         ("drain_peak_rss_mb", "send_mail peak RSS", "MB", False),
