@@ -15,6 +15,9 @@ from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.utils.encoding import force_str
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from mailer.backend import DbBackend
     from mailer.monitoring import MessageStatus
 
 __version__ = "3.0.0"
@@ -55,10 +58,10 @@ def get_priority(priority: int | str | None) -> int:
     return int(priority)
 
 
-_loaded: list[tuple[Any, type, int]] = []
+_loaded: list[tuple[Callable[..., int], type[DbBackend], int]] = []
 
 
-def _queueing() -> tuple[Any, type, int]:
+def _queueing() -> tuple[Callable[..., int], type[DbBackend], int]:
     """``(queue_emails, DbBackend, PRIORITY_MEDIUM)``, imported on the first
     call (the app registry isn't ready when Django imports this package),
     then kept: an import statement per call is a few per cent of a
