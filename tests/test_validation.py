@@ -466,6 +466,10 @@ def test_message_ids_look_like_the_standard_librarys():
     new_id = message_ids("host.example.com")
     ours = [new_id() for _ in range(1000)]
     assert len(set(ours)) == 1000
+    numbers = [int(i.split(".")[2].split("@")[0]) for i in ours]
+    assert numbers == [(numbers[0] + k) % 2**64 for k in range(1000)]  # in order: one index run
+    other = message_ids("host.example.com")()
+    assert other not in ours  # another call starts at another random number
     pattern = re.compile(r"<\d+\.\d+\.\d+@host\.example\.com>\Z")
     assert all(pattern.match(i) for i in ours)
     assert pattern.match(make_msgid(domain="host.example.com"))
