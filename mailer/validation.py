@@ -124,6 +124,7 @@ def validate_email(email: EmailMessage) -> None:
 
 
 _STRINGS = frozenset({str})
+_ENCODINGS = frozenset({str, type(None)})
 #: Every attribute Django's message classes set (4.2 to 6.1); a message with
 #: any other attribute takes the full checks.
 _KNOWN_ATTRIBUTES = frozenset(
@@ -203,9 +204,6 @@ def quick_check(email: EmailMessage) -> bool | None:
 
 #: The last sender found plain (any thread's: a str never changes).
 _plain_sender: list[Any] = [None]
-
-
-_ENCODINGS = frozenset({str, type(None)})
 
 
 # --- lazy strings ------------------------------------------------------------
@@ -360,32 +358,12 @@ def _plain(obj: Any, depth: int = 0) -> bool:
     return False
 
 
-_SIMPLE_VALUES = frozenset({str, int, bool, type(None)})
-
-
 def simple_message(email: EmailMessage) -> bool:
-    """Django's own message class holding only strings, numbers, lists of
-    strings and dicts of strings (what ``send_mail`` and ``send_mass_mail``
+    """Django's own message class holding only plain strings, without
+    attachments or alternatives (what ``send_mail`` and ``send_mass_mail``
     make), besides its connection (never stored): nothing lazy, nothing the
-    decoder could refuse. One pass over its attributes, without recursion."""
-    if type(email) not in _MESSAGE_CLASSES:
-        return False
-    simple = _SIMPLE_VALUES
-    for name, value in email.__dict__.items():
-        kind = type(value)
-        if kind in simple or name in _NOT_STORED:  # the connection is never stored
-            continue
-        if kind is list:
-            for item in value:
-                if type(item) is not str:
-                    return False
-        elif kind is dict:
-            for key, item in value.items():
-                if type(key) is not str or type(item) is not str:
-                    return False
-        else:
-            return False
-    return True
+    decoder could refuse. :func:`quick_check` decides it."""
+    return quick_check(email) is not None
 
 
 def _plain_message(email: EmailMessage) -> bool:
