@@ -105,6 +105,9 @@ METRICS = {
         ("own_row_insert_rows_per_s", "raw INSERT of send_mail's row, own table", "rows/s", True),
         ("own_row_vs_raw", "own-table row INSERT / raw INSERT", "x", True),
         ("single_vs_own_row", "send_mail / own-table row INSERT", "x", True),
+        ("least_single_rows_per_s", "least send_mail: build, pickle, INSERT own row", "rows/s", True),
+        ("least_single_vs_raw", "limit of send_mail / raw INSERT (least send_mail)", "x", True),
+        ("single_vs_least", "send_mail / least send_mail", "x", True),
         ("bulk_floor_rows_per_s", "bulk floor: raw rows, one transaction", "rows/s", True),
     ],
     "drain": [
@@ -137,6 +140,7 @@ METRICS = {
         ("latency_max_ms", "commit->arrival max", "ms", False),
         ("burst_s", "burst: commit->all arrived", "s", False),
         ("burst_django_backend_s", "burst floor: Django backend, 1 connection, no queue", "s", False),
+        ("burst_django_backend_c4_s", "burst floor: Django backend, 4 connections (threads), no queue", "s", False),
         ("burst_c4_s", "burst, runmailer_pg --concurrency 4", "s", False),
         ("burst_msgs_per_s", "burst throughput", "msgs/s", True),
     ],
