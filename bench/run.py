@@ -124,6 +124,8 @@ METRICS = {
         ("drain_limit_vs_django", "limit of drain / Django with 1 commit per msg", "x", True),
         ("claim_commits_per_s", "1-row SELECT + durable INSERT (claims+commits/s)", "/s", True),
         ("claim_limit_vs_django", "limit of drain / Django, 1 claim + 1 commit per msg", "x", True),
+        ("least_drain_msgs_per_s", "least drain: claim, unpickle, send, log, delete, commit", "msgs/s", True),
+        ("least_drain_vs_django", "limit of drain / Django (least drain)", "x", True),
         ("machinery_msgs_per_s", "the same pass, dummy backend (queue machinery)", "msgs/s", True),
         ("machinery_limit_vs_django", "limit of drain / Django, this queue's machinery", "x", True),
         ("drain_peak_rss_mb", "send_mail peak RSS", "MB", False),

@@ -728,7 +728,7 @@ def sc_drain(env, p, res):
         # commit each). Even a queue costing nothing else could not beat
         # 1 / (1/django + 1/commits) msgs/s: that ratio to the Django backend
         # is the limit the drain can reach on this machine.
-        from django.db import connection
+        from django.db import connection, transaction
 
         k = min(n, 2000)
         table = connection.ops.quote_name("bench_commit_floor")
@@ -756,6 +756,57 @@ def sc_drain(env, p, res):
         res["metrics"]["drain_limit_vs_django"] = 1 / (1 + django_per_s / commits_per_s)
         res["metrics"]["claim_commits_per_s"] = k / t_claims
         res["metrics"]["claim_limit_vs_django"] = 1 / (1 + django_per_s / (k / t_claims))
+
+        # The least drain: the simplest queue keeping one committed
+        # transaction per sent message, written straight on Django's cursor
+        # in this process: per message, in one transaction, claim the oldest
+        # row (FOR UPDATE SKIP LOCKED where rows lock), unpickle it (no
+        # allow-list), send it with Django's backend on one kept connection,
+        # log it, delete it, commit. No drain built on Django's connections
+        # can do less per message; its ratio to Django's backend is what the
+        # drain target can reach on this machine.
+        sink.reset()
+        least_q = connection.ops.quote_name("bench_least_queue")
+        least_log = connection.ops.quote_name("bench_least_log")
+        lock = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+        with connection.cursor() as cur:
+            cur.execute("CREATE TABLE %s (id integer PRIMARY KEY, message_data text NOT NULL)" % least_q)
+            cur.execute(
+                "CREATE TABLE %s (id integer PRIMARY KEY, message_data text NOT NULL, result text NOT NULL)" % least_log
+            )
+            cur.executemany(
+                "INSERT INTO %s (id, message_data) VALUES (%%s, %%s)" % least_q,
+                [
+                    (i, base64.encodebytes(pickle.dumps(e)).decode("ascii"))
+                    for i, e in enumerate(make_emails("least", 0, n, SMALL_BODY))
+                ],
+            )
+        claim_sql = "SELECT id, message_data FROM %s ORDER BY id LIMIT 1%s" % (least_q, lock)
+        log_sql = "INSERT INTO %s (id, message_data, result) VALUES (%%s, %%s, %%s)" % least_log
+        delete_sql = "DELETE FROM %s WHERE id = %%s" % least_q
+        backend = EmailBackend(host="127.0.0.1", port=sink.port, timeout=60)
+        t0 = time.perf_counter()
+        backend.open()
+        with connection.cursor() as cur:
+            while True:
+                with transaction.atomic():
+                    cur.execute(claim_sql)
+                    row = cur.fetchone()
+                    if row is None:
+                        break
+                    backend.send_messages([pickle.loads(base64.decodebytes(row[1].encode("ascii")))])
+                    cur.execute(log_sql, [row[0], row[1], "1"])
+                    cur.execute(delete_sql, [row[0]])
+        backend.close()
+        t_least = time.perf_counter() - t0
+        sink.wait(n, 10)
+        stats = check_arrivals(sink.records(), [msgid("least", i) for i in range(n)], 2)
+        res["checks"].append(arrival_check("least drain: every message arrived exactly once", stats))
+        with connection.cursor() as cur:
+            cur.execute("DROP TABLE %s" % least_q)
+            cur.execute("DROP TABLE %s" % least_log)
+        res["metrics"]["least_drain_msgs_per_s"] = n / t_least
+        res["metrics"]["least_drain_vs_django"] = t_django / t_least
 
         # The limit of this side's own queue machinery: the same drain with
         # Django's dummy backend (claim, decode, log, delete, commit; no
