@@ -19,7 +19,7 @@ from django.db import connections, models
 
 from mailer.cursors import kept_cursor
 
-__all__ = ["RowInserter", "copy_line"]
+__all__ = ["RowInserter", "copy_line", "copy_lines"]
 
 _NOTHING = object()
 _PLAIN_FIELDS: dict[type[models.Field], type] = {
@@ -34,6 +34,31 @@ _PLAIN_FIELDS: dict[type[models.Field], type] = {
 COPY_CHUNK = 500
 
 
+def _copy_text(value: Any) -> str | None:
+    """``value`` in ``COPY ... FROM STDIN``'s text format, or ``None`` when
+    it is not a string, an integer, ``None`` or a ``datetime``."""
+    kind = type(value)
+    if kind is str:
+        if "\\" in value:
+            value = value.replace("\\", "\\\\")
+        if "\n" in value:
+            value = value.replace("\n", "\\n")
+        if "\t" in value:
+            value = value.replace("\t", "\\t")
+        if "\r" in value:
+            value = value.replace("\r", "\\r")
+        return value
+    if value is None:
+        return "\\N"
+    if kind is int:
+        return str(value)
+    if kind is datetime:
+        # ISO 8601; a naive value is read in the session's time zone, as
+        # psycopg's own dumper leaves it.
+        return value.isoformat()
+    return None
+
+
 def copy_line(values: Sequence[Any]) -> str | None:
     """``values`` as one line of ``COPY ... FROM STDIN``'s text format, or
     ``None`` when one of them is not a string, an integer, ``None`` or a
@@ -45,28 +70,62 @@ def copy_line(values: Sequence[Any]) -> str | None:
     """
     out = []
     for value in values:
-        kind = type(value)
-        if kind is str:
-            if "\\" in value:
-                value = value.replace("\\", "\\\\")
-            if "\n" in value:
-                value = value.replace("\n", "\\n")
-            if "\t" in value:
-                value = value.replace("\t", "\\t")
-            if "\r" in value:
-                value = value.replace("\r", "\\r")
-            out.append(value)
-        elif value is None:
-            out.append("\\N")
-        elif kind is int:
-            out.append(str(value))
-        elif kind is datetime:
-            # ISO 8601; a naive value is read in the session's time zone, as
-            # psycopg's own dumper leaves it.
-            out.append(value.isoformat())
-        else:
+        text = _copy_text(value)
+        if text is None:
             return None
+        out.append(text)
     return "\t".join(out) + "\n"
+
+
+def copy_lines(rows: Sequence[Sequence[Any]]) -> list[str] | None:
+    """:func:`copy_line` of each of ``rows`` (all of one width), or ``None``
+    when a value of any of them can't be written as text.
+
+    A column that holds the very same object in every row (a bulk's time
+    and priority, the defaults) is formatted once, into a line template:
+    per row only the values that differ are escaped, and the line is one
+    ``%`` formatting (formatting every column of every row was a fifth of
+    the instructions of a queued row on PostgreSQL).
+    """
+    if not rows:
+        return []
+    first = rows[0]
+    varying = [i for i in range(len(first)) if any(row[i] is not first[i] for row in rows)]
+    parts = []
+    for i, value in enumerate(first):
+        if i in varying:
+            parts.append("%s")
+            continue
+        text = _copy_text(value)
+        if text is None:
+            return None
+        parts.append(text.replace("%", "%%"))
+    template = "\t".join(parts) + "\n"
+    if not varying:
+        return [template % ()] * len(rows)
+    pick = operator.itemgetter(*varying)
+    lines = []
+    for row in rows:
+        picked = pick(row)
+        texts = []
+        for value in picked if len(varying) > 1 else (picked,):
+            if type(value) is str:  # the usual case, inline
+                if "\\" in value:
+                    value = value.replace("\\", "\\\\")
+                if "\n" in value:
+                    value = value.replace("\n", "\\n")
+                if "\t" in value:
+                    value = value.replace("\t", "\\t")
+                if "\r" in value:
+                    value = value.replace("\r", "\\r")
+                texts.append(value)
+                continue
+            text = _copy_text(value)
+            if text is None:
+                return None
+            texts.append(text)
+        lines.append(template % tuple(texts))
+    return lines
 
 
 def _sqlite_unwatched(connection: Any) -> bool:
@@ -207,9 +266,9 @@ class RowInserter:
         statement); shown in Django's query log like any statement."""
         sql = self.head.replace(" VALUES ", " FROM STDIN").replace("INSERT INTO", "COPY", 1)
         start = time.monotonic()
-        lines = [copy_line(row) for row in rows]
+        lines = copy_lines(rows)
         with raw.copy(sql) as copy:
-            if None in lines:  # a value of another kind: psycopg adapts them all
+            if lines is None:  # a value of another kind: psycopg adapts them all
                 for row in rows:
                     copy.write_row(row)
             else:

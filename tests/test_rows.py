@@ -14,7 +14,7 @@ from django.utils.safestring import mark_safe
 
 import mailer
 from mailer.models import Message
-from mailer.rows import RowInserter, copy_line
+from mailer.rows import RowInserter, copy_line, copy_lines
 
 # --- copy_line ------------------------------------------------------------------
 
@@ -32,6 +32,48 @@ def test_copy_line_writes_datetimes_in_iso_form():
 @pytest.mark.parametrize("value", [1.5, b"bytes", dt.date(2026, 1, 1), mark_safe("safe"), True])
 def test_copy_line_leaves_other_kinds_to_psycopg(value):
     assert copy_line(["text", value]) is None
+
+
+def _bulk_like_rows():
+    """Rows as a bulk makes them: copies of one list of values (shared
+    objects), a few columns set per row."""
+    stamp = dt.datetime(2026, 11, 30, 12, 0, 1, tzinfo=dt.timezone.utc)
+    base = ["data", stamp, 2, 0, None, "subject", "100% \\N"]
+    rows = []
+    for i, subject in enumerate(["plain", "tab\there", "50% off", "back\\slash", "two\nlines\r\n"]):
+        row = base.copy()
+        row[0] = f"payload {i}\n"
+        row[5] = subject
+        rows.append(row)
+    return rows
+
+
+def test_copy_lines_are_copy_line_of_each_row():
+    rows = _bulk_like_rows()
+    assert copy_lines(rows) == [copy_line(row) for row in rows]
+    # The constant columns' text holds "%": formatted once, never as a format.
+    assert copy_lines(rows)[0].split("\t")[-1] == "100% \\\\N\n"
+
+
+def test_copy_lines_with_one_or_no_varying_column():
+    shared = ["same", None, 7]
+    same = [shared, shared.copy(), shared.copy()]
+    assert copy_lines(same) == [copy_line(shared)] * 3
+    one = [["50%", f"subject {i}%s", None] for i in range(3)]
+    for row in one[1:]:
+        row[0] = one[0][0]
+    assert copy_lines(one) == [copy_line(row) for row in one]
+    assert copy_lines([]) == []
+
+
+def test_copy_lines_leave_other_kinds_to_psycopg():
+    varying = _bulk_like_rows()
+    varying[3][5] = 1.5  # in a column that varies
+    assert copy_lines(varying) is None
+    constant = _bulk_like_rows()
+    for row in constant:
+        row[2] = True  # the same object in every row: formatted once
+    assert copy_lines(constant) is None
 
 
 # --- bulk rows, read back -------------------------------------------------------
