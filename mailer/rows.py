@@ -34,20 +34,25 @@ _PLAIN_FIELDS: dict[type[models.Field], type] = {
 COPY_CHUNK = 500
 
 
+def _escaped(value: str) -> str:
+    """A string in ``COPY``'s text format: its reserved characters escaped."""
+    if "\\" in value:
+        value = value.replace("\\", "\\\\")
+    if "\n" in value:
+        value = value.replace("\n", "\\n")
+    if "\t" in value:
+        value = value.replace("\t", "\\t")
+    if "\r" in value:
+        value = value.replace("\r", "\\r")
+    return value
+
+
 def _copy_text(value: Any) -> str | None:
     """``value`` in ``COPY ... FROM STDIN``'s text format, or ``None`` when
     it is not a string, an integer, ``None`` or a ``datetime``."""
     kind = type(value)
     if kind is str:
-        if "\\" in value:
-            value = value.replace("\\", "\\\\")
-        if "\n" in value:
-            value = value.replace("\n", "\\n")
-        if "\t" in value:
-            value = value.replace("\t", "\\t")
-        if "\r" in value:
-            value = value.replace("\r", "\\r")
-        return value
+        return _escaped(value)
     if value is None:
         return "\\N"
     if kind is int:
@@ -109,18 +114,7 @@ def copy_lines(rows: Sequence[Sequence[Any]]) -> list[str] | None:
         picked = pick(row)
         texts = []
         for value in picked if len(varying) > 1 else (picked,):
-            if type(value) is str:  # the usual case, inline
-                if "\\" in value:
-                    value = value.replace("\\", "\\\\")
-                if "\n" in value:
-                    value = value.replace("\n", "\\n")
-                if "\t" in value:
-                    value = value.replace("\t", "\\t")
-                if "\r" in value:
-                    value = value.replace("\r", "\\r")
-                texts.append(value)
-                continue
-            text = _copy_text(value)
+            text = _escaped(value) if type(value) is str else _copy_text(value)
             if text is None:
                 return None
             texts.append(text)
