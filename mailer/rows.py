@@ -267,7 +267,7 @@ class RowInserter:
                     copy.write_row(row)
             else:
                 for at in range(0, len(lines), COPY_CHUNK):
-                    copy.write("".join(lines[at : at + COPY_CHUNK]))  # type: ignore[arg-type]
+                    copy.write("".join(lines[at : at + COPY_CHUNK]))
         if connection.queries_logged:
             connection.queries_log.append(
                 {"sql": f"{sql} -- {len(rows)} rows", "time": f"{time.monotonic() - start:.3f}"}
