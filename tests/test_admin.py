@@ -1313,9 +1313,9 @@ def test_overview_on_a_log_of_a_million_rows_is_one_indexed_aggregate(admin_user
 
 
 def test_overview_counts_stop_at_the_cap(admin_client, monkeypatch):
-    import mailer.overview
+    import mailer.admin.overview
 
-    monkeypatch.setattr(mailer.overview, "COUNT_CAP", 5)
+    monkeypatch.setattr(mailer.admin.overview, "COUNT_CAP", 5)
     _bulk_messages(30)  # 3 deferred, 27 sendable
     text = page_text(admin_client.get(MESSAGE_LIST))
     assert "<strong>5+ queued</strong>" in text
