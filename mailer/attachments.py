@@ -112,6 +112,9 @@ class AttachmentUnavailable(Exception):
     """A stored attachment can't be read back (missing, changed, storage down)."""
 
 
+# --- queue time --------------------------------------------------------------------------
+
+
 def _size_over(content: str | bytes, limit: int) -> bool:
     if isinstance(content, str):
         if len(content) > limit:

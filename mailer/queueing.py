@@ -57,6 +57,7 @@ def get_message_id(email: EmailMessage | None) -> str | None:
 
 
 def fill_search_fields(obj: Any, email: EmailMessage | None) -> None:
+    """Copy ``email``'s recipients, subject and Message-ID onto ``obj`` (a row)."""
     if email is None:
         obj.recipients = obj.subject_text = ""
         obj.message_id = None
