@@ -6,13 +6,14 @@ queue (inside the caller's transaction) instead of sending it.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 # Neither needs the app registry (mailer.models does: imported on first use).
 from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.utils.encoding import force_str
+
+from mailer.priorities import get_priority
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -33,44 +34,18 @@ __all__ = [
 ]
 
 
-def get_priority(priority: int | str | None) -> int:
-    """The priority number for ``priority`` (``None``: medium).
-
-    The labels ``"high"``, ``"medium"``, ``"low"`` and ``"deferred"`` still
-    work but are deprecated; pass ``mailer.models.PRIORITY_*``.
-    """
-    if priority is None:
-        return _queueing()[2]
-    from mailer.models import PRIORITY_MAPPING
-
-    if isinstance(priority, str) and priority in PRIORITY_MAPPING:
-        warnings.warn(
-            f"Pass one of the mailer.models.PRIORITY_* constants, not {priority!r}.",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        return PRIORITY_MAPPING[priority]
-    if priority not in PRIORITY_MAPPING.values() or isinstance(priority, bool):
-        raise ValueError(
-            f"Invalid priority {priority!r}: use one of mailer.models.PRIORITY_HIGH, "
-            "PRIORITY_MEDIUM, PRIORITY_LOW or PRIORITY_DEFERRED."
-        )
-    return int(priority)
+_loaded: list[tuple[Callable[..., int], type[DbBackend]]] = []
 
 
-_loaded: list[tuple[Callable[..., int], type[DbBackend], int]] = []
-
-
-def _queueing() -> tuple[Callable[..., int], type[DbBackend], int]:
-    """``(queue_emails, DbBackend, PRIORITY_MEDIUM)``, imported on the first
-    call (the app registry isn't ready when Django imports this package),
-    then kept: an import statement per call is a few per cent of a
-    ``send_mail``."""
+def _queueing() -> tuple[Callable[..., int], type[DbBackend]]:
+    """``(queue_emails, DbBackend)``, imported on the first call (the app
+    registry isn't ready when Django imports this package), then kept: an
+    import statement per call is a few per cent of a ``send_mail``."""
     if not _loaded:
         from mailer.backend import DbBackend
-        from mailer.models import PRIORITY_MEDIUM, queue_emails
+        from mailer.queueing import queue_emails
 
-        _loaded.append((queue_emails, DbBackend, PRIORITY_MEDIUM))
+        _loaded.append((queue_emails, DbBackend))
     return _loaded[0]
 
 
@@ -87,7 +62,7 @@ def _deliver(
     ``send_at``: not sent before then (on the queue; a mailer named by the
     caller gets it as the message's ``send_at`` attribute, anymail's way).
     """
-    queue_emails, db_backend, _medium = _queueing()
+    queue_emails, db_backend = _queueing()
     priority = get_priority(priority)
     if using is not None:
         from django.core.mail import mailers  # type: ignore[attr-defined]  # Django 6.1+

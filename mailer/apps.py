@@ -1,3 +1,5 @@
+"""The app's configuration: its name, its verbose name, and the system checks once ready."""
+
 from django.apps import AppConfig
 from django.utils.translation import gettext_lazy as _
 

@@ -16,10 +16,10 @@ The files of one queued message form a *bundle*: a directory
 keeps the message's data (an indexed column, so "does anything still refer to
 this bundle?" is two index lookups). Files are written before the row; a
 bundle is deleted when the last row referring to it goes
-(:func:`release`), and bundles that no row refers to (the row's transaction
-rolled back, the process died between writing and committing, the row was
+(:func:`mailer.bundles.release`), and bundles that no row refers to (the
+row's transaction rolled back, the process died between writing and committing, the row was
 deleted by other means) are swept by ``purge_mail_log`` once older than
-:data:`ORPHAN_MIN_AGE` (:func:`sweep_orphans`).
+:data:`ORPHAN_MIN_AGE` (:func:`mailer.bundles.sweep_orphans`).
 """
 
 from __future__ import annotations
@@ -28,24 +28,29 @@ import binascii
 import copy
 import email.message
 import email.mime.base as email_mime_base
-import functools
 import hashlib
 import logging
 import posixpath
-import re
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
 from typing import Any
 
-from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 from django.core.files.base import ContentFile
 from django.core.files.storage import Storage
-from django.db import transaction
 from django.utils import timezone
 
+# The stored files' lifecycle (mailer.bundles): its names stay importable here.
+from mailer.bundles import BUNDLE_NAME as BUNDLE_NAME
+from mailer.bundles import ORPHAN_MIN_AGE as ORPHAN_MIN_AGE
+from mailer.bundles import PREFIX as PREFIX
+from mailer.bundles import delete_bundle as delete_bundle
+from mailer.bundles import get_storage as get_storage
+from mailer.bundles import is_referenced as is_referenced
+from mailer.bundles import release as release
+from mailer.bundles import release_on_commit as release_on_commit
+from mailer.bundles import storage_alias as storage_alias
+from mailer.bundles import sweep_orphans as sweep_orphans
 from mailer.conf import conf
 
 logger = logging.getLogger(__name__)
@@ -64,13 +69,6 @@ __all__ = [
     "store",
     "sweep_orphans",
 ]
-
-#: Where in the storage the bundles live.
-PREFIX = "mailer/attachments"
-#: A bundle no row refers to is deleted only when its newest file is older
-#: than this: a row whose transaction is still open (it may yet commit) is
-#: invisible to ``purge_mail_log``, and no transaction stays open a day.
-ORPHAN_MIN_AGE = timedelta(days=1)
 
 
 class StoredAttachment:
@@ -112,29 +110,6 @@ class StoredAttachment:
 
 class AttachmentUnavailable(Exception):
     """A stored attachment can't be read back (missing, changed, storage down)."""
-
-
-# --- the storage -----------------------------------------------------------------------
-
-
-def storage_alias() -> str | None:
-    value = conf.ATTACHMENT_STORAGE
-    return value or None
-
-
-def get_storage(alias: str | None = None) -> Storage:
-    """The storage named by ``MAILER_ATTACHMENT_STORAGE`` (or ``alias``)."""
-    from django.core.files.storage import storages
-
-    alias = alias or storage_alias()
-    if alias is None:
-        raise ImproperlyConfigured("MAILER_ATTACHMENT_STORAGE is not set.")
-    if alias not in settings.STORAGES:
-        raise ImproperlyConfigured(
-            f"MAILER_ATTACHMENT_STORAGE is {alias!r}, which is not a key of STORAGES "
-            f"(keys: {', '.join(sorted(settings.STORAGES)) or 'none'})."
-        )
-    return storages[alias]
 
 
 # --- queue time --------------------------------------------------------------------------
@@ -547,136 +522,3 @@ def for_log(email: Any) -> Any:
     result = copy.copy(email)
     result.__dict__.update(changes)
     return result
-
-
-# --- deleting ----------------------------------------------------------------------------
-
-
-def is_referenced(bundle: str, using: str | None = None) -> bool:
-    """Does a queue row or a log entry refer to ``bundle``?"""
-    from mailer.models import Message, MessageLog
-
-    for model in (Message, MessageLog):
-        manager = model.objects.using(using) if using else model.objects
-        if manager.filter(attachment_bundle=bundle).exists():
-            return True
-    return False
-
-
-#: What a bundle's name looks like: nothing else is ever deleted (a row's
-#: ``attachment_bundle`` is data, and may have been written by anyone who
-#: can write the table).
-BUNDLE_NAME = re.compile(rf"{re.escape(PREFIX)}/\d{{4}}/\d{{2}}/\d{{2}}/[0-9a-f]{{32}}\Z")
-
-
-def delete_bundle(bundle: str, storage: Storage | None = None) -> int:
-    """Delete every file of ``bundle``; return how many."""
-    if not BUNDLE_NAME.match(bundle):
-        raise ValueError(f"{bundle!r} is not the name of a stored attachments directory.")
-    storage = storage or get_storage()
-    try:
-        _, files = storage.listdir(bundle)
-    except FileNotFoundError:
-        return 0
-    for name in files:
-        storage.delete(f"{bundle}/{name}")
-    _remove_empty_dir(storage, bundle)
-    return len(files)
-
-
-def _remove_empty_dir(storage: Storage, name: str) -> None:
-    """A local directory left empty (object stores have none)."""
-    import os
-
-    try:
-        path = storage.path(name)
-    except NotImplementedError:
-        return
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass
-
-
-def release(bundle: str | None, using: str | None = None) -> bool:
-    """Delete ``bundle`` if no row refers to it any more; True if deleted.
-
-    Never raises: a bundle left behind is no row's and is swept later.
-    """
-    if not bundle or storage_alias() is None:
-        return False
-    try:
-        if is_referenced(bundle, using):
-            return False
-        delete_bundle(bundle)
-        return True
-    except Exception:
-        logger.warning(
-            "Could not delete stored attachments %s (purge_mail_log will retry).",
-            bundle,
-            exc_info=True,
-        )
-        return False
-
-
-def release_on_commit(bundle: str | None, using: str) -> None:
-    """:func:`release` once the current transaction on ``using`` commits
-    (at once in autocommit): a rolled-back deletion deletes no file."""
-    if bundle and storage_alias() is not None:
-        transaction.on_commit(functools.partial(release, bundle, using), using=using)
-
-
-def _bundles(storage: Storage) -> Iterator[str]:
-    """Every bundle directory under :data:`PREFIX` (``YYYY/MM/DD/<uuid>``)."""
-
-    def dirs(path: str) -> list[str]:
-        try:
-            return sorted(storage.listdir(path)[0])
-        except FileNotFoundError:
-            return []
-
-    for year in dirs(PREFIX):
-        for month in dirs(f"{PREFIX}/{year}"):
-            for day in dirs(f"{PREFIX}/{year}/{month}"):
-                base = f"{PREFIX}/{year}/{month}/{day}"
-                for bundle in dirs(base):
-                    yield f"{base}/{bundle}"
-                _remove_empty_dir(storage, base)
-            _remove_empty_dir(storage, f"{PREFIX}/{year}/{month}")
-        _remove_empty_dir(storage, f"{PREFIX}/{year}")
-
-
-def _newest(storage: Storage, bundle: str, files: list[str]) -> datetime | None:
-    times = [storage.get_modified_time(f"{bundle}/{name}") for name in files]
-    return max(times) if times else None
-
-
-def sweep_orphans(
-    *, min_age: timedelta = ORPHAN_MIN_AGE, now: datetime | None = None, using: str | None = None
-) -> int:
-    """Delete bundles no row refers to, once older than ``min_age``; return
-    how many files were deleted.
-
-    A bundle whose newest file is younger may belong to a row whose
-    transaction has not committed yet, and is left alone.
-    """
-    if storage_alias() is None:
-        return 0
-    storage = get_storage()
-    now = now or timezone.now()
-    deleted = 0
-    for bundle in _bundles(storage):
-        try:
-            _, files = storage.listdir(bundle)
-            newest = _newest(storage, bundle, files)
-            if newest is not None:
-                if timezone.is_naive(newest):
-                    newest = timezone.make_aware(newest, timezone.get_default_timezone())
-                if now - newest < min_age:
-                    continue
-            if is_referenced(bundle, using):
-                continue
-            deleted += delete_bundle(bundle, storage)
-        except Exception:
-            logger.warning("Could not sweep stored attachments %s", bundle, exc_info=True)
-    return deleted

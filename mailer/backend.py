@@ -9,6 +9,7 @@ from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 
 from mailer.compat import HAS_MAILERS
+from mailer.priorities import get_priority
 
 
 class DbBackend(BaseEmailBackend):
@@ -39,13 +40,13 @@ class DbBackend(BaseEmailBackend):
             self.alias = kwargs.get("alias")
         self.fail_silently = fail_silently
         self.batch_size = batch_size
-        from mailer import get_priority
-
         self.priority = get_priority(priority)
 
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
         """Store the messages on the queue; return how many were stored."""
-        from mailer.models import queue_emails
+        # Imported here, as before the move: mailer.queueing imports the
+        # models, which need the app registry.
+        from mailer.queueing import queue_emails
 
         if not email_messages:
             return 0

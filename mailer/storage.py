@@ -35,8 +35,8 @@ import pickle
 import re
 from typing import Any
 
-from mailer.compat import repair_email, strip_connection
 from mailer.conf import conf
+from mailer.emailcompat import repair_email, strip_connection
 
 logger = logging.getLogger("mailer.storage")
 

@@ -31,7 +31,7 @@ from django.conf import settings
 from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.utils.functional import Promise
 
-from mailer.compat import BadHeaderError, EmailAlternative, EmailAttachment, check_address
+from mailer.emailcompat import BadHeaderError, EmailAlternative, EmailAttachment, check_address
 from mailer.storage import RefusedClass, email_to_db, safe_loads
 
 REFUSED = "django-mailer refused to queue this message"

@@ -1,3 +1,5 @@
+"""``mailer_status``: the state of the queue and the log, as text or JSON, for people and monitors."""
+
 import argparse
 import json
 from typing import Any

@@ -1,3 +1,5 @@
+"""``purge_mail_log``: delete old log entries (and stored attachments no row refers to)."""
+
 import logging
 from typing import Any
 

@@ -1,3 +1,5 @@
+"""``retry_deferred``: put deferred messages back on the queue (for cron)."""
+
 import logging
 from typing import Any
 

@@ -1,3 +1,5 @@
+"""``runmailer``: the worker that sends mail forever, a pass whenever the queue has mail."""
+
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser

@@ -1,3 +1,5 @@
+"""``runmailer_pg``: the worker woken by PostgreSQL's LISTEN/NOTIFY."""
+
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured

@@ -1,3 +1,5 @@
+"""``send_mail``: one pass over the mail queue (for cron)."""
+
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
