@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import smtplib
 import socket
+import traceback
 from typing import Any
 
 from mailer.compat import delivery_alias, mailers_configured
@@ -68,3 +69,7 @@ def describe_delivery_error(exc: BaseException, connection: Any = None) -> str:
             return f"{lead} {server} ({where})"
         return f"{text} ({server}, {where})"
     return text
+
+
+def _error_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()

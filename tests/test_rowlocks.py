@@ -1,4 +1,4 @@
-"""Several workers on one queue, kept apart by row locks alone (mailer/engine.py).
+"""Several workers on one queue, kept apart by row locks alone (mailer/claims.py).
 
 On PostgreSQL, MariaDB >= 10.6 and MySQL >= 8.0 each message is claimed
 ``SELECT ... FOR UPDATE SKIP LOCKED`` inside the transaction that records it,
