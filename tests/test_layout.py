@@ -17,14 +17,6 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mailer"
 #: Longest a module may be (the guideline is ~600 lines).
 MAX_LINES = 650
 
-#: Modules other layout branches are splitting (issue 26): their size is
-#: checked once those branches are merged.
-BEING_SPLIT = {
-    "mailer.admin": "split into the mailer.admin package on the layout-admin branch",
-    "mailer.overview": "moved to mailer.admin.overview on the layout-admin branch",
-    "mailer.engine": "split into claims/connection on the layout-engine branch",
-    "mailer.postgres": "split on the layout-engine branch",
-}
 
 
 def _module_name(path: Path) -> str:
@@ -130,15 +122,7 @@ def test_no_import_cycles() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-def _size_cases() -> list[object]:
-    cases: list[object] = []
-    for name in OWN_MODULES:
-        marks = [pytest.mark.skip(reason=BEING_SPLIT[name])] if name in BEING_SPLIT else []
-        cases.append(pytest.param(name, marks=marks, id=name))
-    return cases
-
-
-@pytest.mark.parametrize("name", _size_cases())
+@pytest.mark.parametrize("name", OWN_MODULES)
 def test_module_is_short_enough(name: str) -> None:
     lines = len(MODULES[name].read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{name} has {lines} lines (at most {MAX_LINES}): split it"
