@@ -1391,3 +1391,24 @@ def test_send_now_within_the_batch_changes_no_priority(
     notes = user_messages(run_action(admin_client, MESSAGE_LIST, "send_messages", msgs))
     assert not any("not sent now" in n for n in notes), notes
     assert set(Message.objects.values_list("priority", flat=True)) == {PRIORITY_DEFERRED}
+
+
+def test_download_name_loses_bidirectional_controls(admin_client, attachment_storage):
+    """U+202E made "invoice\u202egpj.exe" read as "invoiceexe.jpg" in the
+    browser's download bar; it was echoed in the Content-Disposition."""
+    from urllib.parse import unquote
+
+    email = EmailMultiAlternatives("Bill", "b", "from@example.com", ["to@example.com"])
+    email.attach("invoice\u202egpj\u200b.exe", b"MZ" + b"x" * 3000, "application/octet-stream")
+    email.attach("Übersicht «2026».pdf", b"%PDF" + b"y" * 3000, "application/pdf")
+    queue_emails([email])
+    msg = Message.objects.get()
+    bidi = admin_client.get(reverse("admin:mailer_message_attachment", args=[msg.pk, 0]))
+    header = bidi["Content-Disposition"]
+    assert header == "attachment; filename=\"invoicegpj.exe\"; filename*=UTF-8''invoicegpj.exe"
+    assert "%E2%80%AE" not in header.upper() and "\u202e" not in header
+    header = admin_client.get(
+        reverse("admin:mailer_message_attachment", args=[msg.pk, 1])
+    )["Content-Disposition"]
+    assert header.startswith('attachment; filename="_bersicht _2026_.pdf"; filename*=UTF-8\'\'')
+    assert unquote(header.split("''", 1)[1]) == "Übersicht «2026».pdf"
