@@ -1412,3 +1412,34 @@ def test_download_name_loses_bidirectional_controls(admin_client, attachment_sto
     )["Content-Disposition"]
     assert header.startswith('attachment; filename="_bersicht _2026_.pdf"; filename*=UTF-8\'\'')
     assert unquote(header.split("''", 1)[1]) == "Übersicht «2026».pdf"
+
+
+def _breadcrumbs(text: str) -> str:
+    return re.search(r'class="breadcrumbs">(.*?)</(?:div|ol)>', text, re.S).group(1)
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris"])
+def test_detail_pages_format_their_dates_as_the_admin_does(admin_client, settings, zone):
+    """The breadcrumb and "When added" showed 2026-12-07 04:16:48.944187+00:00."""
+    from django.utils.formats import date_format
+
+    settings.TIME_ZONE = zone
+    msg = queue("Order #1004", to=["bob@example.com"])
+    entry = log_of(msg, RESULT_FAILURE, "refused")
+    with timezone.override(zone):
+        added = date_format(timezone.localtime(msg.when_added), "DATETIME_FORMAT")
+        attempted = date_format(timezone.localtime(entry.when_attempted), "DATETIME_FORMAT")
+    raw = str(msg.when_added)[:19]  # "2026-12-07 04:16:48"
+    text = page_text(admin_client.get(change_url(msg)))
+    crumbs = _breadcrumbs(text)
+    assert escape(f"Order #1004 to bob@example.com, queued {added}") in crumbs, crumbs
+    assert raw not in text and "+00:00" not in text
+    assert re.search(r'field-when_added_display.*?<div class="readonly">' + re.escape(escape(added)),
+                     text, re.S)
+    text = page_text(admin_client.get(change_url(entry)))
+    assert escape(attempted) in _breadcrumbs(text)
+    assert raw not in text and "+00:00" not in text
+    assert re.search(r'field-when_attempted_display.*?<div class="readonly">'
+                     + re.escape(escape(attempted)), text, re.S)
+    # str() keeps 2.3.2's form for the sites that rely on it.
+    assert str(msg).startswith(f"On {msg.when_added}, ")
