@@ -489,7 +489,8 @@ class DenormalisedColumns:
 
     @admin.display(description=_("when added"), ordering="when_added")
     def when_added_display(self, obj: Any) -> Any:
-        return obj.when_added
+        # Formatted here: a read-only field shows a bare datetime raw.
+        return when(obj.when_added)
 
     @admin.display(description=_("all recipients"))
     def all_recipients(self, obj: Any) -> Any:

@@ -84,7 +84,7 @@ class MessageLogAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
     # the attempt order without sorting the whole (unindexed) column.
     @admin.display(description=_("when attempted"), ordering="id")
     def when_attempted_display(self, obj: MessageLog) -> Any:
-        return obj.when_attempted
+        return when(obj.when_attempted)
 
     @admin.display(description=_("result"), ordering="result")
     def result_display(self, obj: MessageLog) -> str:
