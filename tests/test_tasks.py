@@ -3,7 +3,7 @@
 In-process with the framework's DummyBackend: what is enqueued, when and how
 often. With django-tasks-db: its DatabaseBackend and its ``db_worker``
 command as real subprocesses, delivering to a real SMTP server (SQLite and
-PostgreSQL). Core ``django.tasks`` on Django 6.x, the django-tasks backport
+PostgreSQL, and MariaDB). Core ``django.tasks`` on Django 6.x, the django-tasks backport
 on 4.2/5.2.
 """
 
@@ -400,9 +400,6 @@ def test_db_worker_delivers_committed_mail_at_its_time(tasks_db, tmp_path, smtp_
 @pytest.mark.slow
 def test_two_db_workers_and_cron_send_1000_messages_exactly_once(tasks_db, tmp_path,
                                                                  smtp_server):
-    if connection.vendor == "mysql":
-        pytest.skip("the issue asks for SQLite and PostgreSQL; MariaDB's claim is "
-                    "PostgreSQL's (SKIP LOCKED), tested in test_mysql.py")
     if connection.vendor != "sqlite":
         # Row locks keep the workers apart; the file lock would only take turns.
         tasks_db.env["MAILER_TEST_NO_FILE_LOCK"] = "1"
