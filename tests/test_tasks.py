@@ -2,9 +2,9 @@
 
 In-process with the framework's DummyBackend: what is enqueued, when and how
 often. With django-tasks-db: its DatabaseBackend and its ``db_worker``
-command as real subprocesses, delivering to a real SMTP server (SQLite and
-PostgreSQL, and MariaDB). Core ``django.tasks`` on Django 6.x, the django-tasks backport
-on 4.2/5.2.
+command as real subprocesses, delivering to a real SMTP server (SQLite,
+PostgreSQL and MariaDB). Core ``django.tasks`` on Django 6.x, the
+django-tasks backport on 4.2/5.2.
 """
 
 from __future__ import annotations
