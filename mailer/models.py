@@ -14,7 +14,7 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from mailer import attachments, tasks
+from mailer import attachments, taskhook
 from mailer.conf import conf
 from mailer.mysql import packet_limit
 
@@ -199,7 +199,7 @@ class MessageQuerySet(models.QuerySet):
             priority=new_priority, retry_count=models.F("retry_count") + 1, not_before=None
         )
         if moved:
-            tasks.after_queueing(self.db)
+            taskhook.after_queueing(self.db)
         return moved
 
     def due(self, now: datetime | None = None) -> MessageQuerySet:
@@ -327,7 +327,7 @@ class Message(_EmailProperties, models.Model):
         with packet_limit(using, [self] if data_saved else []):
             super().save(*args, **kwargs)
         if adding and self.priority != PRIORITY_DEFERRED:
-            tasks.after_queueing(using, self.not_before)
+            taskhook.after_queueing(using, self.not_before)
 
     def fill_search_fields(self) -> None:
         """Copy recipients, subject and Message-ID out of the pickle."""
@@ -343,14 +343,14 @@ class Message(_EmailProperties, models.Model):
         self.not_before = retry_at
         self.save(update_fields=["priority", "not_before"])
         if retry_at is not None:
-            tasks.after_queueing(self._state.db or router.db_for_write(Message), retry_at)
+            taskhook.after_queueing(self._state.db or router.db_for_write(Message), retry_at)
 
     def requeue(self, priority: int = PRIORITY_MEDIUM) -> None:
         """Put a message back on the queue to be sent now (whatever its time)."""
         self.priority = priority
         self.not_before = None
         self.save(update_fields=["priority", "not_before"])
-        tasks.after_queueing(self._state.db or router.db_for_write(Message))
+        taskhook.after_queueing(self._state.db or router.db_for_write(Message))
 
 
 # --- don't-send list -------------------------------------------------------

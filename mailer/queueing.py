@@ -28,7 +28,7 @@ from django.db import router, transaction
 from django.db.models.base import ModelState
 from django.utils import timezone
 
-from mailer import attachments, tasks
+from mailer import attachments, taskhook
 from mailer.conf import conf
 from mailer.mysql import packet_limit
 from mailer.priorities import PRIORITY_MEDIUM
@@ -267,7 +267,7 @@ def _queue_emails(
         written.discard()
         raise
     # MAILER_TASK_BACKEND: a delivery task once the transaction commits.
-    tasks.after_queueing(using, (p[1] for p in prepared))
+    taskhook.after_queueing(using, (p[1] for p in prepared))
     return count
 
 

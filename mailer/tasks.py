@@ -1,43 +1,42 @@
-"""Delivery through Django's tasks framework: the ``send_queued_mail`` task,
-and its enqueueing once a transaction that queued mail commits.
+"""The ``send_queued_mail`` task of Django's tasks framework: one bounded
+delivery pass, and its successor when mail is left.
 
-* ``send_queued_mail`` runs one bounded delivery pass (``mailer.engine.
-  send_all``, with all its guarantees: row locks, one committed transaction
-  per message, the file lock) and, when mail is left, enqueues its successor
-  instead of holding the worker. It is a task of ``django.tasks`` (Django
-  6.0+) or of the ``django-tasks`` backport (Django 4.2 and 5.2), whichever
-  is there; neither is a dependency. The task object is made when first
-  looked up (``from mailer.tasks import send_queued_mail``, or a worker
-  importing it by path), so importing this module needs neither.
-* ``after_queueing(using, due)``, called where rows are put on the queue:
-  with ``MAILER_TASK_BACKEND`` set, the transaction asks for one run when it
-  commits (one per transaction, however many messages), plus one at each
-  later due second (``send_at``, automatic retries) where the backend can
-  defer. Nothing for a transaction that rolls back. Unset, it costs one
-  setting read.
-
+``send_queued_mail`` runs ``mailer.engine.send_all`` with all its guarantees
+(row locks, one committed transaction per message, the file lock) and, when
+mail is left, enqueues its successor instead of holding the worker. It is a
+task of ``django.tasks`` (Django 6.0+) or of the ``django-tasks`` backport
+(Django 4.2 and 5.2), whichever is there; neither is a dependency. The task
+object is made when first looked up (``from mailer.tasks import
+send_queued_mail``, or a worker importing it by path), so importing this
+module needs neither. Enqueueing after queueing is :mod:`mailer.taskhook`'s.
 See docs/tasks.rst.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import threading
-from collections.abc import Iterable, Iterator
-from datetime import datetime, timedelta
+from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
-from django.db import connections, transaction
 from django.utils import timezone
 
+from mailer import engine
 from mailer.conf import conf
+from mailer.taskhook import after_queueing, backend, enqueue, framework, require_framework
 
 logger = logging.getLogger(__name__)
 
 # send_queued_mail is made on first access (the module's __getattr__).
-__all__ = ["after_queueing", "enqueue", "framework", "send_queued_mail"]  # noqa: F822
+__all__ = [  # noqa: F822
+    "after_queueing",
+    "backend",
+    "enqueue",
+    "framework",
+    "send_queued_mail",
+]
 
 #: Messages a pass started by the task attempts when ``MAILER_EMAIL_MAX_BATCH``
 #: is not set; when mail is left, a successor task goes on.
@@ -47,46 +46,8 @@ TASK_BATCH = 100
 #: another pass (backends that can defer; see ``send_queued_mail``).
 LOCKED_RETRY_SECONDS = 5.0
 
-_UNSET: Any = object()
-_framework: Any = _UNSET
 _task: Any = None
 _task_lock = threading.Lock()
-
-# The connection attribute holding what the open transaction will enqueue.
-_PENDING = "_mailer_task_pending"
-
-
-def framework() -> Any | None:
-    """``django.tasks`` (Django 6.0+), else the ``django_tasks`` backport, else None."""
-    global _framework
-    if _framework is _UNSET:
-        found = None
-        for name in ("django.tasks", "django_tasks"):
-            try:
-                found = importlib.import_module(name)
-            except ImportError:
-                continue
-            break
-        _framework = found
-    return _framework
-
-
-def require_framework() -> Any:
-    found = framework()
-    if found is None:
-        from django.core.exceptions import ImproperlyConfigured
-
-        raise ImproperlyConfigured(
-            "mailer.tasks needs Django's tasks framework: Django 6.0 or later, or the "
-            "django-tasks package on Django 4.2/5.2 (pip install django-tasks). "
-            "Install it, or remove MAILER_TASK_BACKEND from your settings."
-        )
-    return found
-
-
-def backend(alias: str) -> Any:
-    """The task backend ``TASKS[alias]`` (the framework's error when unknown)."""
-    return require_framework().task_backends[alias]
 
 
 # --- the task ----------------------------------------------------------------------
@@ -104,10 +65,6 @@ def _send_queued_mail(context: Any, route: str | None = None) -> dict[str, Any]:
             f"send_queued_mail(route={route!r}): this version of django-mailer has no "
             "routes; enqueue it without a route (all queued mail)."
         )
-    # Imported here: mailer.engine imports the models, which import this
-    # module to enqueue after queueing.
-    from mailer import engine
-
     alias = getattr(getattr(context, "task_result", None), "backend", None) or conf.TASK_BACKEND
     if conf.PAUSE_SEND:
         logger.info("MAILER_PAUSE_SEND is set: not sending.")
@@ -234,114 +191,3 @@ def __getattr__(name: str) -> Any:
     if name == "send_queued_mail":
         return send_queued_mail_task()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def enqueue(alias: str, run_after: datetime | None = None) -> Any:
-    """Enqueue ``send_queued_mail`` on ``TASKS[alias]`` (at ``run_after``)."""
-    task = send_queued_mail_task()
-    if run_after is None:
-        return task.using(backend=alias).enqueue()
-    return task.using(backend=alias, run_after=run_after).enqueue()
-
-
-# --- enqueueing after queueing -------------------------------------------------------
-
-
-def after_queueing(using: str, due: Any = None) -> None:
-    """Mail was put on the queue on database ``using``: with
-    ``MAILER_TASK_BACKEND`` set, ask for a delivery run once the transaction
-    commits (at once outside a transaction).
-
-    ``due``: when the mail may go (``None``: now), a datetime, or an
-    iterable of such (read only when the setting is on).
-    """
-    alias = conf.TASK_BACKEND
-    if alias is None:
-        return
-    _ask(alias, using, due)
-
-
-def _ask(alias: str, using: str, due: Any) -> None:
-    connection = connections[using]
-    if connection.in_atomic_block:
-        pending = getattr(connection, _PENDING, None)
-        if pending is None or pending.alias != alias or not pending.registered_on(connection):
-            pending = _Pending(alias)
-            transaction.on_commit(pending, using=using)
-            pending.hooks = connection.run_on_commit
-            setattr(connection, _PENDING, pending)
-        pending.add(due)
-        return
-    # Autocommit: the rows are committed already.
-    pending = _Pending(alias)
-    pending.add(due)
-    pending()
-
-
-def _ceil_second(when: datetime) -> datetime:
-    if when.microsecond:
-        return when.replace(microsecond=0) + timedelta(seconds=1)
-    return when
-
-
-class _Pending:
-    """What one transaction asks of the task backend once it commits: a run
-    now, and one at each later due second."""
-
-    def __init__(self, alias: str) -> None:
-        self.alias = alias
-        self.now = False
-        self.later: set[datetime] = set()
-        self.hooks: list[Any] | None = None  # the connection's on-commit list
-
-    def registered_on(self, connection: Any) -> bool:
-        """Is this still among the connection's on-commit callbacks? (A
-        rollback, or a rolled-back savepoint, drops it.)"""
-        hooks = connection.run_on_commit
-        if hooks is self.hooks:
-            return True
-        if any(entry[1] is self for entry in hooks):
-            self.hooks = hooks
-            return True
-        return False
-
-    def add(self, due: Any) -> None:
-        if due is None:
-            self.now = True
-            return
-        values: Iterable[Any] = (due,) if isinstance(due, datetime) else due
-        now = timezone.now()
-        for when in values:
-            if when is None or when <= now:
-                self.now = True
-            else:
-                self.later.add(_ceil_second(when))
-
-    def __call__(self) -> None:
-        """Enqueue what was asked; never raise (the mail is committed and
-        stays queued whatever happens here)."""
-        try:
-            now = timezone.now()
-            runs: list[datetime | None] = []
-            if self.now or any(when <= now for when in self.later):
-                runs.append(None)
-            later = sorted(when for when in self.later if when > now)
-            if later and not getattr(backend(self.alias), "supports_defer", False):
-                logger.warning(
-                    "TASKS[%r] can't defer a task: no run enqueued for the %s scheduled "
-                    "time(s) of the mail just queued; send_mail (cron) or runmailer sends it "
-                    "when due (see mailer.W021).",
-                    self.alias,
-                    len(later),
-                )
-                later = []
-            runs.extend(later)
-            for run_after in runs:
-                enqueue(self.alias, run_after)
-        except Exception:
-            logger.exception(
-                "Could not enqueue mailer.tasks.send_queued_mail on TASKS[%r] "
-                "(MAILER_TASK_BACKEND); the mail stays queued for the next task, "
-                "send_mail or runmailer.",
-                self.alias,
-            )

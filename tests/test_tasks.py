@@ -25,7 +25,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 import mailer
-from mailer import engine, tasks
+from mailer import engine, taskhook, tasks
 from mailer.models import Message, MessageLog
 from tests import settings as test_settings
 
@@ -298,7 +298,7 @@ def test_checks(framework, settings):
 
 
 def test_check_without_the_framework(settings, monkeypatch):
-    monkeypatch.setattr(tasks, "_framework", None)
+    monkeypatch.setattr(taskhook, "_framework", None)
     settings.MAILER_TASK_BACKEND = "default"
     ((check_id, text),) = _task_checks()
     assert check_id == "mailer.E020" and "django-tasks" in text
