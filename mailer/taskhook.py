@@ -78,7 +78,6 @@ def enqueue(alias: str, run_after: datetime | None = None) -> Any:
     return task.using(backend=alias, run_after=run_after).enqueue()
 
 
-
 # --- enqueueing after queueing -------------------------------------------------------
 
 
