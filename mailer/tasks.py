@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.utils import timezone
 
 from mailer import engine
@@ -174,13 +175,24 @@ def _successor(alias: str | None, delay: float) -> str | None:
 
 
 def send_queued_mail_task() -> Any:
-    """The ``Task`` object (made once, on first use)."""
+    """The ``Task`` object (made once, on first use).
+
+    Its own backend is ``MAILER_TASK_BACKEND``, else ``"default"``, else the
+    first of ``TASKS`` (a worker's settings need not have a "default"); it
+    is enqueued with ``.using(backend=...)`` and a worker runs it on the
+    backend it came from.
+    """
     global _task
     if _task is None:
         with _task_lock:
             if _task is None:
                 tasks = require_framework()
-                alias = conf.TASK_BACKEND or tasks.DEFAULT_TASK_BACKEND_ALIAS
+                alias = conf.TASK_BACKEND
+                if alias is None:
+                    alias = tasks.DEFAULT_TASK_BACKEND_ALIAS
+                    configured = getattr(settings, "TASKS", None) or {}
+                    if configured and alias not in configured:
+                        alias = next(iter(configured))
                 _task = tasks.task(backend=alias, takes_context=True)(_send_queued_mail)
     return _task
 
