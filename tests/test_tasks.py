@@ -167,6 +167,21 @@ def test_an_automatic_retry_and_retry_deferred_enqueue_runs(dummy, settings, smt
     assert _runs(dummy) == [None]
 
 
+def test_the_admins_retry_action_enqueues_a_run(dummy, admin_client):
+    from django.urls import reverse
+
+    from mailer.models import PRIORITY_DEFERRED
+
+    mailer.send_mail("s", "b", "f@example.com", ["t@example.com"])
+    Message.objects.update(priority=PRIORITY_DEFERRED)
+    dummy.clear()
+    admin_client.post(
+        reverse("admin:mailer_message_changelist"),
+        {"action": "retry", "_selected_action": [Message.objects.get().pk]},
+    )
+    assert _runs(dummy) == [None]
+
+
 # --- the task -----------------------------------------------------------------------
 
 
