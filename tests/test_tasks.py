@@ -113,6 +113,15 @@ def test_a_rolled_back_savepoint_then_more_mail_enqueues_once(dummy):
     assert Message.objects.count() == 2
 
 
+def test_mail_before_a_rolled_back_savepoint_keeps_its_one_run(dummy):
+    with transaction.atomic():
+        mailer.send_mail("before", "b", "f@example.com", ["t@example.com"])
+        with contextlib.suppress(RuntimeError), transaction.atomic():
+            raise RuntimeError("roll back a savepoint that queued nothing")
+        mailer.send_mail("after", "b", "f@example.com", ["t@example.com"])
+    assert _runs(dummy) == [None]
+
+
 def test_autocommit_each_call_is_its_own_transaction(dummy):
     mailer.send_mail("a", "b", "f@example.com", ["t@example.com"])
     mailer.send_mail("b", "b", "f@example.com", ["t@example.com"])
