@@ -313,3 +313,73 @@ def check_attachment_storage(app_configs: Any = None, **kwargs: Any) -> list[che
             id="mailer.E010",
         )
     ]
+
+
+@checks.register("mailer")
+def check_task_backend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``MAILER_TASK_BACKEND`` must name a ``TASKS`` backend that can run
+    ``mailer.tasks.send_queued_mail``; say what it can't do."""
+    from mailer import tasks
+
+    alias = conf.TASK_BACKEND
+    if alias is None:
+        return []
+
+    def error(problem: str, hint: str) -> list[checks.CheckMessage]:
+        return [checks.Error(f"MAILER_TASK_BACKEND: {problem}", hint=hint, id="mailer.E020")]
+
+    if not isinstance(alias, str):
+        return error(
+            f"must be None or a key of TASKS; it is {alias!r}.",
+            "Set it to the alias of a TASKS entry, e.g. 'default', or remove it.",
+        )
+    found = tasks.framework()
+    if found is None:
+        return error(
+            f"{alias!r} needs Django's tasks framework, which this installation lacks.",
+            "Use Django 6.0 or later, or install the django-tasks package "
+            "(pip install django-tasks) on Django 4.2/5.2; or remove MAILER_TASK_BACKEND.",
+        )
+    configured = getattr(settings, "TASKS", None) or {}
+    try:
+        task_backend = found.task_backends[alias]
+    except Exception as err:
+        keys = ", ".join(repr(k) for k in sorted(configured)) or "none"
+        return error(
+            f"{alias!r} is not a usable TASKS backend ({err}; TASKS has: {keys}).",
+            f"Add TASKS[{alias!r}] = {{'BACKEND': ...}} (e.g. django-tasks-db's "
+            "DatabaseBackend), or set MAILER_TASK_BACKEND to one of the TASKS keys.",
+        )
+    try:
+        tasks.send_queued_mail_task().using(backend=alias)
+    except Exception as err:
+        return error(
+            f"TASKS[{alias!r}] can't run mailer.tasks.send_queued_mail: {err}",
+            "The task runs on the backend's 'default' queue with the default priority "
+            "and takes its context: give that backend a 'default' queue (QUEUES).",
+        )
+    messages: list[checks.CheckMessage] = []
+    name = type(task_backend).__name__
+    if name == "ImmediateBackend":
+        messages.append(
+            checks.Warning(
+                f"MAILER_TASK_BACKEND {alias!r} is an ImmediateBackend: every delivery pass "
+                "runs inside the request (or command) that queued the mail, right after its "
+                "transaction commits, and the caller waits for the SMTP server.",
+                hint="Use a backend with its own workers (e.g. django-tasks-db's "
+                "DatabaseBackend and its db_worker), or remove MAILER_TASK_BACKEND.",
+                id="mailer.W020",
+            )
+        )
+    if not getattr(task_backend, "supports_defer", False):
+        messages.append(
+            checks.Warning(
+                f"TASKS[{alias!r}] ({name}) can't defer a task (run_after): mail scheduled "
+                "with send_at, automatic retries, and a pass that found the send_mail lock "
+                "held get no task at their time.",
+                hint="Keep send_mail in cron (or runmailer) beside the tasks for those, or "
+                "use a backend that supports run_after (e.g. django-tasks-db).",
+                id="mailer.W021",
+            )
+        )
+    return messages

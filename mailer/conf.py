@@ -158,6 +158,12 @@ class MailerSettings:
         return _get("ATTACHMENT_INLINE_MAX", 262_144)
 
     @property
+    def TASK_BACKEND(self) -> str | None:
+        """``TASKS`` alias that ``mailer.tasks.send_queued_mail`` is enqueued on
+        once a transaction that queued mail commits; ``None``: not at all."""
+        return _get("TASK_BACKEND", None)
+
+    @property
     def PURGE_BATCH_SIZE(self) -> int:
         """Rows deleted per statement by ``purge_mail_log``."""
         return _get("PURGE_BATCH_SIZE", 10_000)

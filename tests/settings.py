@@ -20,6 +20,7 @@ The database comes from the environment:
 
 import os
 import tempfile
+from importlib.util import find_spec as _find_spec
 
 import django as _django
 
@@ -92,6 +93,25 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",  # the admin's CSS for the browser tests (live_server)
     "mailer",
 ]
+# Django's tasks framework (mailer.tasks, tests/test_tasks.py): core from
+# Django 6.0, the django-tasks backport before; django-tasks-db's database
+# backend and its db_worker when installed (tox.ini installs them).
+HAS_TASKS_FRAMEWORK = _django.VERSION >= (6, 0) or _find_spec("django_tasks") is not None
+HAS_TASKS_DB = HAS_TASKS_FRAMEWORK and _find_spec("django_tasks_db") is not None
+if HAS_TASKS_DB:
+    if _django.VERSION < (6, 0):
+        INSTALLED_APPS.append("django_tasks")
+    INSTALLED_APPS.append("django_tasks_db")
+_TASKS_PREFIX = "django.tasks" if _django.VERSION >= (6, 0) else "django_tasks"
+if HAS_TASKS_FRAMEWORK:
+    TASKS = {
+        "default": {"BACKEND": f"{_TASKS_PREFIX}.backends.dummy.DummyBackend"},
+    }
+    if HAS_TASKS_DB:
+        TASKS["mail"] = {"BACKEND": "django_tasks_db.DatabaseBackend"}
+# Subprocess workers (db_worker) enqueue successors on the database backend.
+if os.environ.get("MAILER_TEST_TASK_BACKEND"):
+    MAILER_TASK_BACKEND = os.environ["MAILER_TEST_TASK_BACKEND"]
 STATIC_URL = "/static/"
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
