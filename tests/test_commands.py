@@ -549,6 +549,9 @@ STATUS_KEYS = {
     "by_priority",
     "oldest_queued_seconds",
     "oldest_deferred_seconds",
+    "waiting",
+    "oldest_waiting_seconds",
+    "silent_seconds",
     "last_success",
     "last_success_seconds",
     "last_hour",
@@ -614,16 +617,90 @@ def test_mailer_status_thresholds(capsys):
         call_command("mailer_status", "--max-age", "120")
     assert info.value.returncode == 1
     assert "more than --max-age 120" in str(info.value)
-    assert capsys.readouterr().out.startswith("mailer_status: PROBLEM: the oldest sendable")
+    assert capsys.readouterr().out.startswith("mailer_status: PROBLEM: 3 message(s) waiting")
     Message.objects.update(priority=PRIORITY_DEFERRED)
-    call_command("mailer_status", "--max-age", "120", "--max-deferred", "3")  # none sendable
+    # Deferred mail should have gone out too: it counts for --max-age.
+    call_command("mailer_status", "--max-age", "600", "--max-deferred", "3")
+    with pytest.raises(CommandError, match="more than --max-age 120"):
+        call_command("mailer_status", "--max-age", "120")
     with pytest.raises(CommandError) as info:
         call_command("mailer_status", "--max-deferred", "2")
     assert info.value.returncode == 1 and "3 deferred message(s)" in str(info.value)
 
 
+def _status_verdict(*args):
+    """(exit status, first line) of ``mailer_status *args``, in process."""
+    from io import StringIO
+
+    out = StringIO()
+    try:
+        call_command("mailer_status", *args, stdout=out)
+    except CommandError as exc:
+        return exc.returncode, out.getvalue().splitlines()[0]
+    return 0, out.getvalue().splitlines()[0]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("auto_retry", [False, True])
+def test_mailer_status_fails_while_the_mail_server_is_down(settings, smtp_down, auto_retry):
+    """The documented monitor must see an outage: the worker runs, the mail
+    server refuses every connection, the mail waits deferred (for an
+    operator, or for an automatic retry)."""
+    from mailer.engine import send_all
+
+    settings.MAILER_AUTO_RETRY = auto_retry
+    queue(2)
+    assert send_all().deferred == 2
+    assert Message.objects.filter(not_before__isnull=not auto_retry).count() == 2
+    _age_queue(1000)
+    status, verdict = _status_verdict("--max-age", "900")
+    assert status == 1 and "2 message(s) waiting to go out (2 deferred)" in verdict
+    status, verdict = _status_verdict("--max-age", "1", "--max-deferred", "1")
+    assert status == 1 and "more than --max-deferred 1" in verdict
+    # No success ever (or purged): silent since the oldest became due.
+    status, verdict = _status_verdict("--max-silence", "900")
+    assert status == 1 and "nothing sent for 100" in verdict  # 1000 s, give or take
+
+
 @pytest.mark.django_db
-@pytest.mark.parametrize("args", [["--max-age", "-1"], ["--max-deferred", "x"]])
+def test_mailer_status_max_silence(capsys):
+    import json
+
+    now = timezone.now()
+    # Idle: nothing waits, the last success long ago -> fine.
+    queue(1)
+    MessageLog.objects.log(Message.objects.get(), RESULT_SUCCESS)
+    Message.objects.all().delete()
+    MessageLog.objects.update(when_attempted=now - timezone.timedelta(days=2))
+    assert _status_verdict("--max-silence", "60", "--max-age", "60") == (0, "mailer_status: OK")
+    # A message just queued on that idle system: not silent yet.
+    queue(1, prefix="New")
+    assert _status_verdict("--max-silence", "60")[0] == 0
+    # It has waited 10 minutes and nothing went out since: silent.
+    _age_queue(600)
+    status, verdict = _status_verdict("--max-silence", "300")
+    assert status == 1 and "--max-silence 300" in verdict
+    # Mail flowing (a success a minute ago), backlog old: not silent, but late.
+    MessageLog.objects.update(when_attempted=now - timezone.timedelta(seconds=60))
+    assert _status_verdict("--max-silence", "300")[0] == 0
+    assert _status_verdict("--max-age", "300")[0] == 1
+    # Scheduled for later: not waiting.
+    Message.objects.update(not_before=now + timezone.timedelta(hours=1))
+    MessageLog.objects.update(when_attempted=now - timezone.timedelta(days=2))
+    assert _status_verdict("--max-silence", "1", "--max-age", "1")[0] == 0
+    call_command("mailer_status", "--json")
+    data = json.loads(capsys.readouterr().out)
+    assert (data["waiting"], data["oldest_waiting_seconds"], data["silent_seconds"]) == (
+        0,
+        None,
+        None,
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "args", [["--max-age", "-1"], ["--max-deferred", "x"], ["--max-silence", "-5"]]
+)
 def test_mailer_status_rejects_bad_thresholds(args):
     with pytest.raises(CommandError, match="must be 0 or more|not a whole number"):
         call_command("mailer_status", *args)
