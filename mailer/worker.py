@@ -32,7 +32,9 @@ class Worker:
 
     * ``SIGTERM``/``SIGINT`` (when ``install_signal_handlers``) clear the
       running flag: the message in flight is finished, then ``run`` returns.
-    * ``max_passes`` stops after that many passes (for tests and one-shots).
+    * ``max_passes`` stops after that many passes (for tests and one-shots);
+      a look that finds nothing due (or sending paused) counts as a pass, so
+      an empty queue ends it too.
     * While nothing is due it sleeps ``MAILER_EMPTY_QUEUE_SLEEP`` seconds, or
       less: until the earliest scheduled message or automatic retry.
     * Between passes stale database connections are closed, so a database
@@ -187,6 +189,9 @@ class Worker:
             return self.idle_wait()
         return None
 
+    def _passes_done(self) -> bool:
+        return self.max_passes is not None and self.passes >= self.max_passes
+
     def run(self) -> int:
         """Loop until stopped; return the number of passes run."""
         self.running = True
@@ -196,38 +201,45 @@ class Worker:
             self.on_start()
             _freeze_startup_objects()
             while self.running:
-                if self.max_passes is not None and self.passes >= self.max_passes:
+                if self._passes_done():
                     break
                 self.refresh_connections()
                 if conf.PAUSE_SEND:
                     logger.debug("MAILER_PAUSE_SEND is set; not sending.")
-                    self.wait(self.idle_seconds())
+                    self.passes += 1
+                    if not self._passes_done():
+                        self.wait(self.idle_seconds())
                     continue
                 try:
                     if not self.has_work():
-                        self.wait(self.idle_wait())
+                        self.passes += 1  # an idle look is a pass: --max-passes ends
+                        if not self._passes_done():
+                            self.wait(self.idle_wait())
                         continue
                     result = self.run_pass()
                 except LockPathError as err:
                     self.passes += 1
-                    self.wait(self.lock_path_failed(err))
+                    retry_in = self.lock_path_failed(err)
+                    if not self._passes_done():
+                        self.wait(retry_in)
                     continue
                 except Exception:
                     # A database outage must not end the worker: log, back off.
                     logger.exception("Pass failed; retrying in %ss.", self.idle_seconds())
                     close_old_connections()
                     self.passes += 1
-                    self.wait(self.idle_seconds())
+                    if not self._passes_done():
+                        self.wait(self.idle_seconds())
                     continue
                 self.lock_path_ok()
                 self.passes += 1
                 pause = self.pause_after(result)
-                if pause is not None:
+                if pause is not None and not self._passes_done():
                     self.wait(pause)
         finally:
             self.session.close()
             self.on_stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            logger.info("Worker stopped after %s passes.", self.passes)
+            logger.info("Worker stopped after %s pass(es).", self.passes)
         return self.passes
