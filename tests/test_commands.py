@@ -360,11 +360,13 @@ def test_in_process_command_logs_to_its_stderr_and_cleans_up():
     mailer_logger.handlers[:] = root.handlers[:] = []
     err = io.StringIO()
     try:
-        call_command("purge_mail_log", "7", stderr=err, verbosity=1)
+        call_command("purge_mail_log", "7", stderr=err, verbosity=2)
         assert not any(isinstance(h, CommandLogHandler) for h in mailer_logger.handlers)
     finally:
         mailer_logger.handlers[:], root.handlers[:] = saved
-    assert "INFO mailer.commands: 0 log entries deleted" in err.getvalue()
+    assert "DEBUG mailer.commands: 0 log entries deleted" in err.getvalue()
+
+
 # --- a lock file that can't be created (real processes, real file system) -------------
 # Paths under a regular file, a missing directory or a removed working directory
 # fail for root as well, where permission bits would not.

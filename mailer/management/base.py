@@ -66,6 +66,23 @@ class MailerCommand(BaseCommand):
             raise CommandError("--concurrency must be 1 or more.")
         return value
 
+    def require_delivery_settings(self) -> None:
+        """Refuse to deliver with settings that can't (``mailer.E003``,
+        ``E004``, ``E005``): a ``CommandError`` naming the problem and the fix.
+        Only the commands that deliver ask; elsewhere ``E004`` is a warning."""
+        from django.core.management.base import CommandError
+
+        from mailer.checks import delivery_problems
+
+        problems = [p for p in delivery_problems() if p.is_serious()]
+        if problems:
+            raise CommandError(
+                "\n".join(
+                    f"{p.id}: {p.msg}" + (f"\n\tHINT: {p.hint}" if p.hint else "")
+                    for p in problems
+                )
+            )
+
     def say(self, options: dict[str, Any], text: str) -> None:
         if options.get("verbosity", 1) >= 1:
             self.stdout.write(text)
