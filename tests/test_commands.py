@@ -154,6 +154,68 @@ def test_purge_mail_log_rejects_bad_arguments():
         call_command("purge_mail_log", "3", "-r", "everything")
 
 
+# --- purge_deferred ------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_purge_deferred(capsys, django_assert_max_num_queries):
+    from mailer.signals import message_failed
+
+    queue(5, prefix="Old")
+    queue(2, prefix="New")
+    old = Message.objects.filter(subject_text__startswith="Old")
+    old.update(when_added=timezone.now() - timezone.timedelta(days=10))
+    # 4 old deferred (one with an automatic retry planned), 1 old queued, 2 new deferred.
+    Message.objects.exclude(subject_text="Old 4").update(priority=PRIORITY_DEFERRED)
+    Message.objects.filter(subject_text="Old 0").update(
+        not_before=timezone.now() + timezone.timedelta(hours=1)
+    )
+    ids = dict(Message.objects.values_list("subject_text", "message_id"))
+
+    call_command("purge_deferred", "7", "--dry-run")
+    assert "4 deferred message(s) queued more than 7 day(s) ago would be removed" in (
+        capsys.readouterr().out
+    )
+    assert Message.objects.count() == 7 and not MessageLog.objects.exists()
+
+    failed = []
+    message_failed.connect(lambda **kw: failed.append(kw), weak=False, dispatch_uid="t-purge")
+    try:
+        call_command("purge_deferred", "7", "--batch-size", "3")
+    finally:
+        message_failed.disconnect(dispatch_uid="t-purge")
+    assert "4 deferred message(s) queued more than 7 day(s) ago removed" in (
+        capsys.readouterr().out
+    )
+    assert sorted(Message.objects.values_list("subject_text", flat=True)) == [
+        "New 0",
+        "New 1",
+        "Old 4",
+    ]
+    entries = MessageLog.objects.order_by("subject_text")
+    assert [e.subject_text for e in entries] == ["Old 0", "Old 1", "Old 2", "Old 3"]
+    for entry in entries:
+        assert entry.result == RESULT_FAILURE and entry.priority != PRIORITY_DEFERRED
+        assert "purge_deferred" in entry.log_message and entry.message_data
+        st = mailer.status(ids[entry.subject_text])
+        assert st.state == "failed" and "queued more than 7 day(s) ago" in st.error
+    assert sorted(kw["message_id"] for kw in failed) == sorted(
+        ids[f"Old {i}"] for i in range(4)
+    )
+    assert all("purge_deferred" in kw["error"] for kw in failed)
+    # Nothing left to purge: one query (in its transaction).
+    with django_assert_max_num_queries(3):
+        call_command("purge_deferred", "7")
+
+
+@pytest.mark.django_db
+def test_purge_deferred_rejects_bad_arguments():
+    with pytest.raises(CommandError, match="DAYS must be 0 or more"):
+        call_command("purge_deferred", "-1")
+    with pytest.raises(CommandError, match="--batch-size"):
+        call_command("purge_deferred", "3", "--batch-size", "0")
+
+
 # --- subprocesses ---------------------------------------------------------------------
 
 
