@@ -349,6 +349,15 @@ def test_send_mail_logs_to_stderr_without_logging_config(no_logging, smtp_server
     queue(1)
     quiet = no_logging.run("send_mail", "-v", "0")
     assert quiet.stdout == "" and quiet.stderr == ""
+    # The mail server is down: -v 0 (the cron recipe) is not silent.
+    from tests.conftest import free_port
+
+    queue(2)
+    no_logging.env["MAILER_TEST_SMTP_PORT"] = str(free_port())
+    down = no_logging.run("send_mail", "-v", "0")
+    assert down.stdout == "" and down.stderr.count("\n") == 1, down.stderr
+    assert " WARNING mailer.engine: No mail went out: 2 message(s) deferred" in down.stderr
+    assert "Connection refused by 127.0.0.1:" in down.stderr
 
 
 @pytest.mark.slow
