@@ -17,6 +17,7 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
+from mailer import wakeup
 from mailer.admin.changelist import LargeTableAdmin
 from mailer.admin.display import (
     EMPTY,
@@ -370,6 +371,8 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
             priority=PRIORITY_MEDIUM, retry_count=F("retry_count") + 1, not_before=None
         )
         brought_forward = queryset.scheduled().update(not_before=None)  # type: ignore[attr-defined]
+        if moved or brought_forward:
+            wakeup.notify(queryset.db)  # runmailer_pg: sendable now
         if brought_forward:
             self.message_user(
                 request,

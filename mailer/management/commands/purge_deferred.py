@@ -1,3 +1,5 @@
+"""``purge_deferred``: old deferred messages leave the queue, each logged as a failure."""
+
 import logging
 from typing import Any
 
