@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import signal
@@ -9,7 +10,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections, connections
 
 from mailer import engine
 from mailer.conf import conf
@@ -38,7 +39,10 @@ class Worker:
     * While nothing is due it sleeps ``MAILER_EMPTY_QUEUE_SLEEP`` seconds, or
       less: until the earliest scheduled message or automatic retry.
     * Between passes stale database connections are closed, so a database
-      restart or ``CONN_MAX_AGE`` never kills a long-running worker.
+      restart or ``CONN_MAX_AGE`` never kills a long-running worker; a pass
+      that loses its connection (a killed backend, a failover) is followed
+      at once by another on a new one, and only further failures in a row
+      wait ``MAILER_EMPTY_QUEUE_SLEEP``.
     * The SMTP connection (and the compiled statements) are kept from one
       pass to the next (a :class:`mailer.engine.Session`); a connection
       left unused for ``engine.KEEP_CONNECTION_SECONDS`` is closed.
@@ -68,6 +72,7 @@ class Worker:
         self.passes = 0
         self._wake = threading.Event()
         self._lock_retry: float | None = None  # set while the lock path fails
+        self._database_failures = 0  # database errors in a row
         self.session = engine.Session()
 
     # -- control -----------------------------------------------------------------
@@ -189,6 +194,31 @@ class Worker:
             return self.idle_wait()
         return None
 
+    def database_failed(self, exc: BaseException) -> float:
+        """A pass (or the look before it) lost its database connection.
+
+        Closes this thread's connections (the next query opens new ones).
+        The first failure in a row is retried at once: the server is usually
+        back (a killed backend, a failover). Further ones wait
+        ``idle_seconds()``, with the traceback, as any failed pass does.
+        Returns the wait.
+        """
+        for conn in connections.all(initialized_only=True):
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._database_failures += 1
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if self._database_failures == 1:
+            logger.warning("Database connection lost (%s); reconnecting now.", first_line)
+            return 0.0
+        logger.error(
+            "Database still unavailable (%s); retrying in %ss.",
+            first_line,
+            self.idle_seconds(),
+            exc_info=exc,
+        )
+        return self.idle_seconds()
+
     def _passes_done(self) -> bool:
         return self.max_passes is not None and self.passes >= self.max_passes
 
@@ -223,14 +253,24 @@ class Worker:
                     if not self._passes_done():
                         self.wait(retry_in)
                     continue
+                except (OperationalError, InterfaceError) as exc:
+                    # The database connection was lost (pg_terminate_backend,
+                    # a restart, a failover): reconnect and go on at once;
+                    # back off only while it keeps failing.
+                    self.passes += 1
+                    retry_in = self.database_failed(exc)
+                    if retry_in and not self._passes_done():
+                        self.wait(retry_in)
+                    continue
                 except Exception:
-                    # A database outage must not end the worker: log, back off.
+                    # Whatever else went wrong must not end the worker: log, back off.
                     logger.exception("Pass failed; retrying in %ss.", self.idle_seconds())
                     close_old_connections()
                     self.passes += 1
                     if not self._passes_done():
                         self.wait(self.idle_seconds())
                     continue
+                self._database_failures = 0
                 self.lock_path_ok()
                 self.passes += 1
                 pause = self.pause_after(result)

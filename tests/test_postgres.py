@@ -374,6 +374,34 @@ def test_woken_whenever_mail_becomes_sendable(
     assert 0 <= smtp_server.attempt_times[3] - retry_at.timestamp() < 1.0
 
 
+def test_runmailer_goes_on_at_once_after_its_backend_is_killed_mid_pass(
+    transactional_db, smtp_settings, smtp_server, settings, caplog
+):
+    """pg_terminate_backend in the middle of a pass: reconnect and go on,
+    not after the 60 s idle period (runmailer's loop, on PostgreSQL)."""
+    from django.db import connections
+
+    from mailer.worker import Worker
+
+    queue(200, "killed")
+    worker = Worker(sleep=60, install_signal_handlers=False)
+    thread = threading.Thread(
+        target=lambda: (worker.run(), connections.close_all()), daemon=True
+    )
+    thread.start()
+    try:
+        wait_until(lambda: len(smtp_server.messages) >= 20, what="a pass under way")
+        terminate(backend_pids())
+        killed_at = time.monotonic()
+        smtp_server.wait_for(200, timeout=15)
+        assert time.monotonic() - killed_at < 10
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert "Database connection lost (" in caplog.text
+    assert "Traceback" not in caplog.text and "Pass failed" not in caplog.text
+
+
 def test_paced_messages_one_connection_and_no_has_work_query(
     transactional_db, smtp_settings, smtp_server, settings
 ):
