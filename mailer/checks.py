@@ -112,6 +112,31 @@ def check_error_handler(app_configs: Any = None, **kwargs: Any) -> list[checks.C
 
 @checks.register("mailer")
 def check_backends(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """The delivery side's settings, for every command.
+
+    ``mailer.E004`` (no single ``MAILERS`` alias to deliver through) is only
+    a warning here, ``mailer.W004``: a host that only queues mail (web
+    servers whose settings hold just the queue backend) must still run
+    ``migrate`` and the rest. The commands that deliver refuse to start on
+    it (:func:`delivery_problems`, ``MailerCommand.require_delivery_settings``).
+    """
+    return [_as_warning(p) if p.id == "mailer.E004" else p for p in delivery_problems()]
+
+
+def _as_warning(error: checks.CheckMessage) -> checks.Warning:
+    return checks.Warning(
+        f"{error.msg} send_mail, runmailer and runmailer_pg refuse to start until it is "
+        "fixed (mailer.E004); a host that only queues mail can leave it so "
+        '(SILENCED_SYSTEM_CHECKS = ["mailer.W004"]).',
+        hint=error.hint,
+        id="mailer.W004",
+    )
+
+
+def delivery_problems() -> list[checks.CheckMessage]:
+    """What stops the worker delivering: ``mailer.E003`` (it would deliver
+    into the queue), ``E004`` (no single ``MAILERS`` alias), ``E005`` (the
+    backend can't be imported); all errors."""
     errors: list[checks.CheckMessage] = []
     if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
         return _check_mailers()

@@ -133,6 +133,10 @@ class PassResult:
     timed_out: bool = False
     # The pass ended because it found nothing more to send.
     drained: bool = False
+    # Deferrals because the mail server couldn't be reached (refused,
+    # unreachable, timed out, hung up), and how the last one was put.
+    unreachable: int = 0
+    unreachable_error: str = ""
 
     @property
     def attempted(self) -> int:
@@ -204,7 +208,13 @@ def handle_delivery_exception(
             decision = retry.decide(message, exc)
             text = f"{text}; {decision.note}"
             retry_at = decision.retry_at
-        logger.info("message deferred due to failure: %s", text)
+        # 2.3.2's words (operators' alerts match them), then which message.
+        logger.info(
+            "message deferred due to failure: %s (message %s %s)",
+            text,
+            message.pk,
+            message.message_id or "without a Message-ID",
+        )
         message.defer(retry_at)
         MessageLog.objects.log(message, RESULT_FAILURE, log_message=text)
         return None, "deferred"
@@ -340,11 +350,14 @@ def _deliver_one(
             result.failed += 1
             return handler_exc
         _signal_handled(action, message, email, exc, sender.backend)
-        sender.replace(new_connection)
         if action == "sent":
             result.sent += 1
         else:
             result.deferred += 1
+            if _is_connection_failure(exc):
+                result.unreachable += 1
+                result.unreachable_error = describe_delivery_error(exc, sender.backend)
+        sender.replace(new_connection)
         return None
     note = ""
     if sender.refused:
@@ -354,6 +367,17 @@ def _deliver_one(
     logger.debug("Sent message %s %s", message.pk, get_message_id(email))
     result.sent += 1
     return None
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    """Was the mail server out of reach (not an answer it gave)? Refused,
+    unreachable, unresolvable, timed out, hung up, or a greeting refusing
+    the connection."""
+    if isinstance(exc, (smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected)):
+        return True
+    if isinstance(exc, smtplib.SMTPException):
+        return False
+    return isinstance(exc, OSError)
 
 
 def _limits_reached(result: PassResult, in_flight: int = 0) -> bool:
@@ -430,6 +454,15 @@ def send_all(
         logger.warning(
             "The email server did not answer in time; stopped this pass "
             "(the remaining messages stay queued)."
+        )
+    if result.unreachable and not result.sent:
+        # Each deferral is an INFO line (2.3.2's); an outage must be heard at
+        # -v 0 (cron) too: once per pass, naming the server.
+        logger.warning(
+            "No mail went out: %s message(s) deferred because the mail server could not "
+            "be reached (%s).",
+            result.unreachable,
+            result.unreachable_error,
         )
     logger.info("Pass done: %s", result)
     if state.pending is not None:

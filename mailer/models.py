@@ -14,7 +14,7 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from mailer import attachments, taskhook
+from mailer import attachments, taskhook, wakeup
 from mailer.conf import conf
 from mailer.mysql import packet_limit
 
@@ -199,7 +199,7 @@ class MessageQuerySet(models.QuerySet):
             priority=new_priority, retry_count=models.F("retry_count") + 1, not_before=None
         )
         if moved:
-            taskhook.after_queueing(self.db)
+            wakeup.became_sendable(self.db)
         return moved
 
     def due(self, now: datetime | None = None) -> MessageQuerySet:
@@ -343,14 +343,18 @@ class Message(_EmailProperties, models.Model):
         self.not_before = retry_at
         self.save(update_fields=["priority", "not_before"])
         if retry_at is not None:
-            taskhook.after_queueing(self._state.db or router.db_for_write(Message), retry_at)
+            # An idle runmailer_pg (maybe another process's) must wake for it,
+            # and MAILER_TASK_BACKEND gets a run at its time.
+            wakeup.became_sendable(
+                self._state.db or router.db_for_write(Message, instance=self), retry_at
+            )
 
     def requeue(self, priority: int = PRIORITY_MEDIUM) -> None:
         """Put a message back on the queue to be sent now (whatever its time)."""
         self.priority = priority
         self.not_before = None
         self.save(update_fields=["priority", "not_before"])
-        taskhook.after_queueing(self._state.db or router.db_for_write(Message))
+        wakeup.became_sendable(self._state.db or router.db_for_write(Message, instance=self))
 
 
 # --- don't-send list -------------------------------------------------------

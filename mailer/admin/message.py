@@ -17,7 +17,7 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from mailer import taskhook
+from mailer import wakeup
 from mailer.admin.changelist import LargeTableAdmin
 from mailer.admin.display import (
     EMPTY,
@@ -372,7 +372,7 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
         )
         brought_forward = queryset.scheduled().update(not_before=None)  # type: ignore[attr-defined]
         if moved or brought_forward:
-            taskhook.after_queueing(queryset.db)  # MAILER_TASK_BACKEND: a run now
+            wakeup.became_sendable(queryset.db)  # runmailer_pg, MAILER_TASK_BACKEND
         if brought_forward:
             self.message_user(
                 request,
