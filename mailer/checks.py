@@ -262,7 +262,10 @@ def check_pickle_allowlist(app_configs: Any = None, **kwargs: Any) -> list[check
     return [
         checks.Error(
             f"MAILER_PICKLE_ALLOWLIST must be a list of dotted names; bad: {', '.join(bad)}.",
-            hint='Give classes as "pkg.module.Class" and whole modules as "pkg.module.*".',
+            hint=(
+                'Give classes as "pkg.module.Class" ("pkg.module.*" allows only classes '
+                "of a module that is already imported)."
+            ),
             id="mailer.E008",
         )
     ]
