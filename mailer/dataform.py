@@ -44,6 +44,7 @@ import functools
 import importlib
 import json
 import re
+import sys
 import zoneinfo
 from collections.abc import Callable
 from email._policybase import Policy
@@ -52,7 +53,7 @@ from typing import Any
 from django.utils.functional import Promise
 
 from mailer.attachments import StoredAttachment
-from mailer.compat import EmailAlternative, EmailAttachment
+from mailer.emailcompat import EmailAlternative, EmailAttachment
 
 __all__ = ["NotData", "decode", "encode", "encode_value", "message_class_name"]
 
@@ -105,6 +106,9 @@ _OBJECT_NAMES = (
 )
 
 
+_LAZY_NAMES = frozenset(n for n in (*_MESSAGE_NAMES, *_OBJECT_NAMES) if n.startswith("anymail."))
+
+
 def _resolve(dotted: str) -> Any:
     module_name, _, name = dotted.rpartition(".")
     try:
@@ -115,10 +119,15 @@ def _resolve(dotted: str) -> Any:
     return value if isinstance(value, type) else None
 
 
-@functools.cache
-def _builtin_tables() -> tuple[dict[str, type], dict[type, str], dict[str, type], dict[type, str]]:
-    messages = {n: c for n in _MESSAGE_NAMES if (c := _resolve(n)) is not None}
-    objects = {n: c for n in _OBJECT_NAMES if (c := _resolve(n)) is not None}
+_Tables = tuple[dict[str, type], dict[type, str], dict[str, type], dict[type, str]]
+
+
+def _make_tables(lazy: bool) -> _Tables:
+    def wanted(name: str) -> bool:
+        return name.startswith(_LAZY) == lazy
+
+    messages = {n: c for n in _MESSAGE_NAMES if wanted(n) and (c := _resolve(n)) is not None}
+    objects = {n: c for n in _OBJECT_NAMES if wanted(n) and (c := _resolve(n)) is not None}
     objects.update(messages)  # a message may be attached (message/rfc822)
     return (
         messages,
@@ -126,6 +135,38 @@ def _builtin_tables() -> tuple[dict[str, type], dict[type, str], dict[str, type]
         objects,
         {c: n for n, c in objects.items()},
     )
+
+
+#: Names of a package that is imported only when a row names it or the
+#: process has imported it already (django-anymail brings in requests).
+_LAZY = "anymail."
+
+
+@functools.cache
+def _eager_tables() -> _Tables:
+    return _make_tables(False)
+
+
+@functools.cache
+def _all_tables() -> _Tables:
+    eager, lazy = _eager_tables(), _make_tables(True)
+    return (
+        {**eager[0], **lazy[0]},
+        {**eager[1], **lazy[1]},
+        {**eager[2], **lazy[2]},
+        {**eager[3], **lazy[3]},
+    )
+
+
+def _builtin_tables(name: str | None = None) -> _Tables:
+    """The exact classes: ``(messages by name, names of messages, objects by
+    name, names of objects)``; django-anymail's only once it is imported, or
+    when ``name`` (a name a row gives) is one of them."""
+    if "anymail.message" in sys.modules or (
+        name is not None and name.startswith(_LAZY) and name in _LAZY_NAMES
+    ):
+        return _all_tables()
+    return _eager_tables()
 
 
 @functools.cache
@@ -223,12 +264,19 @@ _ATOMS = frozenset({str, int, float, bool, type(None)})
 _MAX_DEPTH = 32
 
 
-@functools.cache
+_NOTHING = object()
+
+
 def _unset() -> Any:
-    try:
-        from anymail.utils import UNSET  # type: ignore[import-untyped, import-not-found, unused-ignore]
-    except ImportError:
-        return object()  # matches nothing
+    """django-anymail's ``UNSET`` if django-anymail is imported (a message
+    can hold it only then), else a value nothing is."""
+    module = sys.modules.get("anymail.utils")
+    return getattr(module, "UNSET", _NOTHING) if module is not None else _NOTHING
+
+
+def _load_unset(value: Any) -> Any:
+    from anymail.utils import UNSET  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
     return UNSET
 
 
@@ -400,7 +448,7 @@ def _dtz(value: Any) -> datetime.datetime:
 
 def _new(value: Any) -> Any:
     name, state = value
-    cls: Any = _builtin_tables()[2].get(name) or _project().get(name)
+    cls: Any = _builtin_tables(name)[2].get(name) or _project().get(name)
     if cls is None:
         raise ValueError(f"{name!r} is not a class the stored form restores")
     if type(state) is not dict or any(k[:2] == "__" for k in state):
@@ -447,7 +495,7 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "$policy": _load_policy,
     "$h": _header,
     "$ref": _ref,
-    "$unset": lambda v: _unset(),
+    "$unset": _load_unset,
 }
 
 
@@ -476,7 +524,7 @@ def decode(data: str) -> tuple[Any, str | None]:
     if "value" in top:
         return top["value"], None
     name, state = top.get("c"), top.get("d")
-    cls: Any = _builtin_tables()[0].get(name) if type(name) is str else None
+    cls: Any = _builtin_tables(name)[0].get(name) if type(name) is str else None
     if cls is None and type(name) is str:
         cls = _project().get(name)
     if cls is None:

@@ -141,6 +141,7 @@ _NAMES = (
     "anymail.message.AnymailMessageMixin",
     "anymail.message.AnymailStatus",
     "anymail.message.AnymailRecipientStatus",
+    "anymail.utils.UNSET",
     "mailer.attachments.StoredAttachment",
 )
 
@@ -224,6 +225,10 @@ _SUBSTITUTES: dict[str, Any] = {
 }
 
 
+#: Ours, so callable wherever the data got them (``getattr`` gives one).
+_SUBSTITUTE_IDS = frozenset(id(f) for f in _SUBSTITUTES.values())
+
+
 def _lookup(dotted: str) -> Any:
     module_name, _, name = dotted.rpartition(".")
     module = importlib.import_module(module_name)  # named here, never by the data
@@ -244,6 +249,8 @@ def _base_table() -> dict[str, Any]:
             if isinstance(value, type) and value.__module__ == module_name:
                 table[f"{module_name}.{name}"] = value
     for dotted in _NAMES:
+        if dotted.startswith("anymail."):
+            continue  # looked up when a row names it (django-anymail imports requests)
         try:
             value = _lookup(dotted)
         except ImportError:  # django-anymail not installed
@@ -252,6 +259,18 @@ def _base_table() -> dict[str, Any]:
             table[dotted] = value
     table.update(_SUBSTITUTES)
     return table
+
+
+_LAZY_NAMES = frozenset(n for n in _NAMES if n.startswith("anymail."))
+
+
+@functools.cache
+def _lazy_name(dotted: str) -> Any:
+    try:
+        value = _lookup(dotted)
+    except ImportError:  # django-anymail not installed
+        return None
+    return value if isinstance(value, type) else None
 
 
 @functools.cache
@@ -324,6 +343,8 @@ class SafeUnpickler(_Base):
             module = _compat_pickle.IMPORT_MAPPING[module]
         dotted = f"{module}.{name}"
         found = self.table.get(dotted)
+        if found is None and dotted in _LAZY_NAMES:
+            found = _lazy_name(dotted)
         if found is None:
             found = self.extra_table.get(dotted)
         if found is None and self.extra:
@@ -374,7 +395,7 @@ class SafeUnpickler(_Base):
                 setattr(inst, key, value)
 
     def _callable(self, func: Any, opcode: str) -> None:
-        if id(func) not in self.handed:
+        if id(func) not in self.handed and id(func) not in _SUBSTITUTE_IDS:
             self._refuse_target(func, opcode)
 
     def _target(self, target: Any, opcode: str) -> Any:

@@ -1,20 +1,20 @@
-"""The stored form of a message: encoding, and decoding that runs no code.
+"""The stored form of a message: encoding in the configured format, and decoding either format without running code.
 
-A message is stored as ASCII text: base64 of its pickle (2.3.2's format, so
-either version reads the other's rows). Unpickling can call any importable
-function, so whoever can write the queue table could run code in the worker
-and in the admin. Decoding here goes through :mod:`mailer.pickled`'s
-unpickler, which hands out only classes and functions from a fixed table of
-exact names (Django's and the email package's message classes, plain
-builtins, dates, Django's lazy and safe strings, django-anymail's message
-classes, :class:`mailer.attachments.StoredAttachment`, and the exact classes
-of ``MAILER_PICKLE_ALLOWLIST``), never a module, never sets state on a class,
-and treats any email backend found as the message's connection as an inert
-placeholder (the worker always supplies its own connection).
+New rows are written in the data-only form of :mod:`mailer.dataform` (JSON,
+decoded without pickle; ``MAILER_MESSAGE_FORMAT = "json"``, the default) or,
+with ``MAILER_MESSAGE_FORMAT = "pickle"``, in 2.3.2's form: ASCII base64 of
+the message's pickle, which 2.3.2 can read back. ``message_data`` stays a
+text column; the two forms are told apart by their first character (``{``
+starts the data-only form and never a pickle).
 
-Anything else is refused with :class:`RefusedClass`, naming the class and
-the setting; the row is kept in the log as a failure, never executed. With
-``MAILER_READ_PICKLE = False`` a pickled row is refused without being read.
+Pickled rows (2.3.2's, and this package's before the data-only form) are
+read through :mod:`mailer.pickled`'s unpickler, which hands out only classes
+and functions from a fixed table of exact names, never a module, never sets
+state on a class, and treats any email backend found as the message's
+connection as an inert placeholder. Anything else is refused with
+:class:`RefusedClass`, naming the class and the setting; the row is kept in
+the log as a failure, never executed. With ``MAILER_READ_PICKLE = False`` a
+pickled row is refused without being read.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pickle
 import re
 from typing import Any
 
+from mailer import dataform
 from mailer.conf import conf
 from mailer.emailcompat import repair_email, strip_connection
 from mailer.pickled import RefusedClass, SafeUnpickler, StoredConnection, safe_loads
@@ -41,6 +42,8 @@ __all__ = [
     "db_to_email",
     "decode_error",
     "email_to_db",
+    "is_pickled",
+    "pickle_to_db",
     "safe_loads",
 ]
 
@@ -64,11 +67,20 @@ def _encodebytes(raw: bytes) -> str:
 
 
 def email_to_db(email: Any) -> str:
-    """Serialize a message (or any allowed object): ASCII base64 of its pickle.
+    """Serialize a message (or a plain value) in ``MAILER_MESSAGE_FORMAT``.
 
-    A connection held by the message (an SMTP connection can't be pickled, and
-    a stored one would never be wanted) is left out.
+    ``"json"``: the data-only form (:func:`mailer.dataform.encode`; raises
+    :class:`mailer.dataform.NotData`, a ``ValueError``, naming what is not
+    plain data). ``"pickle"``: ASCII base64 of its pickle, as 2.3.2 stores
+    it. A connection held by the message is left out either way.
     """
+    if conf.MESSAGE_FORMAT != "pickle":
+        return dataform.encode(email)
+    return pickle_to_db(email)
+
+
+def pickle_to_db(email: Any) -> str:
+    """2.3.2's stored form: ASCII base64 of the pickle, without the connection."""
     saved = strip_connection(email) if hasattr(email, "__dict__") else None
     try:
         return _encodebytes(pickle.dumps(email))
@@ -86,6 +98,14 @@ def decode(data: str | bytes | None) -> tuple[Any, str | None]:
     """
     if not data:
         return None, "empty message data"
+    if data[:1] in _DATA_FORM:
+        text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+        obj, reason = dataform.decode(text)
+        if obj is None:
+            if reason and reason.startswith("refused"):
+                logger.warning("Refused to decode a stored message: %s", reason)
+            return None, reason
+        return _repaired(obj)
     if not conf.READ_PICKLE:
         return None, PICKLE_OFF
     extra = tuple(conf.PICKLE_ALLOWLIST)
@@ -104,6 +124,18 @@ def decode(data: str | bytes | None) -> tuple[Any, str | None]:
             if isinstance(err, (binascii.Error, UnicodeEncodeError)):
                 return None, f"not base64: {err}"
             return None, f"unpickling failed: {type(err).__name__}: {err}"
+    return _repaired(obj)
+
+
+_DATA_FORM = ("{", b"{")
+
+
+def is_pickled(data: str | bytes | None) -> bool:
+    """Is ``data`` (non-empty) in a pickled form rather than the data-only one?"""
+    return bool(data) and data[:1] not in _DATA_FORM  # type: ignore[index]
+
+
+def _repaired(obj: Any) -> tuple[Any, str | None]:
     try:
         return repair_email(obj), None
     except Exception as err:  # a broken object must not break the reader

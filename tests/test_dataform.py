@@ -115,3 +115,33 @@ def test_crafted_data_is_refused(data):
     obj, reason = dataform.decode(data)
     assert obj is None and reason
     assert set(sys.modules) <= modules | {"zoneinfo._tzpath"}
+
+
+# --- through the queue and a worker pass -------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("fmt", ["json", "pickle"])
+@pytest.mark.parametrize("name", MAKERS)
+def test_what_a_worker_sends_is_what_was_queued(name, fmt, tmp_path, settings, project_classes):
+    """message().as_bytes() after a worker pass equals the bytes before
+    queueing (boundaries and Date aside; the Message-ID is the one queueing
+    gave, written back onto the caller's message)."""
+    from django.core import mail
+    from django.utils import translation
+
+    from mailer.engine import send_all
+    from mailer.models import Message, queue_emails
+
+    settings.MAILER_MESSAGE_FORMAT = fmt
+    settings.MAILER_PICKLE_ALLOWLIST = PROJECT_CLASSES
+    settings.MAILER_EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    email = make(name, tmp_path)
+    with translation.override("de"):
+        assert queue_emails([email]) == 1
+        before = rendered(email)
+    assert Message.objects.get().message_data[:1] == ("{" if fmt == "json" else "g")
+    mail.outbox = []
+    assert send_all().sent == 1
+    (sent,) = mail.outbox
+    assert rendered(sent) == before

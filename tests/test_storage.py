@@ -92,6 +92,7 @@ def test_lazy_strings_decode():
 
 
 def test_project_classes_need_the_allowlist(settings):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"
     data = email_to_db(ProjectMessage("S", "b", "f@example.com", ["t@example.com"]))
     obj, reason = decode(data)
     assert obj is None
@@ -392,6 +393,7 @@ def test_crafted_rows_are_refused(raw, email_package_restored):
 
 
 def test_read_pickle_off_refuses_without_reading(settings):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"
     data = email_to_db(EmailMessage("S", "b", "f@example.com", ["t@example.com"]))
     assert decode(data)[0] is not None
     settings.MAILER_READ_PICKLE = False
