@@ -1,3 +1,5 @@
+"""``mailer_convert``: rewrite the pickled rows of the queue and the log in the data-only stored form."""
+
 import logging
 from typing import Any
 
