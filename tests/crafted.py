@@ -99,6 +99,12 @@ def inside_a_message(payload: bytes, where: str) -> bytes:
     return spliced
 
 
+_FIELDS = (
+    '"subject":"S","body":"b","from_email":"f@example.com","to":["t@example.com"],'
+    '"cc":[],"bcc":[],"reply_to":[],"attachments":[],"extra_headers":{}'
+)
+
+
 def _system(where: Path) -> bytes:
     return glob("os", "system") + u(f"touch {where / 'pwned'}") + pickle.TUPLE1 + pickle.REDUCE
 
@@ -128,6 +134,31 @@ CRAFTED: dict[str, Callable[[Path], str]] = {
     "copyreg extension code": lambda d: b64(assemble(pickle.EXT1 + b"\x01")),
     "persistent id": lambda d: b64(assemble(u("x") + pickle.BINPERSID)),
     "raw protocol 0": lambda d: f"cos\nsystem\n(Vtouch {d / 'pwned'}\ntR.",
+    # the data-only form
+    "data: a class not on the list": lambda d: '{"v":1,"c":"os.system","d":{}}',
+    "data: a backend as the class": lambda d: (
+        '{"v":1,"c":"django.core.mail.backends.smtp.EmailBackend","d":{}}'
+    ),
+    "data: special attributes": lambda d: (
+        '{"v":1,"c":"django.core.mail.message.EmailMessage","d":{"__class__":"x",' + _FIELDS + "}}"
+    ),
+    "data: an unlisted object in a header": lambda d: (
+        '{"v":1,"c":"django.core.mail.message.EmailMessage","d":{' + _FIELDS
+        + ',"extra_headers":{"X":{"$obj":["os._wrap_close",{}]}}}}'
+    ),
+    "data: a MIME part with special attributes": lambda d: (
+        '{"v":1,"c":"django.core.mail.message.EmailMessage","d":{' + _FIELDS
+        + ',"attachments":[{"$obj":["email.mime.text.MIMEText",{"__dict__":{}}]}]}}'
+    ),
+    "data: an unknown tag": lambda d: (
+        '{"v":1,"c":"django.core.mail.message.EmailMessage","d":{' + _FIELDS
+        + ',"attachments":[{"$pickle":"gASV"}]}}'
+    ),
+    "data: a time zone naming a path": lambda d: (
+        '{"v":1,"c":"django.core.mail.message.EmailMessage","d":{' + _FIELDS
+        + ',"send_at":{"$dtz":["2026-01-01T00:00:00","../../../tmp/x",0]}}}'
+    ),
+    "data: nested without end": lambda d: '{"v":1,"value":' + "[" * 50_000 + "]" * 50_000 + "}",
 }
 
 
