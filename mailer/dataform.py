@@ -403,9 +403,13 @@ def encode(message: Any) -> str:
             if kind in _builtin_tables()[3]:
                 return _dumps({"v": VERSION, "value": encode_value(message)})
             raise
+        state = vars(message)
+        if _plain_state(state):
+            return _dumps({"v": VERSION, "c": name, "d": state})
         state = {}
         for key, item in vars(message).items():
             if key in NOT_STORED:
+                state[key] = None  # never stored (as the quick path, which keeps None)
                 continue
             try:
                 state[key] = item if type(item) in _ATOMS else encode_value(item, 1)
@@ -415,7 +419,43 @@ def encode(message: Any) -> str:
     return _dumps({"v": VERSION, "value": encode_value(message)})
 
 
-_dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), check_circular=False).encode
+def _plain_state(state: dict[str, Any]) -> bool:
+    """Only atoms, lists of strings and string-to-string dicts (no tag-like
+    one-key dict), and no connection but ``None``: stored as it is."""
+    for key, item in state.items():
+        kind = type(item)
+        if kind in _ATOMS:
+            if key in NOT_STORED and item is not None:
+                return False
+        elif kind is list:
+            for entry in item:
+                if type(entry) is not str:
+                    return False
+        elif kind is dict:
+            if len(item) == 1 and next(iter(item))[:1] == "$":
+                return False
+            for k, v in item.items():
+                if type(k) is not str or type(v) is not str:
+                    return False
+        else:
+            return False
+    return True
+
+
+_encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), check_circular=False)
+_c_encoder = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+if _c_encoder is not None:
+    # The C encoder made once (JSONEncoder.encode makes one per call).
+    _c_encode = _c_encoder(
+        None, _encoder.default, json.encoder.encode_basestring_ascii,
+        None, ":", ",", False, False, True,
+    )
+
+    def _dumps(obj: Any) -> str:
+        return "".join(_c_encode(obj, 0))
+
+else:  # pragma: no cover - CPython has the C encoder
+    _dumps = _encoder.encode  # type: ignore[assignment]
 
 
 def encode_simple(cls_name: str, state: dict[str, Any]) -> str:
@@ -510,7 +550,16 @@ def _hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
-_loads = json.JSONDecoder(object_hook=_hook).decode
+_scan = json.JSONDecoder(object_hook=_hook).scan_once  # type: ignore[attr-defined]
+
+
+def _loads(data: str) -> Any:
+    """One JSON value filling ``data`` (the C scanner, without the checks for
+    surrounding whitespace that the stored form never has)."""
+    obj, end = _scan(data, 0)
+    if end != len(data):
+        raise ValueError(f"extra data at {end}")
+    return obj
 
 
 def decode(data: str) -> tuple[Any, str | None]:

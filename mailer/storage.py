@@ -26,6 +26,9 @@ import pickle
 import re
 from typing import Any
 
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
 from mailer import dataform
 from mailer.conf import conf
 from mailer.emailcompat import repair_email, strip_connection
@@ -74,9 +77,27 @@ def email_to_db(email: Any) -> str:
     plain data). ``"pickle"``: ASCII base64 of its pickle, as 2.3.2 stores
     it. A connection held by the message is left out either way.
     """
-    if conf.MESSAGE_FORMAT != "pickle":
+    if message_format() != "pickle":
         return dataform.encode(email)
     return pickle_to_db(email)
+
+
+_format: list[str] = []
+
+
+def message_format() -> str:
+    """``MAILER_MESSAGE_FORMAT``, read once and again after a change of
+    settings (``override_settings``): a missing setting costs microseconds
+    to look up, and queueing reads it for every message."""
+    if not _format:
+        _format.append(conf.MESSAGE_FORMAT)
+    return _format[0]
+
+
+@receiver(setting_changed)
+def _setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting == "MAILER_MESSAGE_FORMAT":
+        _format.clear()
 
 
 def pickle_to_db(email: Any) -> str:

@@ -42,7 +42,6 @@ from django.utils.functional import Promise
 from mailer import dataform
 from mailer.attachments import StoredAttachment
 from mailer.compat import accepts_utf8_local_parts
-from mailer.conf import conf
 from mailer.emailcompat import (
     TEXT_ATTACHMENT_BYTES,
     BadHeaderError,
@@ -50,7 +49,7 @@ from mailer.emailcompat import (
     EmailAttachment,
     check_address,
 )
-from mailer.storage import RefusedClass, pickle_to_db, safe_loads
+from mailer.storage import RefusedClass, message_format, pickle_to_db, safe_loads
 
 REFUSED = "django-mailer refused to queue this message"
 
@@ -489,7 +488,7 @@ def encode_for_queue(email: EmailMessage, *, simple: bool = False) -> str:
     (``MAILER_PICKLE_ALLOWLIST``): such a row could never be sent.
     ``simple``: the caller found ``email`` to be a :func:`simple_message`.
     """
-    if conf.MESSAGE_FORMAT != "pickle":
+    if message_format() != "pickle":
         state = email.__dict__
         if (
             simple
