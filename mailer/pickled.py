@@ -40,6 +40,8 @@ import types
 import zoneinfo
 from typing import Any
 
+from mailer.conf import conf
+
 __all__ = ["RefusedClass", "SafeUnpickler", "StoredConnection", "safe_loads"]
 
 
@@ -497,8 +499,6 @@ def safe_loads(raw: bytes, extra: tuple[str, ...] | None = None) -> Any:
     """Unpickle ``raw`` through :class:`SafeUnpickler`; :class:`RefusedClass`
     when it holds anything unlisted outside the message's connection."""
     if extra is None:
-        from mailer.conf import conf
-
         extra = tuple(conf.PICKLE_ALLOWLIST)
     unpickler = SafeUnpickler(io.BytesIO(raw), extra=extra)
     obj = unpickler.load()
