@@ -405,7 +405,7 @@ def encode(message: Any) -> str:
             raise
         state = vars(message)
         if _plain_state(state):
-            return _dumps({"v": VERSION, "c": name, "d": state})
+            return _dumps({"v": VERSION, "c": name, "d": without_connection(state)})
         state = {}
         for key, item in vars(message).items():
             if key in NOT_STORED:
@@ -419,15 +419,21 @@ def encode(message: Any) -> str:
     return _dumps({"v": VERSION, "value": encode_value(message)})
 
 
+def without_connection(state: dict[str, Any]) -> dict[str, Any]:
+    """``state``, or a copy with the connection ``None`` (never stored)."""
+    if state.get("connection") is None and state.get("_connection") is None:
+        return state
+    return {k: None if k in NOT_STORED else v for k, v in state.items()}
+
+
 def _plain_state(state: dict[str, Any]) -> bool:
     """Only atoms, lists of strings and string-to-string dicts (no tag-like
-    one-key dict), and no connection but ``None``: stored as it is."""
+    one-key dict), besides the connection: stored as it is."""
     for key, item in state.items():
         kind = type(item)
-        if kind in _ATOMS:
-            if key in NOT_STORED and item is not None:
-                return False
-        elif kind is list:
+        if kind in _ATOMS or key in NOT_STORED:
+            continue
+        if kind is list:
             for entry in item:
                 if type(entry) is not str:
                     return False

@@ -490,14 +490,11 @@ def encode_for_queue(email: EmailMessage, *, simple: bool = False) -> str:
     """
     if message_format() != "pickle":
         state = email.__dict__
-        if (
-            simple
-            and state.get("connection") is None
-            and state.get("_connection") is None
-            and not (len(state["extra_headers"]) == 1 and _tag_like(state["extra_headers"]))
-        ):
-            # Plain strings only: nothing to tag; a connection of None is stored as such.
-            return dataform.encode_simple(_SIMPLE_NAMES[type(email)], state)
+        if simple and not (len(state["extra_headers"]) == 1 and _tag_like(state["extra_headers"])):
+            # Plain strings only: nothing to tag (the connection is stored as None).
+            return dataform.encode_simple(
+                _SIMPLE_NAMES[type(email)], dataform.without_connection(state)
+            )
         try:
             return dataform.encode(email)
         except dataform.NotData as err:
