@@ -356,6 +356,8 @@ def encode_value(value: Any, depth: int = 0) -> Any:
         return {"$b": binascii.b2a_base64(value, newline=False).decode("ascii")}
     if kind is bytearray:
         return {"$ba": binascii.b2a_base64(value, newline=False).decode("ascii")}
+    if kind is memoryview:  # Django sends it as the bytes it holds
+        return {"$b": binascii.b2a_base64(value, newline=False).decode("ascii")}
     if isinstance(value, Promise):
         return str(value)  # a lazy string, in the active language
     if isinstance(value, str):

@@ -145,3 +145,10 @@ def test_what_a_worker_sends_is_what_was_queued(name, fmt, tmp_path, settings, p
     assert send_all().sent == 1
     (sent,) = mail.outbox
     assert rendered(sent) == before
+
+
+def test_a_memoryview_attachment_is_stored_as_its_bytes():
+    email = EmailMessage("S", "b", "f@example.com", ["t@example.com"])
+    email.attachments.append(("a.bin", memoryview(b"\x00\x01\x02"), "application/octet-stream"))
+    back, reason = dataform.decode(dataform.encode(email))
+    assert reason is None and bytes(back.attachments[0][1]) == b"\x00\x01\x02"
