@@ -262,7 +262,10 @@ def check_pickle_allowlist(app_configs: Any = None, **kwargs: Any) -> list[check
     return [
         checks.Error(
             f"MAILER_PICKLE_ALLOWLIST must be a list of dotted names; bad: {', '.join(bad)}.",
-            hint='Give classes as "pkg.module.Class" and whole modules as "pkg.module.*".',
+            hint=(
+                'Give classes as "pkg.module.Class" ("pkg.module.*" allows only classes '
+                "of a module that is already imported)."
+            ),
             id="mailer.E008",
         )
     ]
@@ -408,3 +411,46 @@ def check_task_backend(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
             )
         )
     return messages
+
+
+@checks.register("mailer")
+def check_stored_form(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``MAILER_MESSAGE_FORMAT`` and ``MAILER_MESSAGE_CLASSES``."""
+    errors: list[checks.CheckMessage] = []
+    fmt = getattr(settings, "MAILER_MESSAGE_FORMAT", "json")
+    if fmt not in ("json", "pickle"):
+        errors.append(
+            checks.Error(
+                f'MAILER_MESSAGE_FORMAT must be "json" or "pickle"; it is {fmt!r}.',
+                hint='Remove it (default "json", data only), or set "pickle" to keep '
+                "writing 2.3.2's form.",
+                id="mailer.E012",
+            )
+        )
+    value = getattr(settings, "MAILER_MESSAGE_CLASSES", [])
+    if not isinstance(value, (list, tuple)):
+        errors.append(
+            checks.Error(
+                f"MAILER_MESSAGE_CLASSES must be a list of dotted class names; it is {value!r}.",
+                hint='Give classes as ["pkg.module.Class"].',
+                id="mailer.E012",
+            )
+        )
+        value = []
+    from django.core.mail import EmailMessage
+
+    for entry in value:
+        try:
+            cls = import_string(entry) if isinstance(entry, str) else None
+        except ImportError:
+            cls = None
+        if not (isinstance(cls, type) and issubclass(cls, EmailMessage)):
+            errors.append(
+                checks.Error(
+                    f"MAILER_MESSAGE_CLASSES: {entry!r} is not the dotted name of an "
+                    "importable EmailMessage subclass.",
+                    hint='Give classes as "pkg.module.Class".',
+                    id="mailer.E012",
+                )
+            )
+    return errors

@@ -39,6 +39,7 @@ from django.conf import settings
 from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.utils.functional import Promise
 
+from mailer import dataform
 from mailer.attachments import StoredAttachment
 from mailer.compat import accepts_utf8_local_parts
 from mailer.emailcompat import (
@@ -48,7 +49,7 @@ from mailer.emailcompat import (
     EmailAttachment,
     check_address,
 )
-from mailer.storage import RefusedClass, email_to_db, safe_loads
+from mailer.storage import RefusedClass, message_format, pickle_to_db, safe_loads
 
 REFUSED = "django-mailer refused to queue this message"
 
@@ -474,16 +475,37 @@ def _plain_message(email: EmailMessage) -> bool:
     )
 
 
+#: The stored names of the classes a simple message can be of.
+_SIMPLE_NAMES = {cls: f"{cls.__module__}.{cls.__qualname__}" for cls in _MESSAGE_CLASSES}
+
+
 def encode_for_queue(email: EmailMessage, *, simple: bool = False) -> str:
     """``email_to_db(email)``, refusing what couldn't be stored or read back.
 
-    ``ValueError`` naming the attribute when pickling fails, or when the
-    pickle holds a class the worker's allow-listed decoder would refuse
+    ``ValueError`` naming the attribute when something in the message is not
+    plain data (the data-only form) or can't be pickled, or when a pickle
+    would hold a class the worker's allow-listed decoder would refuse
     (``MAILER_PICKLE_ALLOWLIST``): such a row could never be sent.
     ``simple``: the caller found ``email`` to be a :func:`simple_message`.
     """
+    if message_format() != "pickle":
+        state = email.__dict__
+        if simple and not (len(state["extra_headers"]) == 1 and _tag_like(state["extra_headers"])):
+            # Plain strings only: nothing to tag (the connection is stored as None).
+            return dataform.encode_simple(
+                _SIMPLE_NAMES[type(email)], dataform.without_connection(state)
+            )
+        try:
+            return dataform.encode(email)
+        except dataform.NotData as err:
+            what = f"its attribute {err.path}" if err.path else "it"
+            raise ValueError(
+                f"{REFUSED}: {what} can't be stored: {err.problem}. Queued messages are "
+                "stored as data: keep only strings, numbers, booleans, None, lists, dicts, "
+                "dates, bytes and email.message objects on the message."
+            ) from err
     try:
-        data = email_to_db(email)
+        data = pickle_to_db(email)
     except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as err:
         raise _storage_error(email, err, _unpicklable, "can't be stored") from err
     if simple or _plain_message(email):
@@ -493,6 +515,10 @@ def encode_for_queue(email: EmailMessage, *, simple: bool = False) -> str:
     except RefusedClass as err:
         raise _storage_error(email, err, _refused_on_reading, "would not be read back") from err
     return data
+
+
+def _tag_like(headers: dict[str, Any]) -> bool:
+    return next(iter(headers))[:1] == "$"
 
 
 def _storage_error(

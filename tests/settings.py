@@ -195,3 +195,7 @@ if not os.environ.get("MAILER_TEST_NO_LOGGING"):
             "django": {"handlers": ["console"], "level": "INFO"},
         },
     }
+
+# MAILER_TEST_READ_PICKLE=0: pickle reading off (a site after mailer_convert).
+if os.environ.get("MAILER_TEST_READ_PICKLE") == "0":
+    MAILER_READ_PICKLE = False

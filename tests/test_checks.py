@@ -251,6 +251,28 @@ def test_pickle_allowlist_accepts_classes_and_modules(settings):
     assert mailer_errors() == []
 
 
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("MAILER_MESSAGE_FORMAT", "yaml"),
+        ("MAILER_MESSAGE_CLASSES", ["os.system"]),
+        ("MAILER_MESSAGE_CLASSES", ["no.such.Module"]),
+        ("MAILER_MESSAGE_CLASSES", "tests.mailsurface.ProjectMessage"),
+        ("MAILER_READ_PICKLE", "no"),
+    ],
+)
+def test_stored_form_settings(settings, name, value):
+    setattr(settings, name, value)
+    wanted = "mailer.E006" if name == "MAILER_READ_PICKLE" else "mailer.E012"
+    assert mailer_errors() == [wanted]
+
+
+def test_stored_form_settings_accept_message_classes(settings):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"
+    settings.MAILER_MESSAGE_CLASSES = ["tests.mailsurface.ProjectMessage"]
+    assert mailer_errors() == []
+
+
 def test_unbounded_smtp_timeout_warns_and_the_worker_bounds_it(settings):
     from django.core.mail.backends.smtp import EmailBackend
 

@@ -745,6 +745,7 @@ def _store_raw(obj, priority=PRIORITY_HIGH):
 def test_poison_row_is_logged_and_the_mail_behind_goes(kind, settings, smtp_settings,
                                                        smtp_server, caplog):
     settings.MAILER_PICKLE_ALLOWLIST = ["tests.test_engine.BrokenRecipients"]
+    settings.MAILER_MESSAGE_CLASSES = ["tests.test_engine.BrokenRecipients"]
     obj, reason = POISON[kind]
     _store_raw(obj)
     queue(3)
@@ -759,7 +760,8 @@ def test_poison_row_is_logged_and_the_mail_behind_goes(kind, settings, smtp_sett
     assert "moved to the log as a failure" in caplog.text
 
 
-def test_crafted_pickle_is_never_executed(tmp_path, smtp_settings, smtp_server):
+def test_crafted_pickle_is_never_executed(tmp_path, settings, smtp_settings, smtp_server):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"  # the row is a pickle
     marker = tmp_path / "pwned"
     _store_raw(EvilPayload(str(marker)))
     queue(2)

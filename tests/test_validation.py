@@ -198,6 +198,7 @@ def test_badheadererror_is_a_valueerror():
 
 
 def test_unpicklable_custom_attribute_is_named(settings):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"  # what the pickle path refuses
     assert_refused(via_db_backend, settings, ValueError,
                    r"its attribute custom_attr can't be stored \(TypeError", custom=threading.Lock())
 
@@ -209,6 +210,7 @@ def test_unpicklable_header_value_is_named(path, settings):
 
 
 def test_unpicklable_attachment_content_is_named(settings):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"  # what the pickle path refuses
     email = _email()
     email.attachments.append(("a.bin", threading.Lock(), "application/octet-stream"))
     with pytest.raises(ValueError, match=r"attachments\[0\]\S* can't be stored") as info:
@@ -315,6 +317,7 @@ class ProjectEmail(EmailMultiAlternatives):
 
 
 def test_a_class_the_worker_would_refuse_is_refused_at_queue_time(settings):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"  # what the pickle path refuses
     assert_refused(via_db_backend, settings, ValueError,
                    r"its attribute custom_attr would not be read back by the worker: "
                    r"tests\.test_validation\.Custom is not allowed.*MAILER_PICKLE_ALLOWLIST",
@@ -322,6 +325,7 @@ def test_a_class_the_worker_would_refuse_is_refused_at_queue_time(settings):
 
 
 def test_refused_class_deep_inside_is_named(settings):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"  # what the pickle path refuses
     email = _email()
     email.extra_headers["X-Meta"] = "ok"
     email.attachments.append(("a.txt", "x", "text/plain"))
@@ -334,6 +338,7 @@ def test_refused_class_deep_inside_is_named(settings):
 
 
 def test_an_email_subclass_the_worker_would_refuse(settings):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"  # what the pickle path refuses
     email = ProjectEmail(**GOOD)
     with pytest.raises(ValueError, match=r"\bit would not be read back.*ProjectEmail"):
         DbBackend().send_messages([email])
@@ -341,10 +346,50 @@ def test_an_email_subclass_the_worker_would_refuse(settings):
 
 
 def test_allow_listed_classes_are_queued_and_sent(settings, smtp_settings, smtp_server):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"  # what the pickle path refuses
     settings.MAILER_PICKLE_ALLOWLIST = ["tests.test_validation.*"]
     email = ProjectEmail(**GOOD)
     email.custom_attr = Custom(1)
     assert DbBackend().send_messages([email]) == 1
+    from mailer.engine import send_all
+
+    assert send_all().sent == 1
+    assert len(smtp_server.wait_for(1)) == 1
+
+
+def test_json_refuses_what_is_not_data_naming_it(settings):
+    assert_refused(via_db_backend, settings, ValueError,
+                   r"its attribute custom_attr can't be stored: tests\.test_validation\.Custom "
+                   r"is not plain data", custom=Custom(1))
+    email = _email()
+    email.tracking = {"ids": [1, Custom(2)]}
+    with pytest.raises(ValueError, match=r"its attribute tracking\['ids'\]\[1\] can't be stored"):
+        DbBackend().send_messages([email])
+    email = _email()
+    email.attachments.append(("a.bin", threading.Lock(), "application/octet-stream"))
+    with pytest.raises(ValueError, match=r"its attribute attachments\[0\]\[1\] can't be stored"):
+        DbBackend().send_messages([email])
+    assert not Message.objects.exists()
+
+
+def test_json_refuses_an_unlisted_message_class(settings):
+    with pytest.raises(ValueError, match=r"\bit can't be stored: tests\.test_validation\."
+                                         r"ProjectEmail is not a message class.*MAILER_MESSAGE_CLASSES"):
+        DbBackend().send_messages([ProjectEmail(**GOOD)])
+    assert not Message.objects.exists()
+
+
+def test_json_listed_classes_with_plain_attributes_are_queued_and_sent(
+    settings, smtp_settings, smtp_server
+):
+    settings.MAILER_MESSAGE_CLASSES = ["tests.test_validation.ProjectEmail"]
+    email = ProjectEmail(**GOOD)
+    email.custom_attr = {"plain": ["data", 1, None, True]}
+    assert DbBackend().send_messages([email]) == 1
+    stored = Message.objects.get()
+    assert stored.message_data.startswith("{")
+    assert type(stored.email) is ProjectEmail
+    assert stored.email.custom_attr == {"plain": ["data", 1, None, True]}
     from mailer.engine import send_all
 
     assert send_all().sent == 1
