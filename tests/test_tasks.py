@@ -334,6 +334,8 @@ def test_check_without_the_framework(settings, monkeypatch):
 @pytest.fixture
 def tasks_db(framework, settings, manage):
     """django-tasks-db's backend ("mail") for this process and its workers."""
+    if test_settings.TASKS_DB_UNSUPPORTED:
+        pytest.skip(test_settings.TASKS_DB_UNSUPPORTED)
     if not test_settings.HAS_TASKS_DB:
         _unavailable("django-tasks-db")
     settings.MAILER_TASK_BACKEND = "mail"
