@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets
 from django.db.models import F, Max, QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
@@ -80,17 +81,7 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
         (_("Delivery attempts"), {"fields": ("last_error", "attempts")}),
         *StoredEmailDisplay.email_fieldsets,
     ]
-    readonly_fields = [
-        "id",
-        "priority_display",
-        "retry_count_display",
-        "next_attempt",
-        "when_added_display",
-        "all_recipients",
-        "last_error",
-        "attempts",
-        *StoredEmailDisplay.email_fields,
-    ]
+    readonly_fields = flatten_fieldsets(fieldsets)  # every field is read-only
     #: Log entries shown on a message's page (the newest; all are one search away).
     attempts_shown = 20
 
