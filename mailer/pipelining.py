@@ -1,0 +1,231 @@
+"""One message's SMTP transaction with its commands grouped as RFC 2920
+(PIPELINING) allows, its replies read in order and mapped as ``smtplib``
+maps them.
+
+``smtplib.SMTP.sendmail`` waits for the reply to each command: MAIL, each
+RCPT, DATA and the end of the data cost a round trip each. When the server
+offers PIPELINING, :func:`sendmail` writes MAIL, every RCPT and DATA in one
+go and then reads their replies in order (RFC 2920 section 3.1: DATA ends a
+group, the data follows its 354): two round trips per message, whatever the
+number of recipients.
+
+What the caller sees is what ``smtplib.SMTP.sendmail`` gives: the same
+return value (the refused recipients, when some were accepted) and the same
+exceptions for the same replies, with the connection left as ``smtplib``
+leaves it:
+
+* MAIL refused: ``SMTPSenderRefused`` (421: the connection closed; else the
+  replies to the RCPTs and DATA already sent are read, a DATA the server
+  accepted anyway gets an empty message ended at once, and RSET);
+* a RCPT refused with 421: ``SMTPRecipientsRefused`` with the refusals so
+  far, the connection closed; every recipient refused: RSET (after ending
+  an accepted DATA), ``SMTPRecipientsRefused``;
+* DATA refused: ``SMTPDataError`` (421: the connection closed; else RSET);
+* the end of the data refused: ``SMTPDataError``, as above;
+* a connection lost or a reply late: ``SMTPServerDisconnected`` (and
+  ``TimeoutError`` under it), the message not accepted.
+
+The message counts as accepted only once its own end-of-data reply said 250.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+__all__ = ["offered", "quoted_body", "sendmail", "transaction"]
+
+_CRLF = b"\r\n"
+_PERIODS = re.compile(rb"(?m)^\.")
+
+
+def offered(smtp: Any) -> bool:
+    """Does the server on ``smtp`` offer PIPELINING? (Greets it first if needed.)"""
+    smtp.ehlo_or_helo_if_needed()
+    return bool(smtp.does_esmtp and smtp.has_extn("pipelining"))
+
+
+def quoted_body(msg: bytes) -> bytes:
+    """``msg`` as the DATA carries it: leading periods doubled, ended by
+    CRLF ``.`` CRLF (what ``smtplib.SMTP.data`` sends)."""
+    quoted = _PERIODS.sub(b"..", msg)
+    if not quoted.endswith(_CRLF):
+        quoted += _CRLF
+    return quoted + b"." + _CRLF
+
+
+def _command(cmd: str, args: str) -> str:
+    line = f"{cmd} {args}"
+    if "\r" in line or "\n" in line:
+        shown = line.replace("\n", "\\n").replace("\r", "\\r")
+        raise ValueError(f"command and arguments contain prohibited newline characters: {shown}")
+    return line + "\r\n"
+
+
+def _mail_options(smtp: Any, options: list[str]) -> str:
+    """``smtplib.SMTP.mail``'s option list (and its SMTPUTF8 switch)."""
+    if not (options and smtp.does_esmtp):
+        return ""
+    if any(option.lower() == "smtputf8" for option in options):
+        if not smtp.has_extn("smtputf8"):
+            raise smtplib.SMTPNotSupportedError("SMTPUTF8 not supported by server")
+        smtp.command_encoding = "utf-8"
+    return " " + " ".join(options)
+
+
+def sendmail(
+    smtp: Any,
+    from_addr: str,
+    to_addrs: str | Sequence[str],
+    msg: bytes | str,
+    mail_options: Sequence[str] = (),
+    rcpt_options: Sequence[str] = (),
+) -> dict[str, tuple[int, bytes]]:
+    """``smtp.sendmail(...)``, grouped when the server offers PIPELINING
+    (else ``smtplib``'s own)."""
+    if not offered(smtp):
+        return smtplib.SMTP.sendmail(smtp, from_addr, to_addrs, msg, mail_options, rcpt_options)
+    body = smtplib._fix_eols(msg).encode("ascii") if isinstance(msg, str) else msg  # type: ignore[attr-defined]
+    return transaction(
+        smtp,
+        from_addr,
+        to_addrs,
+        size=len(body),
+        write_body=lambda: smtp.send(quoted_body(body)),
+        mail_options=mail_options,
+        rcpt_options=rcpt_options,
+        pipelined=True,
+    )
+
+
+def transaction(
+    smtp: Any,
+    from_addr: str,
+    to_addrs: str | Iterable[str],
+    *,
+    size: int,
+    write_body: Callable[[], None],
+    mail_options: Iterable[str] = (),
+    rcpt_options: Iterable[str] = (),
+    pipelined: bool,
+) -> dict[str, tuple[int, bytes]]:
+    """One mail transaction: MAIL, RCPTs, DATA, then ``write_body()`` (the
+    quoted data, ended by CRLF ``.`` CRLF), then its reply.
+
+    ``pipelined``: MAIL, the RCPTs and DATA go as one group (the server
+    offers PIPELINING); else each waits for its reply, as ``smtplib``.
+    """
+    smtp.ehlo_or_helo_if_needed()
+    options: list[str] = []
+    if smtp.does_esmtp:
+        if smtp.has_extn("size"):
+            options.append(f"size={size}")
+        options.extend(mail_options)
+    recipients = [to_addrs] if isinstance(to_addrs, str) else list(to_addrs)
+    rcpt_list = list(rcpt_options)
+    rcpt_args = " " + " ".join(rcpt_list) if rcpt_list and smtp.does_esmtp else ""
+    mail = _command("mail", f"FROM:{smtplib.quoteaddr(from_addr)}{_mail_options(smtp, options)}")
+    rcpts = [_command("rcpt", f"TO:{smtplib.quoteaddr(r)}{rcpt_args}") for r in recipients]
+    if pipelined:
+        smtp.send(mail + "".join(rcpts) + "data\r\n")
+        return _grouped_replies(smtp, from_addr, recipients, write_body)
+    smtp.send(mail)
+    code, resp = smtp.getreply()
+    if code != 250:
+        _close_or_reset(smtp, code)
+        raise smtplib.SMTPSenderRefused(code, resp, from_addr)
+    refused: dict[str, tuple[int, bytes]] = {}
+    for recipient, command in zip(recipients, rcpts, strict=True):
+        smtp.send(command)
+        code, resp = smtp.getreply()
+        if code not in (250, 251):
+            refused[recipient] = (code, resp)
+        if code == 421:
+            smtp.close()
+            raise smtplib.SMTPRecipientsRefused(refused)
+    if len(refused) == len(recipients):
+        smtp._rset()
+        raise smtplib.SMTPRecipientsRefused(refused)
+    smtp.putcmd("data")
+    code, resp = smtp.getreply()
+    if code != 354:
+        raise smtplib.SMTPDataError(code, resp)
+    return _end(smtp, write_body, refused)
+
+
+def _close_or_reset(smtp: Any, code: int) -> None:
+    if code == 421:
+        smtp.close()
+    else:
+        smtp._rset()
+
+
+def _end(
+    smtp: Any, write_body: Callable[[], None], refused: dict[str, tuple[int, bytes]]
+) -> dict[str, tuple[int, bytes]]:
+    write_body()
+    code, resp = smtp.getreply()
+    if code != 250:
+        _close_or_reset(smtp, code)
+        raise smtplib.SMTPDataError(code, resp)
+    return refused
+
+
+def _grouped_replies(
+    smtp: Any, from_addr: str, recipients: list[str], write_body: Callable[[], None]
+) -> dict[str, tuple[int, bytes]]:
+    """The replies to MAIL, each RCPT and DATA sent as one group, in order."""
+    code, resp = smtp.getreply()
+    if code != 250:
+        if code == 421:
+            smtp.close()
+        else:
+            _drain_group(smtp, len(recipients))
+            smtp._rset()
+        raise smtplib.SMTPSenderRefused(code, resp, from_addr)
+    refused: dict[str, tuple[int, bytes]] = {}
+    for recipient in recipients:
+        code, resp = smtp.getreply()
+        if code not in (250, 251):
+            refused[recipient] = (code, resp)
+        if code == 421:
+            smtp.close()
+            raise smtplib.SMTPRecipientsRefused(refused)
+    code, resp = smtp.getreply()
+    if len(refused) == len(recipients):
+        if code == 354:
+            _end_empty(smtp)
+        smtp._rset()
+        raise smtplib.SMTPRecipientsRefused(refused)
+    if code != 354:
+        _close_or_reset(smtp, code)
+        raise smtplib.SMTPDataError(code, resp)
+    return _end(smtp, write_body, refused)
+
+
+def _drain_group(smtp: Any, rcpts: int) -> None:
+    """After a refused MAIL: read the replies to the RCPTs and DATA already
+    sent, so the next command's reply is its own."""
+    code = 0
+    try:
+        for _ in range(rcpts + 1):
+            code, _resp = smtp.getreply()
+            if code == 421:
+                smtp.close()
+                return
+    except smtplib.SMTPServerDisconnected:
+        return  # closed by smtplib; the refusal is what the caller hears
+    if code == 354:
+        _end_empty(smtp)
+
+
+def _end_empty(smtp: Any) -> None:
+    """A DATA the server accepted with nobody to send to: end it at once
+    (RFC 2920 section 3.1), with no content."""
+    try:
+        smtp.send(b"." + _CRLF)
+        smtp.getreply()
+    except smtplib.SMTPServerDisconnected:
+        pass  # closed by smtplib; the refusal is what the caller hears

@@ -1,0 +1,175 @@
+"""RFC 2920 pipelining (mailer.pipelining) and the deadline on every reply
+(mailer.smtpdeadline), against a server of our own that records which
+commands arrived before it answered."""
+
+from __future__ import annotations
+
+import smtplib
+import threading
+import time
+
+import pytest
+
+from mailer import pipelining
+from mailer.smtpdeadline import DeadlineSMTP
+
+MSG = b"Subject: hi\r\nMessage-ID: <m1@example.com>\r\n\r\nbody\r\n.starts with a period\r\n"
+
+
+def connect(server, timeout: float = 5) -> DeadlineSMTP:
+    return DeadlineSMTP(server.host, server.port, timeout=timeout)
+
+
+def test_one_group_for_the_envelope_and_data(scripted_server):
+    smtp = connect(scripted_server)
+    refused = pipelining.sendmail(smtp, "from@example.com", ["a@example.com", "b@example.com"], MSG)
+    smtp.quit()
+    assert refused == {}
+    assert scripted_server.groups() == [["EHLO"], ["MAIL", "RCPT", "RCPT", "DATA"], ["."], ["QUIT"]]
+    [message] = scripted_server.messages
+    assert message["to"] == ["a@example.com", "b@example.com"]
+    assert message["data"] == MSG  # periods unescaped by the server: as sent
+    mail = next(line for _, line in scripted_server.commands() if line.startswith("mail"))
+    assert mail == f"mail FROM:<from@example.com> size={len(MSG)}"
+
+
+def test_not_offered_is_smtplib_command_by_command():
+    from tests.conftest import ScriptedServer
+
+    server = ScriptedServer(pipelining=False)
+    try:
+        smtp = connect(server)
+        assert not pipelining.offered(smtp)
+        assert pipelining.sendmail(smtp, "f@example.com", ["a@example.com", "b@example.com"], MSG) == {}
+        smtp.quit()
+        assert server.groups() == [["EHLO"], ["MAIL"], ["RCPT"], ["RCPT"], ["DATA"], ["."], ["QUIT"]]
+        assert len(server.messages) == 1
+    finally:
+        server.close()
+
+
+def test_some_recipients_refused_inside_the_group(scripted_server):
+    scripted_server.refuse["b@example.com"] = "550 5.1.1 no such user"
+    smtp = connect(scripted_server)
+    refused = pipelining.sendmail(
+        smtp, "f@example.com", ["a@example.com", "b@example.com", "c@example.com"], MSG
+    )
+    assert refused == {"b@example.com": (550, b"5.1.1 no such user")}
+    assert scripted_server.messages[0]["to"] == ["a@example.com", "c@example.com"]
+    # The connection is in step: the next message's replies are its own.
+    assert pipelining.sendmail(smtp, "f@example.com", ["a@example.com"], MSG) == {}
+    assert len(scripted_server.messages) == 2
+
+
+def test_every_recipient_refused(scripted_server):
+    scripted_server.refuse["a@example.com"] = "550 nope"
+    smtp = connect(scripted_server)
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+        pipelining.sendmail(smtp, "f@example.com", ["a@example.com"], MSG)
+    assert info.value.recipients == {"a@example.com": (550, b"nope")}
+    assert pipelining.sendmail(smtp, "f@example.com", ["ok@example.com"], MSG) == {}
+    verbs = [v for group in scripted_server.groups() for v in group]
+    assert verbs == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA", "."]
+
+
+def test_every_recipient_refused_and_data_accepted_anyway(scripted_server):
+    # A server that answers 354 with no valid recipient: the client ends the
+    # DATA at once with no content (RFC 2920 3.1), then RSET.
+    scripted_server.refuse["a@example.com"] = "550 nope"
+    scripted_server.script[("DATA", 1)] = "354 go on then"
+    scripted_server.script[(".", 1)] = "554 no valid recipients"
+    smtp = connect(scripted_server)
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        pipelining.sendmail(smtp, "f@example.com", ["a@example.com"], MSG)
+    assert pipelining.sendmail(smtp, "f@example.com", ["ok@example.com"], MSG) == {}
+    assert [m["to"] for m in scripted_server.messages] == [["ok@example.com"]]
+
+
+def test_data_refused_with_5xx(scripted_server):
+    scripted_server.script[("DATA", 1)] = "554 5.7.1 not today"
+    smtp = connect(scripted_server)
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        pipelining.sendmail(smtp, "f@example.com", ["a@example.com"], MSG)
+    assert (info.value.smtp_code, info.value.smtp_error) == (554, b"5.7.1 not today")
+    assert pipelining.sendmail(smtp, "f@example.com", ["a@example.com"], MSG) == {}
+    assert scripted_server.groups()[2] == ["RSET"]
+    assert len(scripted_server.messages) == 1
+
+
+def test_sender_refused_reads_the_rest_of_the_group(scripted_server):
+    scripted_server.script[("MAIL", 1)] = "553 5.7.1 sender not allowed"
+    smtp = connect(scripted_server)
+    with pytest.raises(smtplib.SMTPSenderRefused) as info:
+        pipelining.sendmail(smtp, "f@example.com", ["a@example.com", "b@example.com"], MSG)
+    assert info.value.smtp_code == 553
+    assert pipelining.sendmail(smtp, "f@example.com", ["a@example.com"], MSG) == {}
+    assert len(scripted_server.messages) == 1
+
+
+def test_421_mid_group_closes(scripted_server):
+    scripted_server.script[("RCPT", 2)] = "421 4.3.2 shutting down"
+    smtp = connect(scripted_server)
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+        pipelining.sendmail(
+            smtp, "f@example.com", ["a@example.com", "b@example.com", "c@example.com"], MSG
+        )
+    assert info.value.recipients == {"b@example.com": (421, b"4.3.2 shutting down")}
+    assert smtp.sock is None  # closed, as smtplib does on a 421
+    assert scripted_server.messages == []
+
+
+def test_end_of_data_refused(scripted_server):
+    scripted_server.script[(".", 1)] = "451 4.3.0 try later"
+    smtp = connect(scripted_server)
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        pipelining.sendmail(smtp, "f@example.com", ["a@example.com"], MSG)
+    assert info.value.smtp_code == 451
+    assert pipelining.sendmail(smtp, "f@example.com", ["a@example.com"], MSG) == {}
+    assert len(scripted_server.messages) == 1
+
+
+def test_connection_closed_after_the_last_group(scripted_server):
+    scripted_server.script[(".", 1)] = "CLOSE"
+    smtp = connect(scripted_server)
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        pipelining.sendmail(smtp, "f@example.com", ["a@example.com"], MSG)
+    assert scripted_server.messages == []
+
+
+def test_a_reply_that_never_ends_is_bounded(scripted_server):
+    # 220- lines every half second: each read is quick, the reply never ends.
+    # smtplib's timeout bounds each read only; the deadline bounds the reply.
+    scripted_server.endless_greeting = True
+    start = time.monotonic()
+    with pytest.raises(smtplib.SMTPServerDisconnected) as info:
+        connect(scripted_server, timeout=1.5)
+    assert time.monotonic() - start < 4
+    assert isinstance(info.value.__context__, TimeoutError)
+
+
+def test_plain_smtplib_would_wait_for_ever(scripted_server):
+    # What the deadline fixes (the server is stopped after 4 s).
+    scripted_server.endless_greeting = True
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            smtplib.SMTP(scripted_server.host, scripted_server.port, timeout=1.5)
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(4)
+    assert thread.is_alive()
+    scripted_server.close()
+    thread.join(5)
+
+
+def test_deadline_per_reply_not_per_connection(scripted_server):
+    # A connection used longer than its timeout is fine: each reply has its own.
+    smtp = connect(scripted_server, timeout=0.5)
+    for _ in range(3):
+        time.sleep(0.3)
+        assert pipelining.sendmail(smtp, "f@example.com", ["a@example.com"], MSG) == {}
+    assert len(scripted_server.messages) == 3
