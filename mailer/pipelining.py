@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import re
 import smtplib
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["offered", "quoted_body", "sendmail", "transaction"]
+__all__ = ["NotSent", "Pending", "Pipeline", "offered", "quoted_body", "sendmail", "transaction"]
 
 _CRLF = b"\r\n"
 _PERIODS = re.compile(rb"(?m)^\.")
@@ -117,20 +119,12 @@ def transaction(
     ``pipelined``: MAIL, the RCPTs and DATA go as one group (the server
     offers PIPELINING); else each waits for its reply, as ``smtplib``.
     """
-    smtp.ehlo_or_helo_if_needed()
-    options: list[str] = []
-    if smtp.does_esmtp:
-        if smtp.has_extn("size"):
-            options.append(f"size={size}")
-        options.extend(mail_options)
-    recipients = [to_addrs] if isinstance(to_addrs, str) else list(to_addrs)
-    rcpt_list = list(rcpt_options)
-    rcpt_args = " " + " ".join(rcpt_list) if rcpt_list and smtp.does_esmtp else ""
-    mail = _command("mail", f"FROM:{smtplib.quoteaddr(from_addr)}{_mail_options(smtp, options)}")
-    rcpts = [_command("rcpt", f"TO:{smtplib.quoteaddr(r)}{rcpt_args}") for r in recipients]
+    recipients, mail, rcpts = _envelope(
+        smtp, from_addr, to_addrs, size, mail_options, rcpt_options
+    )
     if pipelined:
         smtp.send(mail + "".join(rcpts) + "data\r\n")
-        return _grouped_replies(smtp, from_addr, recipients, write_body)
+        return _end(smtp, write_body, _grouped_replies(smtp, from_addr, recipients))
     smtp.send(mail)
     code, resp = smtp.getreply()
     if code != 250:
@@ -155,6 +149,29 @@ def transaction(
     return _end(smtp, write_body, refused)
 
 
+def _envelope(
+    smtp: Any,
+    from_addr: str,
+    to_addrs: str | Iterable[str],
+    size: int,
+    mail_options: Iterable[str],
+    rcpt_options: Iterable[str],
+) -> tuple[list[str], str, list[str]]:
+    """``(recipients, MAIL command, RCPT commands)`` as ``smtplib`` writes them."""
+    smtp.ehlo_or_helo_if_needed()
+    options: list[str] = []
+    if smtp.does_esmtp:
+        if smtp.has_extn("size"):
+            options.append(f"size={size}")
+        options.extend(mail_options)
+    recipients = [to_addrs] if isinstance(to_addrs, str) else list(to_addrs)
+    rcpt_list = list(rcpt_options)
+    rcpt_args = " " + " ".join(rcpt_list) if rcpt_list and smtp.does_esmtp else ""
+    mail = _command("mail", f"FROM:{smtplib.quoteaddr(from_addr)}{_mail_options(smtp, options)}")
+    rcpts = [_command("rcpt", f"TO:{smtplib.quoteaddr(r)}{rcpt_args}") for r in recipients]
+    return recipients, mail, rcpts
+
+
 def _close_or_reset(smtp: Any, code: int) -> None:
     if code == 421:
         smtp.close()
@@ -174,9 +191,11 @@ def _end(
 
 
 def _grouped_replies(
-    smtp: Any, from_addr: str, recipients: list[str], write_body: Callable[[], None]
+    smtp: Any, from_addr: str, recipients: list[str]
 ) -> dict[str, tuple[int, bytes]]:
-    """The replies to MAIL, each RCPT and DATA sent as one group, in order."""
+    """The replies to MAIL, each RCPT and DATA sent as one group, in order:
+    the refused recipients once DATA got its 354; else the cleanup and the
+    exception ``smtplib`` would give."""
     code, resp = smtp.getreply()
     if code != 250:
         if code == 421:
@@ -202,7 +221,7 @@ def _grouped_replies(
     if code != 354:
         _close_or_reset(smtp, code)
         raise smtplib.SMTPDataError(code, resp)
-    return _end(smtp, write_body, refused)
+    return refused
 
 
 def _drain_group(smtp: Any, rcpts: int) -> None:
@@ -229,3 +248,173 @@ def _end_empty(smtp: Any) -> None:
         smtp.getreply()
     except smtplib.SMTPServerDisconnected:
         pass  # closed by smtplib; the refusal is what the caller hears
+
+
+# --- one connection, several messages in flight ------------------------------------
+
+
+class NotSent(smtplib.SMTPServerDisconnected):
+    """The connection was lost before this message's data was sent: the
+    server can't have accepted it, and it may go out on another connection."""
+
+
+class Pending:
+    """A message whose data was sent and whose end-of-data reply is unread."""
+
+    def __init__(self, pipeline: Pipeline, ticket: int, refused: dict[str, tuple[int, bytes]]):
+        self.pipeline = pipeline
+        self.ticket = ticket
+        self.refused = refused
+
+    def finish(self) -> dict[str, tuple[int, bytes]]:
+        """Read the end-of-data reply: the refused recipients, or the
+        exception ``smtplib`` would raise (no RSET: the transaction is over
+        either way, and the next message's commands may follow already)."""
+        return self.pipeline._finish(self)
+
+
+class Pipeline:
+    """The messages in flight on one ``smtplib`` connection, overlapped as
+    RFC 2920 allows: a message's envelope group (MAIL, RCPTs, DATA) may be
+    written while the previous message's end-of-data reply is still on its
+    way, so a connection that always has a next message ready costs about
+    one round trip per message.
+
+    Several threads may use one pipeline. Writes go in order (an envelope
+    waits until the message before has written the end of its data, for
+    the server reads that data first), and so do reads (each message reads
+    its replies when the replies before them have been read). Waits are
+    bounded by twice the connection's timeout (else 120 seconds).
+    """
+
+    def __init__(self, smtp: Any) -> None:
+        self.smtp = smtp
+        self.cond = threading.Condition()
+        self.issued = 0  # envelopes written
+        self.turn = 0  # the message whose replies are read next
+        self.writing = False  # a message between its envelope and its end of data
+
+    @classmethod
+    def of(cls, smtp: Any) -> Pipeline:
+        """The pipeline of connection ``smtp`` (made on first use)."""
+        pipeline = getattr(smtp, "_mailer_pipeline", None)
+        if pipeline is None:
+            pipeline = smtp._mailer_pipeline = cls(smtp)
+        return pipeline
+
+    @property
+    def broken(self) -> bool:
+        return self.smtp.sock is None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight on the connection (it may be closed or reused)."""
+        with self.cond:
+            return self.broken or (not self.writing and self.turn == self.issued)
+
+    def _bound(self) -> float:
+        timeout = self.smtp.timeout
+        return 2 * timeout if isinstance(timeout, (int, float)) and timeout > 0 else 120.0
+
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        """Wait (holding ``cond``) until ``ready()``; :class:`NotSent` if the
+        connection breaks or the bound passes first."""
+        deadline = time.monotonic() + self._bound()
+        while True:
+            if self.broken:
+                raise NotSent(f"the connection to the email server was lost before {what}")
+            if ready():
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.smtp.close()
+                self.cond.notify_all()
+                raise NotSent(f"gave up waiting for the connection before {what}")
+            self.cond.wait(remaining)
+
+    def wait_idle(self) -> None:
+        """Wait (bounded) until nothing is in flight: before closing."""
+        with self.cond:
+            try:
+                self._wait(lambda: not self.writing and self.turn == self.issued, "closing it")
+            except NotSent:
+                pass  # broken or late: closing it is all that is left
+
+    def send(
+        self,
+        from_addr: str,
+        to_addrs: str | Iterable[str],
+        *,
+        size: int,
+        write_body: Callable[[], None],
+        mail_options: Iterable[str] = (),
+        rcpt_options: Iterable[str] = (),
+    ) -> Pending:
+        """Write the envelope group, read its replies in turn, write the
+        data: the message is then :class:`Pending` until its ``finish()``.
+
+        Refusals raise as ``smtplib`` would (see the module doc);
+        :class:`NotSent` when the connection is lost before the data is sent.
+        """
+        smtp = self.smtp
+        with self.cond:
+            self._wait(lambda: not self.writing, "the message's turn to be written")
+            self.writing = True
+            ticket = self.issued
+            self.issued += 1
+        done = False  # the message needs no more reads (refused, or broken)
+        try:
+            try:
+                recipients, mail, rcpts = _envelope(
+                    smtp, from_addr, to_addrs, size, mail_options, rcpt_options
+                )
+                smtp.send(mail + "".join(rcpts) + "data\r\n")
+            except smtplib.SMTPServerDisconnected as exc:
+                done = True
+                raise NotSent(str(exc)) from exc
+            except BaseException:
+                done = True
+                raise
+            with self.cond:
+                self._wait(lambda: self.turn == ticket, "the message's replies")
+            try:
+                refused = _grouped_replies(smtp, from_addr, recipients)
+            except BaseException:
+                done = True
+                raise
+            try:
+                write_body()
+            except BaseException:
+                # Never end an incomplete message's data: close the
+                # connection mid-message, and the server drops what it has.
+                smtp.close()
+                done = True
+                raise
+            return Pending(self, ticket, refused)
+        finally:
+            with self.cond:
+                self.writing = False
+                if done and self.turn == ticket:
+                    self.turn = ticket + 1
+                self.cond.notify_all()
+
+    def _finish(self, pending: Pending) -> dict[str, tuple[int, bytes]]:
+        smtp = self.smtp
+        try:
+            with self.cond:
+                # Already ours unless the connection broke meanwhile.
+                if self.turn != pending.ticket:
+                    raise smtplib.SMTPServerDisconnected(
+                        "the connection to the email server was lost before the end of the data"
+                    )
+            code, resp = smtp.getreply()
+            if code != 250:
+                if code == 421:
+                    smtp.close()
+                raise smtplib.SMTPDataError(code, resp)
+            return pending.refused
+        finally:
+            with self.cond:
+                if self.turn == pending.ticket:
+                    self.turn = pending.ticket + 1
+                self.cond.notify_all()

@@ -251,6 +251,7 @@ class ScriptedServer:
     ``.`` for the end of the data, ``RSET``), or ``"CLOSE"`` to close the
     connection instead of answering; a 421 closes it after answering.
     ``endless_greeting``: ``220-`` lines every half second, never the last.
+    ``end_delay``: seconds of work before answering the end of the data.
     """
 
     def __init__(self, pipelining: bool = True) -> None:
@@ -258,6 +259,7 @@ class ScriptedServer:
         self.refuse: dict[str, str] = {}
         self.script: dict[tuple[str, int], str] = {}
         self.endless_greeting = False
+        self.end_delay = 0.0
         self.lines: list[tuple[int, int, str]] = []  # (connection, group, line)
         self.messages: list[dict] = []
         self.connections = 0
@@ -301,20 +303,36 @@ class ScriptedServer:
         pending: list[tuple[int, bytes]] = []
         buffer = b""
 
+        eof = False
+
+        def take(data: bytes) -> None:
+            nonlocal buffer
+            buffer += data
+            *complete, buffer = buffer.split(b"\n")
+            pending.extend((replies, line + b"\n") for line in complete)
+
         def reply(text: str) -> None:
-            nonlocal replies
+            # First take in what has arrived: it came before this reply.
+            nonlocal replies, eof
+            conn.setblocking(False)
+            try:
+                while not eof:
+                    data = conn.recv(65536)
+                    eof = not data
+                    take(data)
+            except BlockingIOError:
+                pass
+            finally:
+                conn.setblocking(True)
             conn.sendall(text.encode() + b"\r\n")
             replies += 1
 
         def next_line() -> tuple[int, bytes] | None:
-            nonlocal buffer
             while not pending:
-                data = conn.recv(65536)
+                data = b"" if eof else conn.recv(65536)
                 if not data:
                     return None
-                buffer += data
-                *complete, buffer = buffer.split(b"\n")
-                pending.extend((replies, line + b"\n") for line in complete)
+                take(data)
             return pending.pop(0)
 
         def scripted(command: str, default: str) -> str:
@@ -390,6 +408,8 @@ class ScriptedServer:
                             content.append(raw[1:] if raw.startswith(b".") else raw)
                         with self.lock:
                             self.lines.append((number, group, "."))
+                        if self.end_delay:
+                            time.sleep(self.end_delay)
                         answer = scripted(".", "250 2.0.0 queued")
                         if answer.startswith("250") and rcpts:
                             with self.lock:

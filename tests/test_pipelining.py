@@ -173,3 +173,117 @@ def test_deadline_per_reply_not_per_connection(scripted_server):
         time.sleep(0.3)
         assert pipelining.sendmail(smtp, "f@example.com", ["a@example.com"], MSG) == {}
     assert len(scripted_server.messages) == 3
+
+
+# --- several messages in flight on one connection (Pipeline) -------------------------
+
+
+def message(n: int) -> bytes:
+    return f"Subject: {n}\r\nMessage-ID: <m{n}@example.com>\r\n\r\nbody {n}\r\n".encode()
+
+
+def pipeline_send(pipe: pipelining.Pipeline, n: int, to: list[str] | None = None):
+    msg = message(n)
+    return pipe.send(
+        "f@example.com",
+        to or [f"r{n}@example.com"],
+        size=len(msg),
+        write_body=lambda: pipe.smtp.send(pipelining.quoted_body(msg)),
+    )
+
+
+def overlapped(server, first_to=None, second_to=None):
+    """M1 sent and pending; M2's envelope written behind it (from a second
+    thread, as a lane's second thread does); then M1 finished. Returns
+    (M1's outcome, M2's outcome): a refused dict or the exception."""
+    smtp = connect(server)
+    assert pipelining.offered(smtp)
+    pipe = pipelining.Pipeline.of(smtp)
+    outcomes: dict[str, object] = {}
+    first = pipeline_send(pipe, 1, first_to)
+
+    def second() -> None:
+        try:
+            outcomes["M2"] = pipeline_send(pipe, 2, second_to).finish()
+        except Exception as exc:
+            outcomes["M2"] = exc
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while pipe.issued < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert pipe.issued == 2  # M2's envelope is written before M1's reply is read
+    try:
+        outcomes["M1"] = first.finish()
+    except Exception as exc:
+        outcomes["M1"] = exc
+    thread.join(10)
+    return outcomes["M1"], outcomes["M2"], smtp
+
+
+def test_the_end_of_one_message_and_the_next_envelope_in_one_group(scripted_server):
+    scripted_server.end_delay = 0.2  # the provider's work on the end of the data
+    first, second, smtp = overlapped(scripted_server)
+    assert first == {} and second == {}
+    assert scripted_server.groups() == [
+        ["EHLO"],
+        ["MAIL", "RCPT", "DATA"],
+        [".", "MAIL", "RCPT", "DATA"],
+        ["."],
+    ]
+    assert scripted_server.message_ids() == ["<m1@example.com>", "<m2@example.com>"]
+    assert pipelining.Pipeline.of(smtp).idle
+
+
+def test_a_refused_end_of_data_does_not_touch_the_next_message(scripted_server):
+    scripted_server.end_delay = 0.1
+    scripted_server.script[(".", 1)] = "554 5.7.1 rejected"
+    first, second, _ = overlapped(scripted_server)
+    assert isinstance(first, smtplib.SMTPDataError) and first.smtp_code == 554
+    assert second == {}
+    # No RSET between them: it would have reset the next message's envelope.
+    assert "RSET" not in [v for g in scripted_server.groups() for v in g]
+    assert scripted_server.message_ids() == ["<m2@example.com>"]
+
+
+def test_partial_refusal_of_the_message_behind(scripted_server):
+    scripted_server.end_delay = 0.1
+    scripted_server.refuse["bad@example.com"] = "550 5.1.1 unknown"
+    first, second, _ = overlapped(scripted_server, second_to=["ok@example.com", "bad@example.com"])
+    assert first == {}
+    assert second == {"bad@example.com": (550, b"5.1.1 unknown")}
+    assert [m["to"] for m in scripted_server.messages] == [["r1@example.com"], ["ok@example.com"]]
+
+
+def test_421_to_the_end_of_data_leaves_the_next_message_unsent(scripted_server):
+    scripted_server.end_delay = 0.1
+    scripted_server.script[(".", 1)] = "421 4.3.2 going down"
+    first, second, smtp = overlapped(scripted_server)
+    assert isinstance(first, smtplib.SMTPDataError) and first.smtp_code == 421
+    assert isinstance(second, pipelining.NotSent)
+    assert smtp.sock is None
+    assert scripted_server.messages == []
+
+
+def test_connection_closed_after_the_last_group_while_two_are_in_flight(scripted_server):
+    scripted_server.end_delay = 0.1
+    scripted_server.script[(".", 1)] = "CLOSE"
+    first, second, _ = overlapped(scripted_server)
+    # M1's data was sent and its reply never came: its fate is unknown (it
+    # is retried with its Message-ID). M2 never got past its envelope.
+    assert isinstance(first, smtplib.SMTPServerDisconnected)
+    assert not isinstance(first, pipelining.NotSent)
+    assert isinstance(second, pipelining.NotSent)
+
+
+def test_refused_envelope_behind_a_pending_message(scripted_server):
+    scripted_server.end_delay = 0.1
+    scripted_server.script[("DATA", 2)] = "554 5.7.1 no"
+    first, second, smtp = overlapped(scripted_server)
+    assert first == {}
+    assert isinstance(second, smtplib.SMTPDataError) and second.smtp_code == 554
+    # The connection stays in step: RSET after the refused DATA, then more mail.
+    pipe = pipelining.Pipeline.of(smtp)
+    assert pipeline_send(pipe, 3).finish() == {}
+    assert scripted_server.message_ids() == ["<m1@example.com>", "<m3@example.com>"]
