@@ -26,6 +26,7 @@ import contextlib
 import logging
 import smtplib
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -336,27 +337,27 @@ def _deliver_one(
     except attachments.AttachmentUnavailable as exc:
         # A stored file changed or vanished while it was being streamed: the
         # connection was closed mid-message, nothing was accepted.
-        sender.close()
+        sender.discard(sender.used)
         _record_unavailable(message, result, str(exc))
         return None
     except Exception as exc:
         result.timed_out = _is_timeout(exc)
         try:
             with transaction.atomic(using=message._state.db):
-                new_connection, action = error_handler(sender.backend, message, exc)
+                new_connection, action = error_handler(sender.used, message, exc)
         except Exception as handler_exc:
-            sender.close()
+            sender.discard(sender.used)
             _record_unhandled(message, handler_exc, email)
             result.failed += 1
             return handler_exc
-        _signal_handled(action, message, email, exc, sender.backend)
+        _signal_handled(action, message, email, exc, sender.used)
         if action == "sent":
             result.sent += 1
         else:
             result.deferred += 1
             if _is_connection_failure(exc):
                 result.unreachable += 1
-                result.unreachable_error = describe_delivery_error(exc, sender.backend)
+                result.unreachable_error = describe_delivery_error(exc, sender.used)
         sender.replace(new_connection)
         return None
     note = ""
@@ -476,7 +477,19 @@ class _Lane:
     Each lane (a thread when there are several) has its own sending backend
     and, through Django's per-thread connections, its own database
     connection, closed when a pool lane ends.
+
+    Once the lane's connection sends through a pipeline (the server offers
+    PIPELINING, see ``mailer.pipelining``), a second thread joins the lane
+    on the same SMTP connection, with a database connection of its own:
+    while one thread waits for its message's end-of-data reply (inside that
+    message's own transaction), the other claims the next message and
+    writes its envelope behind it. Each message still has its own claim,
+    transaction and record.
     """
+
+    #: Messages the lane's first thread sends before a second one joins it
+    #: (a pass that sends one message never starts a thread for nothing).
+    PAIR_AFTER = 2
 
     def __init__(
         self,
@@ -507,40 +520,16 @@ class _Lane:
             queries = session.queries(self.queryset, self.db, self.lock_rows)
         else:
             queries = _PassQueries(self.queryset, self.db, self.lock_rows)
-        dont_send = DontSendSnapshot()  # read again by every pass
-        after = queries.first_key()
-        state = self.state
+        claims = _Claims(queries.first_key(), self.shared)
+        partner = _Partner(self, sender, claims)
         done = False
         try:
-            while state.reserve():
-                outcome: PassResult | None = None
-                unexpected: BaseException | None = None
-                try:
-                    throttle = conf.EMAIL_THROTTLE
-                    if throttle and self.pooled:
-                        state.pace(throttle, self.sleep)
-                    # Row-locking databases: claim, send and record in one
-                    # transaction. SQLite: no transaction around the SMTP talk.
-                    atomic = transaction.atomic(using=self.db) if self.lock_rows else None
-                    with atomic or contextlib.nullcontext():
-                        if self.shared is not None:
-                            message = self.shared.claim(queries.claim)
-                        else:
-                            message, after = queries.claim(after)
-                        if message is None:
-                            state.result.drained = True
-                            state.finish()
-                            break
-                        outcome = PassResult()
-                        unexpected = _deliver_one(
-                            message, queries, dont_send, sender, self.error_handler, outcome
-                        )
-                finally:
-                    state.settle(outcome, unexpected)
-                if throttle and not self.pooled and outcome is not None and outcome.sent:
-                    self.sleep(throttle)  # 2.3.2: a nap after each sent message
+            self._loop(sender, queries, claims, partner.start_if_due)
             done = True
         finally:
+            if not done:
+                self.state.finish()
+            partner.join()  # it finishes and records what it has in flight
             if done and session is not None:
                 session.keep(sender)
                 if self.reuse_queries:
@@ -549,6 +538,114 @@ class _Lane:
                 sender.close()
             if self.pooled:
                 connections.close_all()  # this thread's own connections
+        if partner.error is not None:
+            raise partner.error
+
+    def _loop(
+        self,
+        sender: _Sender,
+        queries: _PassQueries,
+        claims: _Claims,
+        after_message: Callable[[], None] | None = None,
+    ) -> None:
+        dont_send = DontSendSnapshot()  # read again by every pass
+        state = self.state
+        while state.reserve():
+            outcome: PassResult | None = None
+            unexpected: BaseException | None = None
+            try:
+                throttle = conf.EMAIL_THROTTLE
+                if throttle and self.pooled:
+                    state.pace(throttle, self.sleep)
+                # Row-locking databases: claim, send and record in one
+                # transaction. SQLite: no transaction around the SMTP talk.
+                atomic = transaction.atomic(using=self.db) if self.lock_rows else None
+                with atomic or contextlib.nullcontext():
+                    message = claims.next(queries)
+                    if message is None:
+                        state.result.drained = True
+                        state.finish()
+                        break
+                    outcome = PassResult()
+                    unexpected = _deliver_one(
+                        message, queries, dont_send, sender, self.error_handler, outcome
+                    )
+            finally:
+                state.settle(outcome, unexpected)
+            if throttle and not self.pooled and outcome is not None and outcome.sent:
+                self.sleep(throttle)  # 2.3.2: a nap after each sent message
+            if after_message is not None:
+                after_message()
+
+
+class _Claims:
+    """Where a thread of a lane claims its next message: after its own
+    keyset position, or through the cursor the threads share where there
+    are no row locks (SQLite)."""
+
+    def __init__(self, after: tuple[Any, ...], shared: SharedCursor | None) -> None:
+        self.after = after
+        self.shared = shared
+
+    def next(self, queries: _PassQueries) -> Message | None:
+        if self.shared is not None:
+            message: Message | None = self.shared.claim(queries.claim)
+            return message
+        message, self.after = queries.claim(self.after)
+        return message
+
+    def pair(self, lock_rows: bool) -> _Claims:
+        """The claims of a second thread of the lane (called by the first)."""
+        if not lock_rows and self.shared is None:
+            self.shared = SharedCursor(self.after)
+        return _Claims(self.after, self.shared)
+
+
+class _Partner:
+    """The second thread of a lane whose connection pipelines."""
+
+    def __init__(self, lane: _Lane, sender: _Sender, claims: _Claims) -> None:
+        self.lane = lane
+        self.sender = sender
+        self.claims = claims
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.seen = 0
+
+    def start_if_due(self) -> None:
+        """After each message of the lane's first thread: join it now?"""
+        if self.thread is not None:
+            return
+        self.seen += 1
+        lane = self.lane
+        if (
+            self.seen < lane.PAIR_AFTER
+            or not self.sender.pipelining
+            or not conf.SMTP_PIPELINING
+            or conf.EMAIL_THROTTLE
+            or lane.state.stopping
+        ):
+            return
+        claims = self.claims.pair(lane.lock_rows)
+        self.thread = threading.Thread(
+            target=self._run, args=(claims,), name="mailer-lane-pipelined", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, claims: _Claims) -> None:
+        lane = self.lane
+        try:
+            queries = _PassQueries(lane.queryset, lane.db, lane.lock_rows)
+            lane._loop(self.sender, queries, claims)
+        except BaseException as exc:
+            lane.state.finish()
+            self.error = exc
+        finally:
+            connections.close_all()  # this thread's own connections
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
 
 
 def _as_queryset(messages: Any) -> MessageQuerySet:

@@ -37,7 +37,16 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["NotSent", "Pending", "Pipeline", "offered", "quoted_body", "sendmail", "transaction"]
+__all__ = [
+    "NotSent",
+    "Pending",
+    "Pipeline",
+    "data_writer",
+    "offered",
+    "quoted_body",
+    "sendmail",
+    "transaction",
+]
 
 _CRLF = b"\r\n"
 _PERIODS = re.compile(rb"(?m)^\.")
@@ -56,6 +65,12 @@ def quoted_body(msg: bytes) -> bytes:
     if not quoted.endswith(_CRLF):
         quoted += _CRLF
     return quoted + b"." + _CRLF
+
+
+def data_writer(smtp: Any, msg: bytes | str) -> tuple[int, Callable[[], None]]:
+    """``(size, write)`` for ``msg`` as ``smtplib.SMTP.sendmail`` sends it."""
+    body = smtplib._fix_eols(msg).encode("ascii") if isinstance(msg, str) else msg  # type: ignore[attr-defined]
+    return len(body), lambda: smtp.send(quoted_body(body))
 
 
 def _command(cmd: str, args: str) -> str:
@@ -89,13 +104,13 @@ def sendmail(
     (else ``smtplib``'s own)."""
     if not offered(smtp):
         return smtplib.SMTP.sendmail(smtp, from_addr, to_addrs, msg, mail_options, rcpt_options)
-    body = smtplib._fix_eols(msg).encode("ascii") if isinstance(msg, str) else msg  # type: ignore[attr-defined]
+    size, write_body = data_writer(smtp, msg)
     return transaction(
         smtp,
         from_addr,
         to_addrs,
-        size=len(body),
-        write_body=lambda: smtp.send(quoted_body(body)),
+        size=size,
+        write_body=write_body,
         mail_options=mail_options,
         rcpt_options=rcpt_options,
         pipelined=True,
@@ -293,6 +308,8 @@ class Pipeline:
         self.issued = 0  # envelopes written
         self.turn = 0  # the message whose replies are read next
         self.writing = False  # a message between its envelope and its end of data
+        self.failure: BaseException | None = None  # what broke the connection
+        self.retired = False  # being closed: no new message on it
 
     @classmethod
     def of(cls, smtp: Any) -> Pipeline:
@@ -322,7 +339,9 @@ class Pipeline:
         deadline = time.monotonic() + self._bound()
         while True:
             if self.broken:
-                raise NotSent(f"the connection to the email server was lost before {what}")
+                raise NotSent(
+                    f"the connection to the email server was lost before {what}"
+                ) from self.failure
             if ready():
                 return
             remaining = deadline - time.monotonic()
@@ -332,9 +351,11 @@ class Pipeline:
                 raise NotSent(f"gave up waiting for the connection before {what}")
             self.cond.wait(remaining)
 
-    def wait_idle(self) -> None:
-        """Wait (bounded) until nothing is in flight: before closing."""
+    def retire(self) -> None:
+        """No new message on this connection; wait (bounded) until the
+        messages in flight are done, so that it can be closed."""
         with self.cond:
+            self.retired = True
             try:
                 self._wait(lambda: not self.writing and self.turn == self.issued, "closing it")
             except NotSent:
@@ -356,63 +377,78 @@ class Pipeline:
         Refusals raise as ``smtplib`` would (see the module doc);
         :class:`NotSent` when the connection is lost before the data is sent.
         """
-        smtp = self.smtp
         with self.cond:
             self._wait(lambda: not self.writing, "the message's turn to be written")
+            if self.retired:
+                raise NotSent("the connection to the email server is being closed")
             self.writing = True
-            ticket = self.issued
-            self.issued += 1
-        done = False  # the message needs no more reads (refused, or broken)
+        ticket: list[int] = []  # set once the envelope is written
         try:
-            try:
-                recipients, mail, rcpts = _envelope(
-                    smtp, from_addr, to_addrs, size, mail_options, rcpt_options
-                )
-                smtp.send(mail + "".join(rcpts) + "data\r\n")
-            except smtplib.SMTPServerDisconnected as exc:
-                done = True
-                raise NotSent(str(exc)) from exc
-            except BaseException:
-                done = True
-                raise
-            with self.cond:
-                self._wait(lambda: self.turn == ticket, "the message's replies")
-            try:
-                refused = _grouped_replies(smtp, from_addr, recipients)
-            except BaseException:
-                done = True
-                raise
-            try:
-                write_body()
-            except BaseException:
-                # Never end an incomplete message's data: close the
-                # connection mid-message, and the server drops what it has.
-                smtp.close()
-                done = True
-                raise
-            return Pending(self, ticket, refused)
+            return self._send(
+                ticket, from_addr, to_addrs, size, write_body, mail_options, rcpt_options
+            )
+        except BaseException as exc:
+            if self.broken and self.failure is None:
+                self.failure = exc
+            with self.cond:  # nothing more to read for this message
+                if ticket and self.turn == ticket[0]:
+                    self.turn = ticket[0] + 1
+            raise
         finally:
             with self.cond:
                 self.writing = False
-                if done and self.turn == ticket:
-                    self.turn = ticket + 1
                 self.cond.notify_all()
+
+    def _send(
+        self,
+        ticket: list[int],
+        from_addr: str,
+        to_addrs: str | Iterable[str],
+        size: int,
+        write_body: Callable[[], None],
+        mail_options: Iterable[str],
+        rcpt_options: Iterable[str],
+    ) -> Pending:
+        smtp = self.smtp
+        recipients, mail, rcpts = _envelope(smtp, from_addr, to_addrs, size, mail_options, rcpt_options)
+        with self.cond:
+            ticket.append(self.issued)
+            self.issued += 1
+        try:
+            smtp.send(mail + "".join(rcpts) + "data\r\n")
+        except smtplib.SMTPServerDisconnected as exc:
+            raise NotSent(str(exc)) from (self.failure or exc)
+        with self.cond:
+            self._wait(lambda: self.turn == ticket[0], "the message's replies")
+        refused = _grouped_replies(smtp, from_addr, recipients)
+        try:
+            write_body()
+        except BaseException:
+            # Never end an incomplete message's data: close the connection
+            # mid-message, and the server drops what it has.
+            smtp.close()
+            raise
+        return Pending(self, ticket[0], refused)
 
     def _finish(self, pending: Pending) -> dict[str, tuple[int, bytes]]:
         smtp = self.smtp
         try:
             with self.cond:
-                # Already ours unless the connection broke meanwhile.
-                if self.turn != pending.ticket:
+                # Ours, unless the connection broke meanwhile.
+                if self.turn != pending.ticket or self.broken:
                     raise smtplib.SMTPServerDisconnected(
                         "the connection to the email server was lost before the end of the data"
-                    )
+                    ) from self.failure
             code, resp = smtp.getreply()
             if code != 250:
                 if code == 421:
                     smtp.close()
                 raise smtplib.SMTPDataError(code, resp)
             return pending.refused
+        except BaseException as exc:
+            if self.broken and self.failure is None:
+                self.failure = exc
+            raise
         finally:
             with self.cond:
                 if self.turn == pending.ticket:

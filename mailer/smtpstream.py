@@ -39,12 +39,21 @@ import base64
 import copy
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from mailer import attachments, pipelining
 from mailer.attachments import StoredAttachment
 
-__all__ = ["SAMPLE_BYTES", "Plan", "PlanMismatch", "plan_for", "sendmail", "streamable"]
+__all__ = [
+    "SAMPLE_BYTES",
+    "Plan",
+    "PlanMismatch",
+    "data_writer",
+    "plan_for",
+    "sendmail",
+    "streamable",
+]
 
 #: Random bytes standing in for an attachment while Django renders the
 #: message: three full base64 lines (57 bytes each).
@@ -201,31 +210,38 @@ def sendmail(
     msg: bytes,
     mail_options: Any = (),
     rcpt_options: Any = (),
-    *,
-    pipelined: bool = False,
 ) -> dict[str, tuple[int, bytes]]:
     """``smtplib.SMTP.sendmail(from_addr, to_addrs, msg)``, the planned
     attachments streamed from the storage into the DATA.
 
     Same commands, replies, exceptions and return value as ``smtplib``'s;
-    with ``pipelined`` (and a server that offers PIPELINING) the commands
-    are grouped as :mod:`mailer.pipelining` does. :class:`PlanMismatch`
-    before any command if ``msg`` is not as planned;
+    :class:`PlanMismatch` before any command if ``msg`` is not as planned;
     :class:`AttachmentUnavailable` (the connection closed, the message not
     accepted) if a file can't be read or is not what was stored.
     """
-    segments = plan.segments(msg)
-    size = sum(len(s) if isinstance(s, bytes) else encoded_size(s[0].size, s[1]) for s in segments)
+    size, write_body = data_writer(plan, smtp, msg)
     return pipelining.transaction(
         smtp,
         from_addr,
         to_addrs,
         size=size,
-        write_body=lambda: _write_data(smtp, segments, plan),
+        write_body=write_body,
         mail_options=mail_options,
         rcpt_options=rcpt_options,
-        pipelined=pipelined and pipelining.offered(smtp),
+        pipelined=False,
     )
+
+
+def data_writer(plan: Plan, smtp: Any, msg: bytes) -> tuple[int, Callable[[], None]]:
+    """``(size, write)``: the DATA's size as sent and a function writing it
+    to ``smtp`` with the planned attachments streamed (for a pipelined
+    transaction, :class:`mailer.pipelining.Pipeline`).
+
+    :class:`PlanMismatch` (nothing sent) if ``msg`` is not as planned.
+    """
+    segments = plan.segments(msg)
+    size = sum(len(s) if isinstance(s, bytes) else encoded_size(s[0].size, s[1]) for s in segments)
+    return size, lambda: _write_data(smtp, segments, plan)
 
 
 def _write_data(smtp: Any, segments: list[Any], plan: Plan) -> None:
