@@ -112,6 +112,8 @@ LATENCY_VARIANTS = [
     ("lat_ours_c10_nopipe", "ours", "postgres", "ours, --concurrency 10, MAILER_SMTP_PIPELINING = False",
      "fast", {"concurrency": 10, "pipelining": False}),
     ("lat_ours_c10", "ours", "postgres", "ours, --concurrency 10, pipelining", "fast", {"concurrency": 10}),
+    ("lat_ours_c10_sqlite_nopipe", "ours", "sqlite", "ours, --concurrency 10, MAILER_SMTP_PIPELINING = False",
+     "fast", {"concurrency": 10, "pipelining": False}),
     ("lat_ours_c10_sqlite", "ours", "sqlite", "ours, --concurrency 10, pipelining", "fast", {"concurrency": 10}),
 ]
 LATENCY_QUICK = ["lat_ours_c10_sqlite"]
