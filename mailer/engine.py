@@ -26,7 +26,6 @@ import contextlib
 import logging
 import smtplib
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,7 +73,7 @@ from mailer.outcomes import (
     _record_unusable,
     _signal_handled,
 )
-from mailer.pool import PassState, SharedCursor, run_lanes
+from mailer.pool import Claims, PassState, SecondThread, SharedCursor, run_lanes
 
 logger = logging.getLogger(__name__)
 
@@ -520,8 +519,13 @@ class _Lane:
             queries = session.queries(self.queryset, self.db, self.lock_rows)
         else:
             queries = _PassQueries(self.queryset, self.db, self.lock_rows)
-        claims = _Claims(queries.first_key(), self.shared)
-        partner = _Partner(self, sender, claims)
+        claims = Claims(queries.first_key(), self.shared)
+        partner = SecondThread(
+            self.state,
+            after=self.PAIR_AFTER,
+            due=lambda: sender.pipelining and conf.SMTP_PIPELINING and not conf.EMAIL_THROTTLE,
+            prepare=lambda: self._partner(sender, claims.pair(self.lock_rows)),
+        )
         done = False
         try:
             self._loop(sender, queries, claims, partner.start_if_due)
@@ -541,11 +545,24 @@ class _Lane:
         if partner.error is not None:
             raise partner.error
 
+    def _partner(self, sender: _Sender, claims: Claims) -> Callable[[], None]:
+        """What the lane's second thread runs: the same loop, on the same
+        SMTP connection, with its own database connection."""
+
+        def run() -> None:
+            try:
+                queries = _PassQueries(self.queryset, self.db, self.lock_rows)
+                self._loop(sender, queries, claims)
+            finally:
+                connections.close_all()  # this thread's own connections
+
+        return run
+
     def _loop(
         self,
         sender: _Sender,
         queries: _PassQueries,
-        claims: _Claims,
+        claims: Claims,
         after_message: Callable[[], None] | None = None,
     ) -> None:
         dont_send = DontSendSnapshot()  # read again by every pass
@@ -576,76 +593,6 @@ class _Lane:
                 self.sleep(throttle)  # 2.3.2: a nap after each sent message
             if after_message is not None:
                 after_message()
-
-
-class _Claims:
-    """Where a thread of a lane claims its next message: after its own
-    keyset position, or through the cursor the threads share where there
-    are no row locks (SQLite)."""
-
-    def __init__(self, after: tuple[Any, ...], shared: SharedCursor | None) -> None:
-        self.after = after
-        self.shared = shared
-
-    def next(self, queries: _PassQueries) -> Message | None:
-        if self.shared is not None:
-            message: Message | None = self.shared.claim(queries.claim)
-            return message
-        message, self.after = queries.claim(self.after)
-        return message
-
-    def pair(self, lock_rows: bool) -> _Claims:
-        """The claims of a second thread of the lane (called by the first)."""
-        if not lock_rows and self.shared is None:
-            self.shared = SharedCursor(self.after)
-        return _Claims(self.after, self.shared)
-
-
-class _Partner:
-    """The second thread of a lane whose connection pipelines."""
-
-    def __init__(self, lane: _Lane, sender: _Sender, claims: _Claims) -> None:
-        self.lane = lane
-        self.sender = sender
-        self.claims = claims
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-        self.seen = 0
-
-    def start_if_due(self) -> None:
-        """After each message of the lane's first thread: join it now?"""
-        if self.thread is not None:
-            return
-        self.seen += 1
-        lane = self.lane
-        if (
-            self.seen < lane.PAIR_AFTER
-            or not self.sender.pipelining
-            or not conf.SMTP_PIPELINING
-            or conf.EMAIL_THROTTLE
-            or lane.state.stopping
-        ):
-            return
-        claims = self.claims.pair(lane.lock_rows)
-        self.thread = threading.Thread(
-            target=self._run, args=(claims,), name="mailer-lane-pipelined", daemon=True
-        )
-        self.thread.start()
-
-    def _run(self, claims: _Claims) -> None:
-        lane = self.lane
-        try:
-            queries = _PassQueries(lane.queryset, lane.db, lane.lock_rows)
-            lane._loop(self.sender, queries, claims)
-        except BaseException as exc:
-            lane.state.finish()
-            self.error = exc
-        finally:
-            connections.close_all()  # this thread's own connections
-
-    def join(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
 
 
 def _as_queryset(messages: Any) -> MessageQuerySet:
