@@ -288,6 +288,9 @@ class Pending:
         return self.pipeline._finish(self)
 
 
+_MAKING = threading.Lock()
+
+
 class Pipeline:
     """The messages in flight on one ``smtplib`` connection, overlapped as
     RFC 2920 allows: a message's envelope group (MAIL, RCPTs, DATA) may be
@@ -314,10 +317,11 @@ class Pipeline:
     @classmethod
     def of(cls, smtp: Any) -> Pipeline:
         """The pipeline of connection ``smtp`` (made on first use)."""
-        pipeline = getattr(smtp, "_mailer_pipeline", None)
-        if pipeline is None:
-            pipeline = smtp._mailer_pipeline = cls(smtp)
-        return pipeline
+        with _MAKING:
+            pipeline = getattr(smtp, "_mailer_pipeline", None)
+            if pipeline is None:
+                pipeline = smtp._mailer_pipeline = cls(smtp)
+            return pipeline
 
     @property
     def broken(self) -> bool:

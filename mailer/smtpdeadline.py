@@ -85,8 +85,10 @@ class _Deadlines:
     file: Any
 
     def getreply(self) -> tuple[int, bytes]:
+        if self.sock is None:  # closed (smtplib itself would fail on None.makefile)
+            raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
         limit = self.timeout
-        if not isinstance(limit, (int, float)) or limit <= 0 or self.sock is None:
+        if not isinstance(limit, (int, float)) or limit <= 0:
             return super().getreply()  # type: ignore[misc]  # no timeout: smtplib's own
         reader = self.file
         if not isinstance(reader, _DeadlineReader) or reader.sock is not self.sock:

@@ -84,6 +84,17 @@ def test_a_pass_sends_each_envelope_as_one_group_and_overlaps_messages(settings,
     assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == 8
 
 
+def test_max_batch_counts_both_threads_of_a_lane(settings, scripted_server):
+    use(settings, scripted_server)
+    scripted_server.end_delay = 0.02
+    settings.MAILER_EMAIL_MAX_BATCH = 5
+    queue(12)
+    result = send_all()
+    assert result.sent == 5
+    assert len(scripted_server.message_ids()) == 5
+    assert Message.objects.count() == 7
+
+
 @pytest.mark.parametrize("why", ["setting off", "not offered", "another backend"])
 def test_command_by_command_otherwise(settings, why):
     server = ScriptedServer(pipelining=why != "not offered")
