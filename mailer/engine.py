@@ -445,6 +445,9 @@ def send_all(
         lane = _Lane(queryset, db, lock_rows, error_handler, state, shared, sleep, lanes)
         lane.session = session
         lane.reuse_queries = session is not None and default_queue and lanes == 1
+        # A second thread sees only what is committed: not a pass called
+        # inside a transaction (an atomic block, a TestCase).
+        lane.pairable = not connections[db].in_atomic_block
         run_lanes(lanes, lane.run, state)
     finally:
         if lock is not None:
@@ -511,6 +514,7 @@ class _Lane:
         self.pooled = lanes > 1
         self.session: Session | None = None
         self.reuse_queries = False
+        self.pairable = True
 
     def run(self) -> None:
         session = self.session
@@ -523,7 +527,12 @@ class _Lane:
         partner = SecondThread(
             self.state,
             after=self.PAIR_AFTER,
-            due=lambda: sender.pipelining and conf.SMTP_PIPELINING and not conf.EMAIL_THROTTLE,
+            due=lambda: (
+                self.pairable
+                and sender.pipelining
+                and conf.SMTP_PIPELINING
+                and not conf.EMAIL_THROTTLE
+            ),
             prepare=lambda: self._partner(sender, claims.pair(self.lock_rows)),
         )
         done = False

@@ -233,3 +233,18 @@ def test_runmailer_honours_sigterm_during_an_endless_greeting(manage, scripted_s
         proc.stdout.close()
         proc.stderr.close()
     assert Message.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=False)
+def test_a_pass_inside_a_transaction_groups_but_works_alone(settings, scripted_server):
+    """A TestCase, or send_all() in an atomic block: a second thread would
+    not see the uncommitted queue, so the lane works alone (still grouped)."""
+    use(settings, scripted_server)
+    ids = queue(5)
+    result = send_all()
+    assert (result.sent, result.deferred, result.failed) == (5, 0, 0)
+    assert sorted(scripted_server.message_ids()) == sorted(ids)
+    groups = verbs(scripted_server)
+    assert ["MAIL", "RCPT", "DATA"] in groups
+    assert [".", "MAIL", "RCPT", "DATA"] not in groups
+    assert not Message.objects.exists()
