@@ -7,6 +7,7 @@ from __future__ import annotations
 import smtplib
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -287,3 +288,73 @@ def test_refused_envelope_behind_a_pending_message(scripted_server):
     pipe = pipelining.Pipeline.of(smtp)
     assert pipeline_send(pipe, 3).finish() == {}
     assert scripted_server.message_ids() == ["<m1@example.com>", "<m3@example.com>"]
+
+
+# --- the opener over TLS (STARTTLS + login, and implicit TLS) --------------------------
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    import shutil
+    import subprocess
+
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("needs the openssl command")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.parametrize("mode", ["starttls", "ssl"])
+def test_the_opener_does_what_djangos_open_does_over_tls(tls_files, mode):
+    import ssl
+
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
+    from django.core.mail import EmailMessage
+    from django.core.mail.backends.smtp import EmailBackend
+
+    from mailer.smtpdeadline import DeadlineSMTP_SSL, open_backend
+    from tests.conftest import free_port
+
+    cert, key = tls_files
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    received = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            received.append((session.authenticated, envelope.content))
+            return "250 OK"
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        return AuthResult(success=(auth_data.login, auth_data.password) == (b"user", b"secret"))
+
+    port = free_port()
+    tls = {"tls_context": server_context, "require_starttls": True} if mode == "starttls" else {
+        # aiosmtpd does not count implicit TLS as TLS for AUTH.
+        "ssl_context": server_context, "auth_require_tls": False}
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port, authenticator=authenticator,
+                            **tls)
+    controller.start()
+    try:
+        with warnings.catch_warnings():  # Django 6.1 prefers mail.mailers; fine in a test
+            warnings.simplefilter("ignore")
+            backend = EmailBackend(host="127.0.0.1", port=port, username="user", password="secret",
+                                   use_tls=mode == "starttls", use_ssl=mode == "ssl", timeout=5)
+        backend.ssl_context = ssl.create_default_context(cafile=cert)
+        assert open_backend(backend) is True
+        expected = DeadlineSMTP_SSL if mode == "ssl" else DeadlineSMTP
+        assert type(backend.connection) is expected
+        message = EmailMessage("S", "B", "from@example.com", ["to@example.com"])
+        assert backend.send_messages([message]) == 1
+        backend.close()
+    finally:
+        controller.stop()
+    assert len(received) == 1 and received[0][0]  # authenticated, over TLS
