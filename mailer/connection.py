@@ -118,6 +118,11 @@ class _Sender:
             return True
         return self.reused and isinstance(exc, (smtplib.SMTPServerDisconnected, ConnectionError))
 
+    def may_pair(self) -> bool:
+        """May a second thread join the lane on this connection? (It
+        pipelines, and no throttle paces the lane.)"""
+        return self.pipelining and conf.SMTP_PIPELINING and not conf.EMAIL_THROTTLE
+
     def finish(self) -> None:
         """Read the end-of-data reply of the message this thread sent
         through a pipeline (raises as ``smtplib`` would)."""

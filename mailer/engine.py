@@ -51,7 +51,7 @@ from mailer.connection import (
     _send,
     _Sender,
 )
-from mailer.errors import _error_text, describe_delivery_error
+from mailer.errors import _error_text, _is_connection_failure, describe_delivery_error
 from mailer.models import (
     RESULT_FAILURE,
     RESULT_SUCCESS,
@@ -369,17 +369,6 @@ def _deliver_one(
     return None
 
 
-def _is_connection_failure(exc: BaseException) -> bool:
-    """Was the mail server out of reach (not an answer it gave)? Refused,
-    unreachable, unresolvable, timed out, hung up, or a greeting refusing
-    the connection."""
-    if isinstance(exc, (smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected)):
-        return True
-    if isinstance(exc, smtplib.SMTPException):
-        return False
-    return isinstance(exc, OSError)
-
-
 def _limits_reached(result: PassResult, in_flight: int = 0) -> bool:
     """``MAILER_EMAIL_MAX_BATCH``/``MAX_DEFERRED`` reached, counting the
     messages other lanes have in flight as sent (so the batch is never
@@ -480,17 +469,12 @@ class _Lane:
     and, through Django's per-thread connections, its own database
     connection, closed when a pool lane ends.
 
-    Once the lane's connection sends through a pipeline (the server offers
-    PIPELINING, see ``mailer.pipelining``), a second thread joins the lane
-    on the same SMTP connection, with a database connection of its own:
-    while one thread waits for its message's end-of-data reply (inside that
-    message's own transaction), the other claims the next message and
-    writes its envelope behind it. Each message still has its own claim,
-    transaction and record.
+    When its connection pipelines (``mailer.pipelining``), a second thread
+    with its own database connection joins the lane: it claims the next
+    message and writes its envelope while the first waits for its reply.
     """
 
-    #: Messages the lane's first thread sends before a second one joins it
-    #: (a pass that sends one message never starts a thread for nothing).
+    #: Messages the first thread sends before a second one joins it.
     PAIR_AFTER = 2
 
     def __init__(
@@ -527,12 +511,7 @@ class _Lane:
         partner = SecondThread(
             self.state,
             after=self.PAIR_AFTER,
-            due=lambda: (
-                self.pairable
-                and sender.pipelining
-                and conf.SMTP_PIPELINING
-                and not conf.EMAIL_THROTTLE
-            ),
+            due=lambda: self.pairable and sender.may_pair(),
             prepare=lambda: self._partner(sender, claims.pair(self.lock_rows)),
         )
         done = False
@@ -555,8 +534,7 @@ class _Lane:
             raise partner.error
 
     def _partner(self, sender: _Sender, claims: Claims) -> Callable[[], None]:
-        """What the lane's second thread runs: the same loop, on the same
-        SMTP connection, with its own database connection."""
+        """The second thread's loop: this connection, its own database one."""
 
         def run() -> None:
             try:
