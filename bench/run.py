@@ -47,7 +47,8 @@ SIDES = {
 }
 SIDE_ORDER = ["dm232", "ours"]
 
-SCENARIO_ORDER = ["enqueue", "drain", "dummy", "memory", "runmailer_pg", "workers4", "attachments", "provider"]
+SCENARIO_ORDER = ["enqueue", "drain", "dummy", "memory", "runmailer_pg", "workers4", "attachments", "provider",
+                  "latency"]
 SCENARIO_DBS = {
     "enqueue": ["sqlite", "postgres"],
     "drain": ["sqlite", "postgres"],
@@ -57,6 +58,7 @@ SCENARIO_DBS = {
     "workers4": ["postgres"],
     "attachments": ["sqlite", "postgres"],
     "provider": ["sqlite", "postgres"],
+    "latency": ["sqlite", "postgres"],
 }
 
 # The provider scenario: an SMTP sink that answers like a provider 20 ms away
@@ -89,10 +91,38 @@ PROVIDER_VARIANTS = [
 # message count); 2.3.2 and the other configurations share their code paths.
 PROVIDER_QUICK = ["post_office_t10", "ours_c10_sqlite"]
 
+# The latency scenario: a latency line (a TCP relay holding every byte 10 ms
+# each way: a 20 ms round trip) in front of a fast sink that offers
+# PIPELINING and does the provider's 50 ms of end-of-data work. smtplib pays
+# 4 round trips + 50 ms = 130 ms a message (7.7 msgs/s a connection).
+LATENCY_LINE = {"line": 10, "data_end": 50, "pipelining": True}
+LATENCY_CONNECTION_LIMIT = 1000.0 / (4 * 2 * LATENCY_LINE["line"] + LATENCY_LINE["data_end"])
+LATENCY_VARIANTS = [
+    ("lat_ceiling_1", "ours", "sqlite", "reference: smtplib, 1 connection, no queue", "c1",
+     {"client": "smtplib", "connections": 1}),
+    ("lat_ceiling_10", "ours", "sqlite", "reference: smtplib, 10 connections, no queue", "fast",
+     {"client": "smtplib", "connections": 10}),
+    ("lat_dm232", "dm232", "postgres", "django-mailer 2.3.2, send_mail", "slow", {}),
+    ("lat_post_office_t10", "post_office", "postgres",
+     "django-post_office %s, send_queued_mail, 1 process x 10 threads" % POST_OFFICE_VERSION[:-2], "fast",
+     {"threads": 10}),
+    ("lat_ours_c1_nopipe", "ours", "postgres", "ours, --concurrency 1, MAILER_SMTP_PIPELINING = False", "c1",
+     {"concurrency": 1, "pipelining": False}),
+    ("lat_ours_c1", "ours", "postgres", "ours, --concurrency 1, pipelining", "c1", {"concurrency": 1}),
+    ("lat_ours_c10_nopipe", "ours", "postgres", "ours, --concurrency 10, MAILER_SMTP_PIPELINING = False",
+     "fast", {"concurrency": 10, "pipelining": False}),
+    ("lat_ours_c10", "ours", "postgres", "ours, --concurrency 10, pipelining", "fast", {"concurrency": 10}),
+    ("lat_ours_c10_sqlite_nopipe", "ours", "sqlite", "ours, --concurrency 10, MAILER_SMTP_PIPELINING = False",
+     "fast", {"concurrency": 10, "pipelining": False}),
+    ("lat_ours_c10_sqlite", "ours", "sqlite", "ours, --concurrency 10, pipelining", "fast", {"concurrency": 10}),
+]
+LATENCY_QUICK = ["lat_ours_c10_sqlite"]
+
 FULL = {"n": 10000, "sizes": [1000, 10000, 50000], "singles": 200, "burst": 2000, "runs": 3, "mem_runs": 1,
-        "att_mb": [20, 100], "provider": {"slow": 12, "c1": 30, "fast": 300}}
+        "att_mb": [20, 100], "provider": {"slow": 12, "c1": 30, "fast": 300},
+        "latency": {"slow": 12, "c1": 40, "fast": 400}}
 QUICK = {"n": 200, "sizes": [50, 300], "singles": 10, "burst": 100, "runs": 1, "mem_runs": 1, "att_mb": [2],
-         "provider": {"slow": 3, "c1": 5, "fast": 20}}
+         "provider": {"slow": 3, "c1": 5, "fast": 20}, "latency": {"slow": 3, "c1": 5, "fast": 20}}
 
 # (key, label, unit, higher_is_better)
 METRICS = {
@@ -444,6 +474,7 @@ def short_summary(scenario, res):
         "workers4": ["msgs_per_s", "duplicates", "lost"],
         "attachments": [k for k in m if k.startswith(("send_rss_mb_", "send_stored_vs"))],
         "provider": ["msgs_per_s", "delivered", "duplicates", "connections"],
+        "latency": ["msgs_per_s", "delivered", "duplicates", "connections"],
     }[scenario]
     parts = ["%s=%s" % (k, fmt(m.get(k))) for k in keys]
     bad = [c for c in res.get("checks", []) if not c["ok"]]
@@ -559,8 +590,13 @@ def main(argv=None):
         keys = PROVIDER_QUICK if args.quick else [v[0] for v in PROVIDER_VARIANTS]
         provider_variants = [v for v in PROVIDER_VARIANTS
                              if v[0] in keys and v[2] in dbs and (not args.only or v[1] == args.only)]
+    latency_variants = []
+    if "latency" in scenarios:
+        keys = LATENCY_QUICK if args.quick else [v[0] for v in LATENCY_VARIANTS]
+        latency_variants = [v for v in LATENCY_VARIANTS
+                            if v[0] in keys and v[2] in dbs and (not args.only or v[1] == args.only)]
     sides = list(main_sides)
-    for v in provider_variants:
+    for v in provider_variants + latency_variants:
         if v[1] not in sides:
             sides.append(v[1])
     log("mailer benchmark: sides=%s scenarios=%s db=%s runs=%d (memory: %d) n=%d sizes=%s singles=%d burst=%d"
@@ -604,12 +640,12 @@ def main(argv=None):
     # --- plan ---
     plan = []
     for sc in SCENARIO_ORDER:
-        if sc not in scenarios or sc == "provider":
+        if sc not in scenarios or sc in ("provider", "latency"):
             continue
         for db in ["sqlite", "postgres"]:
             if db in dbs and db in SCENARIO_DBS[sc]:
                 plan.append((sc, db))
-    if not plan and not provider_variants:
+    if not plan and not provider_variants and not latency_variants:
         log("nothing to run: no scenario applies to the selected databases")
 
     runs = []  # list of dicts
@@ -634,6 +670,7 @@ def main(argv=None):
                     log("%s: %s  (%.1f s)" % (label, short_summary(sc, res), time.time() - t0))
                 runs.append({"side": side, "scenario": sc, "db": db, "run": i + 1, "result": res})
     provider_runs = run_provider(provider_variants, side_state, conf, pg_ok)
+    provider_runs += run_provider(latency_variants, side_state, conf, pg_ok, scenario="latency")
 
     # --- aggregate ---
     summary, table_rows, failures, errors = aggregate(runs, plan, main_sides, conf)
@@ -651,7 +688,8 @@ def main(argv=None):
         log("'!' after a figure: a correctness check failed in at least one run of that side (listed below).")
         log("Targets are judged on medians; a target whose 'ours' side failed a correctness check counts as missed.")
     if provider_variants:
-        p_summary, p_rows, p_failures, p_errors = aggregate_provider(provider_runs, provider_variants)
+        p_summary, p_rows, p_failures, p_errors = aggregate_provider(
+            [r for r in provider_runs if r["scenario"] == "provider"], provider_variants)
         summary += p_summary
         failures += p_failures
         errors += p_errors
@@ -667,6 +705,25 @@ def main(argv=None):
         log(render_table(
             ["configuration", "db", "msgs", "delivered", "dupl.", "conns", "msgs/s", "incl. start-up", "target",
              "status"], p_rows, right=(2, 3, 4, 5, 6, 7), group=False))
+        log("'!' after a figure: a run lost or duplicated a message or left the queue non-empty (listed below).")
+    if latency_variants:
+        l_summary, l_rows, l_failures, l_errors = aggregate_provider(
+            [r for r in provider_runs if r["scenario"] == "latency"], latency_variants, _latency_targets,
+            scenario="latency")
+        summary += l_summary
+        failures += l_failures
+        errors += l_errors
+        log("")
+        log("=" * 100)
+        log("LATENCY LINE: a relay holding every byte %d ms each way (a %d ms round trip) in front of a sink that"
+            % (LATENCY_LINE["line"], 2 * LATENCY_LINE["line"]))
+        log("offers PIPELINING and takes %d ms at the end of DATA: smtplib's 4 round trips make at most %.1f msgs/s"
+            % (LATENCY_LINE["data_end"], LATENCY_CONNECTION_LIMIT))
+        log("per connection. Medians of runs; msgs/s = delivered / (first connection -> last message).")
+        log("=" * 100)
+        log(render_table(
+            ["configuration", "db", "msgs", "delivered", "dupl.", "conns", "msgs/s", "incl. start-up", "target",
+             "status"], l_rows, right=(2, 3, 4, 5, 6, 7), group=False))
         log("'!' after a figure: a run lost or duplicated a message or left the queue non-empty (listed below).")
     if failures:
         log("")
@@ -726,13 +783,15 @@ def main(argv=None):
     return rc
 
 
-def run_provider(variants, side_state, conf, pg_ok):
-    """Every provider configuration, run after run (so drift hits them all)."""
+def run_provider(variants, side_state, conf, pg_ok, scenario="provider"):
+    """Every provider (or latency) configuration, run after run (so drift
+    hits them all)."""
     runs = []
+    latency = LATENCY_LINE if scenario == "latency" else PROVIDER_LATENCY
     for i in range(conf["runs"] if variants else 0):
         for key, side, db, _label, size, extra in variants:
             st = side_state[side]
-            params = dict(extra, n=conf["provider"][size], latency=PROVIDER_LATENCY)
+            params = dict(extra, n=conf[scenario][size], latency=latency)
             if st["error"]:
                 res = {"ok": False, "error": st["error"], "metrics": {}, "checks": [], "info": {},
                        "error_summary": "side not available: " + st["error"].splitlines()[0], "skipped": True}
@@ -743,13 +802,14 @@ def run_provider(variants, side_state, conf, pg_ok):
                 t0 = time.time()
                 res = run_worker(
                     st["python"],
-                    ["scenario", "provider", "--db", db, "--params", json.dumps(params),
+                    ["scenario", scenario, "--db", db, "--params", json.dumps(params),
                      "--app", SIDES[side].get("app", "mailer")],
                     600 + params["n"],
                 )
-                log("[%s] provider/%s %s run %d/%d: %s  (%.1f s)"
-                    % (side, db, key, i + 1, conf["runs"], short_summary("provider", res), time.time() - t0))
-            runs.append({"side": side, "scenario": "provider", "variant": key, "db": db, "run": i + 1,
+                log("[%s] %s/%s %s run %d/%d: %s  (%.1f s)"
+                    % (side, scenario, db, key, i + 1, conf["runs"], short_summary("provider", res),
+                       time.time() - t0))
+            runs.append({"side": side, "scenario": scenario, "variant": key, "db": db, "run": i + 1,
                          "params": params, "result": res})
     return runs
 
@@ -768,7 +828,23 @@ def _provider_targets(medians):
     return out
 
 
-def aggregate_provider(runs, variants):
+def _latency_targets(medians):
+    """key -> (text, met?) for the latency scenario (None: no figure)."""
+    def rate(key):
+        return medians.get(key, {}).get("msgs_per_s")
+
+    po, c1, c1_off, c10, c10_off = (rate(k) for k in (
+        "lat_post_office_t10", "lat_ours_c1", "lat_ours_c1_nopipe", "lat_ours_c10", "lat_ours_c10_nopipe"))
+    out = {}
+    out["lat_ours_c1"] = (">= 1.6x ours without pipelining",
+                          None if c1 is None or c1_off is None else c1 >= 1.6 * c1_off)
+    out["lat_ours_c10"] = (">= 1.5x post_office and >= 1.3x ours without",
+                           None if c10 is None or po is None or c10_off is None
+                           else (c10 >= 1.5 * po and c10 >= 1.3 * c10_off))
+    return out
+
+
+def aggregate_provider(runs, variants, targets_of=None, scenario="provider"):
     by_key = {}
     failures = []
     errors = []
@@ -776,10 +852,11 @@ def aggregate_provider(runs, variants):
         by_key.setdefault(r["variant"], []).append(r)
         res = r["result"]
         if not res.get("ok"):
-            errors.append((r["side"], "provider:" + r["variant"], r["db"], r["run"], _err_text(res)))
+            errors.append((r["side"], scenario + ":" + r["variant"], r["db"], r["run"], _err_text(res)))
         for c in res.get("checks", []):
             if not c["ok"]:
-                failures.append((r["side"], "provider:" + r["variant"], r["db"], r["run"], c["name"], c["detail"]))
+                failures.append((r["side"], scenario + ":" + r["variant"], r["db"], r["run"], c["name"],
+                                 c["detail"]))
     metric_keys = ["delivered", "duplicates", "lost", "connections", "max_open_connections", "msgs_per_s",
                    "msgs_per_s_wall", "send_window_s", "wall_s", "sender_cpu_ms_per_msg", "sink_cpu_ms_per_msg"]
     medians = {}
@@ -797,7 +874,7 @@ def aggregate_provider(runs, variants):
             vals[m] = max(xs) if xs else None
         vals["n"] = rs[0]["params"]["n"] if rs else None
         medians[key] = vals
-    targets = _provider_targets(medians)
+    targets = (targets_of or _provider_targets)(medians)
     summary = []
     rows = []
     for key, side, db, label, _, _ in variants:
@@ -807,7 +884,7 @@ def aggregate_provider(runs, variants):
         if ttext:
             status = "n/a" if met is None else ("MISSED (correctness)" if bad[key] else ("MET" if met else "MISSED"))
         mark = "!" if bad[key] else ""
-        summary.append({"scenario": "provider", "variant": key, "side": side, "db": db, "label": label,
+        summary.append({"scenario": scenario, "variant": key, "side": side, "db": db, "label": label,
                         "medians": v, "target": ttext or None, "status": status or None,
                         "correctness_failed": bad[key]})
         rows.append([label, "-" if key.startswith("ceiling") else db, fmt(v["n"]), fmt(v["delivered"], "msgs") + mark, fmt(v["duplicates"], "msgs") + mark,

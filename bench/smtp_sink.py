@@ -19,6 +19,18 @@ With 100 / 20 / 50, a message on an open connection costs MAIL + RCPT +
 DATA + end of data = 20 + 20 + 20 + (50 + 20) = 130 ms: one connection
 carries at most 7.7 msgs/s, whatever the client does.
 
+A latency line instead (the ``latency`` scenario)::
+
+    --latency MS         a TCP relay in front of the server holds every
+                         byte MS ms in each direction (a round trip of
+                         2 x MS); the port printed is the relay's
+    --pipelining         EHLO offers PIPELINING (RFC 2920)
+
+With ``--latency 10 --data-delay 50`` the network, not the server, decides
+what pipelining is worth: smtplib pays four round trips per message (130
+ms), a client that groups its commands and sends the end of one message
+with the next one's envelope about one (70 ms).
+
 On start-up it prints one line to stdout::
 
     READY <smtp_port> <control_port>
@@ -43,6 +55,7 @@ Needs aiosmtpd; run it with a benchmark virtualenv's python.
 import argparse
 import asyncio
 import re
+import socket
 import sys
 import time
 
@@ -133,6 +146,71 @@ class Recorder:
         return len(recs)
 
 
+class PipeliningRecorder(Recorder):
+    """The recorder, and EHLO offers PIPELINING (aiosmtpd reads pipelined
+    commands in order; it just doesn't say so)."""
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        return responses[:-1] + ["250-PIPELINING", responses[-1]]
+
+
+async def _pump(reader, writer, delay):
+    """Copy reader to writer, each chunk delivered ``delay`` s after it came
+    (in order: one queue, one writer per direction)."""
+    loop = asyncio.get_running_loop()
+    queue = asyncio.Queue()
+
+    async def deliver():
+        while True:
+            due, data = await queue.get()
+            if data is None:
+                break
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            writer.write(data)
+        try:
+            writer.close()
+        except Exception:
+            pass
+
+    task = asyncio.ensure_future(deliver())
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            queue.put_nowait((loop.time() + delay, data))
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        queue.put_nowait((loop.time() + delay, None))
+        await task
+
+
+async def start_relay(port, delay):
+    """A latency line: a relay on loopback to ``port``, ``delay`` s each way."""
+
+    async def handle(client_reader, client_writer):
+        for sock in (client_writer.get_extra_info("socket"),):
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            client_writer.close()
+            return
+        sock = server_writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.gather(
+            _pump(client_reader, server_writer, delay), _pump(server_reader, client_writer, delay)
+        )
+
+    return await asyncio.start_server(handle, host="127.0.0.1", port=0)
+
+
 class DistantSMTP(SMTP):
     """aiosmtpd's SMTP server, answering after the configured delays."""
 
@@ -161,7 +239,7 @@ class DistantSMTP(SMTP):
 
 
 async def main(opts):
-    recorder = Recorder(data_delay=opts.data_delay / 1000.0)
+    recorder = (PipeliningRecorder if opts.pipelining else Recorder)(data_delay=opts.data_delay / 1000.0)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
 
@@ -223,6 +301,9 @@ async def main(opts):
 
     ctl_server = await asyncio.start_server(control, host="127.0.0.1", port=0)
     smtp_port = smtp_server.sockets[0].getsockname()[1]
+    if opts.latency:
+        relay = await start_relay(smtp_port, opts.latency / 1000.0)
+        smtp_port = relay.sockets[0].getsockname()[1]
     ctl_port = ctl_server.sockets[0].getsockname()[1]
     sys.stdout.write("READY %d %d\n" % (smtp_port, ctl_port))
     sys.stdout.flush()
@@ -236,6 +317,9 @@ def parse_args(argv=None):
     ap.add_argument("--connect-delay", type=float, default=0.0, metavar="MS", help="before the 220 greeting")
     ap.add_argument("--reply-delay", type=float, default=0.0, metavar="MS", help="before every other reply")
     ap.add_argument("--data-delay", type=float, default=0.0, metavar="MS", help="more at the end of DATA")
+    ap.add_argument("--latency", type=float, default=0.0, metavar="MS",
+                    help="a relay in front holds every byte MS ms in each direction")
+    ap.add_argument("--pipelining", action="store_true", help="EHLO offers PIPELINING")
     return ap.parse_args(argv)
 
 

@@ -1259,10 +1259,16 @@ def sc_provider(env, p, res):
     processes = int(p.get("processes", 1))
     tag = "prov"
     sink_args = [
-        "--connect-delay", str(lat["connect"]),
-        "--reply-delay", str(lat["reply"]),
+        "--connect-delay", str(lat.get("connect", 0)),
+        "--reply-delay", str(lat.get("reply", 0)),
         "--data-delay", str(lat["data_end"]),
     ]
+    # The latency scenario: a relay holding every byte lat["line"] ms each
+    # way, in front of a sink that offers PIPELINING.
+    if lat.get("line"):
+        sink_args += ["--latency", str(lat["line"])]
+    if lat.get("pipelining"):
+        sink_args.append("--pipelining")
     if p.get("client") == "smtplib":
         return provider_ceiling(n, int(p["connections"]), Sink(sink_args), tag, res)
     if p.get("sqlite_wal"):
@@ -1286,6 +1292,8 @@ def sc_provider(env, p, res):
                 args += ["--concurrency", str(int(p["concurrency"]))]
             if processes > 1:
                 extra["BENCH_USE_FILE_LOCK"] = "0"
+            if p.get("pipelining") is False:
+                extra["BENCH_SMTP_PIPELINING"] = "0"
         res["checks"].append(simple_check("queue filled", queued == n, "%d rows, want %d" % (queued, n)))
         t0 = time.perf_counter()
         procs = [start_manage(args, extra, env.tmpdir, "sender_%d" % j) for j in range(processes)]
@@ -1320,6 +1328,7 @@ SCENARIOS = {
     "workers4": sc_workers4,
     "attachments": sc_attachments,
     "provider": sc_provider,
+    "latency": sc_provider,  # the same drain, behind a latency line (run.py)
 }
 
 

@@ -151,6 +151,12 @@ class MailerSettings:
         return list(value) if isinstance(value, (list, tuple)) else []
 
     @property
+    def SMTP_PIPELINING(self) -> bool:
+        """Group SMTP commands (RFC 2920) when the server offers PIPELINING
+        and the delivery backend is Django's SMTP backend."""
+        return _get_bool("SMTP_PIPELINING", True)
+
+    @property
     def PICKLE_ALLOWLIST(self) -> list[str]:
         """Extra classes (``"pkg.mod.Class"``) allowed in pickled rows (see
         mailer.pickled; ``"pkg.mod.*"`` looks in already imported modules only)."""
@@ -210,4 +216,5 @@ BOOLEAN_SETTINGS: list[tuple[str, bool]] = [
     ("PAUSE_SEND", False),
     ("AUTO_RETRY", False),
     ("READ_PICKLE", True),
+    ("SMTP_PIPELINING", True),
 ]

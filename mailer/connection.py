@@ -12,9 +12,10 @@ from typing import Any
 
 from django.core.mail import EmailMessage
 
-from mailer import attachments, smtpstream
+from mailer import attachments, pipelining, smtpdeadline, smtpstream
 from mailer.claims import _PassQueries
 from mailer.compat import get_sending_backend
+from mailer.conf import conf
 from mailer.errors import _error_text
 from mailer.models import Message, MessageQuerySet, get_message_id
 
@@ -28,56 +29,153 @@ class _Sender:
     Django's SMTP backend drops what ``smtplib`` says about recipients the
     server refused while accepting the others; ``refused`` collects it
     (address -> (code, reply)) for the message being sent.
+
+    With RFC 2920 pipelining (:mod:`mailer.pipelining`) two threads of a
+    lane share one sender: the connection is theirs, and what concerns the
+    message being sent (``refused``, ``reused``, ``plan``, ``pending``) is
+    each thread's own.
     """
 
     def __init__(self) -> None:
         self.backend: Any = None
-        self.refused: dict[str, Any] = {}
-        # kept: the connection was kept open after a pass (set by Session);
-        # reused: the message being sent is the first on it since, and the
-        # server may have closed it meanwhile.
+        # kept: the connection was kept open after a pass (set by Session).
         self.kept = False
-        self.reused = False
-        # Stored attachments to stream into the next sendmail (smtpstream).
-        self.plan: smtpstream.Plan | None = None
+        # The last message went out through a pipeline (mailer.pipelining).
+        self.pipelining = False
+        self._lock = threading.RLock()
+        self._local = threading.local()
+
+    # What concerns this thread's message ------------------------------------------
+
+    @property
+    def refused(self) -> dict[str, Any]:
+        try:
+            return self._local.refused
+        except AttributeError:
+            self._local.refused = {}
+            return self._local.refused
+
+    @property
+    def reused(self) -> bool:
+        """The message being sent is the first on a connection kept since
+        the last pass, which the server may have closed meanwhile."""
+        return getattr(self._local, "reused", False)
+
+    @reused.setter
+    def reused(self, value: bool) -> None:
+        self._local.reused = value
+
+    @property
+    def plan(self) -> smtpstream.Plan | None:
+        """Stored attachments to stream into the next sendmail (smtpstream)."""
+        return getattr(self._local, "plan", None)
+
+    @plan.setter
+    def plan(self, value: smtpstream.Plan | None) -> None:
+        self._local.plan = value
+
+    @property
+    def used(self) -> Any:
+        """The backend this thread's last message was handed to."""
+        return getattr(self._local, "used", None)
+
+    @used.setter
+    def used(self, value: Any) -> None:
+        self._local.used = value
+
+    @property
+    def pending(self) -> pipelining.Pending | None:
+        """The message whose end-of-data reply is still to be read."""
+        return getattr(self._local, "pending", None)
+
+    @pending.setter
+    def pending(self, value: pipelining.Pending | None) -> None:
+        self._local.pending = value
+
+    # The connection --------------------------------------------------------------
 
     def get(self) -> Any:
-        self.reused, self.kept = self.kept and self.backend is not None, False
-        if self.backend is None:
-            self.backend = get_sending_backend()
-            self.backend.open()
-        self.watch_refusals()
-        return self.backend
+        with self._lock:
+            self.reused, self.kept = self.kept and self.backend is not None, False
+            if self.backend is None:
+                self.backend = self.used = get_sending_backend()
+                smtpdeadline.open_backend(self.backend)
+            self.watch_refusals()
+            self.used = self.backend
+            return self.backend
 
     def may_resend(self, exc: BaseException) -> bool:
-        """Was ``exc`` a connection the server had closed while we kept it
-        between passes?
+        """May the message ``exc`` stopped go out on a new connection at once?
 
-        Then the message was not accepted on it and goes out on a new
-        connection instead of being deferred (a timeout is not that: the
-        server is there but silent).
+        Yes when the server had closed a connection we kept between passes
+        (the message was not accepted on it), or when the connection was
+        lost before the message's data went out (``NotSent``); not when the
+        server is there but silent (a timeout).
         """
-        return (
-            self.reused
-            and isinstance(exc, (smtplib.SMTPServerDisconnected, ConnectionError))
-            and not _is_timeout(exc)
-        )
+        if _is_timeout(exc):
+            return False
+        if isinstance(exc, pipelining.NotSent):
+            return True
+        return self.reused and isinstance(exc, (smtplib.SMTPServerDisconnected, ConnectionError))
+
+    def may_pair(self) -> bool:
+        """May a second thread join the lane on this connection? (It
+        pipelines, and no throttle paces the lane.)"""
+        return self.pipelining and conf.SMTP_PIPELINING and not conf.EMAIL_THROTTLE
+
+    def finish(self) -> None:
+        """Read the end-of-data reply of the message this thread sent
+        through a pipeline (raises as ``smtplib`` would)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            answer = pending.finish()
+            if answer:
+                self.refused.update(answer)
 
     def watch_refusals(self) -> None:
-        smtp: Any = getattr(self.backend, "connection", None)
+        backend = self.backend
+        smtp: Any = getattr(backend, "connection", None)
         sendmail = getattr(smtp, "sendmail", None)
         if sendmail is None or getattr(sendmail, "mailer_watched", False):
             return
-        refused = self.refused
+        # Django's own sending, so the connection is used as smtplib's only.
+        ours = smtpstream._django_backend(backend)
 
-        def watched_sendmail(*args: Any, **kwargs: Any) -> Any:
+        def watched_sendmail(
+            from_addr: str,
+            to_addrs: Any,
+            msg: Any,
+            mail_options: Any = (),
+            rcpt_options: Any = (),
+        ) -> Any:
             plan = self.plan
+            if ours and conf.SMTP_PIPELINING and pipelining.offered(smtp):
+                if plan is not None:
+                    size, write_body = smtpstream.data_writer(plan, smtp, msg)
+                else:
+                    size, write_body = pipelining.data_writer(smtp, msg)
+                # The end-of-data reply is read by finish(), outside the
+                # backend's lock: the lane's other thread may meanwhile
+                # write the next message's envelope behind it.
+                self.pending = pipelining.Pipeline.of(smtp).send(
+                    from_addr,
+                    to_addrs,
+                    size=size,
+                    write_body=write_body,
+                    mail_options=mail_options,
+                    rcpt_options=rcpt_options,
+                )
+                self.pipelining = True
+                return {}
+            self.pipelining = False
             if plan is not None:
-                answer = smtpstream.sendmail(plan, smtp, *args, **kwargs)
+                answer = smtpstream.sendmail(
+                    plan, smtp, from_addr, to_addrs, msg, mail_options, rcpt_options
+                )
             else:
-                answer = sendmail(*args, **kwargs)
+                answer = sendmail(from_addr, to_addrs, msg, mail_options, rcpt_options)
             if answer:
-                refused.update(answer)
+                self.refused.update(answer)
             return answer
 
         watched_sendmail.mailer_watched = True  # type: ignore[attr-defined]
@@ -89,17 +187,44 @@ class _Sender:
         return bool(getattr(sendmail, "mailer_watched", False))
 
     def replace(self, backend: Any) -> None:
-        if backend is not self.backend:
-            self.close()
-            self.backend = backend
+        """The error handler's answer for this thread's message: ``backend``
+        instead of the one the message was handed to (closed)."""
+        used = self.used
+        if backend is used:
+            return
+        with self._lock:
+            if used is self.backend:
+                self.backend = backend
+                backend = None  # now the sender's
+        _close_backend(used)
+        _close_backend(backend)  # another thread replaced it meanwhile
+
+    def discard(self, backend: Any) -> None:
+        """Close ``backend`` if it is still this sender's (the other thread
+        of the lane may have replaced it already)."""
+        with self._lock:
+            if backend is not self.backend:
+                return
+            self.backend = None
+        _close_backend(backend)
 
     def close(self) -> None:
-        if self.backend is not None:
-            try:
-                self.backend.close()
-            except Exception:
-                logger.debug("Closing the email backend failed", exc_info=True)
-            self.backend = None
+        with self._lock:
+            old, self.backend = self.backend, None
+        _close_backend(old)
+
+
+def _close_backend(backend: Any) -> None:
+    """Close ``backend`` once the messages in flight on it are done."""
+    if backend is None:
+        return
+    pipeline = getattr(getattr(backend, "connection", None), "_mailer_pipeline", None)
+    if pipeline is not None:
+        pipeline.retire()
+    try:
+        backend.close()
+    except Exception:
+        logger.debug("Closing the email backend failed", exc_info=True)
 
 
 #: How long a worker keeps an SMTP connection open between passes.
@@ -211,7 +336,7 @@ def _hand_over(backend: Any, email: EmailMessage, sender: _Sender) -> None:
     if planned is not None:
         # Open now, so that the connection the message goes out on is the
         # one whose sendmail streams: never the stand-in's sample bytes.
-        backend.open()
+        smtpdeadline.open_backend(backend)
         sender.watch_refusals()
         if sender.watched(backend):
             stand_in, sender.plan = planned
@@ -230,13 +355,17 @@ def _hand_over(backend: Any, email: EmailMessage, sender: _Sender) -> None:
 
 
 def _send(message: Message, email: EmailMessage, sender: _Sender) -> None:
-    """Hand ``email`` to the backend; once more on a new connection when the
-    server had closed the kept one."""
+    """Hand ``email`` to the backend and, when it went through a pipeline,
+    read its end-of-data reply; once more on a new connection when the
+    server had closed the kept one, or the connection was lost before the
+    message's data went out."""
     backend = sender.get()
     sender.refused.clear()
     try:
         _hand_over(backend, email, sender)
+        sender.finish()
     except Exception as exc:
+        sender.pending = None
         if not sender.may_resend(exc):
             raise
         logger.info(
@@ -244,7 +373,8 @@ def _send(message: Message, email: EmailMessage, sender: _Sender) -> None:
             _error_text(exc),
             message.pk,
         )
-        sender.close()
+        sender.discard(backend)
         backend = sender.get()
         sender.refused.clear()
         _hand_over(backend, email, sender)
+        sender.finish()

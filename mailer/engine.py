@@ -51,7 +51,7 @@ from mailer.connection import (
     _send,
     _Sender,
 )
-from mailer.errors import _error_text, describe_delivery_error
+from mailer.errors import _error_text, _is_connection_failure, describe_delivery_error
 from mailer.models import (
     RESULT_FAILURE,
     RESULT_SUCCESS,
@@ -73,7 +73,7 @@ from mailer.outcomes import (
     _record_unusable,
     _signal_handled,
 )
-from mailer.pool import PassState, SharedCursor, run_lanes
+from mailer.pool import Claims, PassState, SecondThread, SharedCursor, run_lanes
 
 logger = logging.getLogger(__name__)
 
@@ -336,27 +336,27 @@ def _deliver_one(
     except attachments.AttachmentUnavailable as exc:
         # A stored file changed or vanished while it was being streamed: the
         # connection was closed mid-message, nothing was accepted.
-        sender.close()
+        sender.discard(sender.used)
         _record_unavailable(message, result, str(exc))
         return None
     except Exception as exc:
         result.timed_out = _is_timeout(exc)
         try:
             with transaction.atomic(using=message._state.db):
-                new_connection, action = error_handler(sender.backend, message, exc)
+                new_connection, action = error_handler(sender.used, message, exc)
         except Exception as handler_exc:
-            sender.close()
+            sender.discard(sender.used)
             _record_unhandled(message, handler_exc, email)
             result.failed += 1
             return handler_exc
-        _signal_handled(action, message, email, exc, sender.backend)
+        _signal_handled(action, message, email, exc, sender.used)
         if action == "sent":
             result.sent += 1
         else:
             result.deferred += 1
             if _is_connection_failure(exc):
                 result.unreachable += 1
-                result.unreachable_error = describe_delivery_error(exc, sender.backend)
+                result.unreachable_error = describe_delivery_error(exc, sender.used)
         sender.replace(new_connection)
         return None
     note = ""
@@ -367,17 +367,6 @@ def _deliver_one(
     logger.debug("Sent message %s %s", message.pk, get_message_id(email))
     result.sent += 1
     return None
-
-
-def _is_connection_failure(exc: BaseException) -> bool:
-    """Was the mail server out of reach (not an answer it gave)? Refused,
-    unreachable, unresolvable, timed out, hung up, or a greeting refusing
-    the connection."""
-    if isinstance(exc, (smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected)):
-        return True
-    if isinstance(exc, smtplib.SMTPException):
-        return False
-    return isinstance(exc, OSError)
 
 
 def _limits_reached(result: PassResult, in_flight: int = 0) -> bool:
@@ -445,6 +434,9 @@ def send_all(
         lane = _Lane(queryset, db, lock_rows, error_handler, state, shared, sleep, lanes)
         lane.session = session
         lane.reuse_queries = session is not None and default_queue and lanes == 1
+        # A second thread sees only what is committed: not a pass called
+        # inside a transaction (an atomic block, a TestCase).
+        lane.pairable = not connections[db].in_atomic_block
         run_lanes(lanes, lane.run, state)
     finally:
         if lock is not None:
@@ -476,7 +468,14 @@ class _Lane:
     Each lane (a thread when there are several) has its own sending backend
     and, through Django's per-thread connections, its own database
     connection, closed when a pool lane ends.
+
+    When its connection pipelines (``mailer.pipelining``), a second thread
+    with its own database connection joins the lane: it claims the next
+    message and writes its envelope while the first waits for its reply.
     """
+
+    #: Messages the first thread sends before a second one joins it.
+    PAIR_AFTER = 2
 
     def __init__(
         self,
@@ -499,6 +498,7 @@ class _Lane:
         self.pooled = lanes > 1
         self.session: Session | None = None
         self.reuse_queries = False
+        self.pairable = True
 
     def run(self) -> None:
         session = self.session
@@ -507,40 +507,21 @@ class _Lane:
             queries = session.queries(self.queryset, self.db, self.lock_rows)
         else:
             queries = _PassQueries(self.queryset, self.db, self.lock_rows)
-        dont_send = DontSendSnapshot()  # read again by every pass
-        after = queries.first_key()
-        state = self.state
+        claims = Claims(queries.first_key(), self.shared)
+        partner = SecondThread(
+            self.state,
+            after=self.PAIR_AFTER,
+            due=lambda: self.pairable and sender.may_pair(),
+            prepare=lambda: self._partner(sender, claims.pair(self.lock_rows)),
+        )
         done = False
         try:
-            while state.reserve():
-                outcome: PassResult | None = None
-                unexpected: BaseException | None = None
-                try:
-                    throttle = conf.EMAIL_THROTTLE
-                    if throttle and self.pooled:
-                        state.pace(throttle, self.sleep)
-                    # Row-locking databases: claim, send and record in one
-                    # transaction. SQLite: no transaction around the SMTP talk.
-                    atomic = transaction.atomic(using=self.db) if self.lock_rows else None
-                    with atomic or contextlib.nullcontext():
-                        if self.shared is not None:
-                            message = self.shared.claim(queries.claim)
-                        else:
-                            message, after = queries.claim(after)
-                        if message is None:
-                            state.result.drained = True
-                            state.finish()
-                            break
-                        outcome = PassResult()
-                        unexpected = _deliver_one(
-                            message, queries, dont_send, sender, self.error_handler, outcome
-                        )
-                finally:
-                    state.settle(outcome, unexpected)
-                if throttle and not self.pooled and outcome is not None and outcome.sent:
-                    self.sleep(throttle)  # 2.3.2: a nap after each sent message
+            self._loop(sender, queries, claims, partner.start_if_due)
             done = True
         finally:
+            if not done:
+                self.state.finish()
+            partner.join()  # it finishes and records what it has in flight
             if done and session is not None:
                 session.keep(sender)
                 if self.reuse_queries:
@@ -549,6 +530,56 @@ class _Lane:
                 sender.close()
             if self.pooled:
                 connections.close_all()  # this thread's own connections
+        if partner.error is not None:
+            raise partner.error
+
+    def _partner(self, sender: _Sender, claims: Claims) -> Callable[[], None]:
+        """The second thread's loop: this connection, its own database one."""
+
+        def run() -> None:
+            try:
+                queries = _PassQueries(self.queryset, self.db, self.lock_rows)
+                self._loop(sender, queries, claims)
+            finally:
+                connections.close_all()  # this thread's own connections
+
+        return run
+
+    def _loop(
+        self,
+        sender: _Sender,
+        queries: _PassQueries,
+        claims: Claims,
+        after_message: Callable[[], None] | None = None,
+    ) -> None:
+        dont_send = DontSendSnapshot()  # read again by every pass
+        state = self.state
+        while state.reserve():
+            outcome: PassResult | None = None
+            unexpected: BaseException | None = None
+            try:
+                throttle = conf.EMAIL_THROTTLE
+                if throttle and self.pooled:
+                    state.pace(throttle, self.sleep)
+                # Row-locking databases: claim, send and record in one
+                # transaction. SQLite: no transaction around the SMTP talk.
+                atomic = transaction.atomic(using=self.db) if self.lock_rows else None
+                with atomic or contextlib.nullcontext():
+                    message = claims.next(queries)
+                    if message is None:
+                        state.result.drained = True
+                        state.finish()
+                        break
+                    outcome = PassResult()
+                    unexpected = _deliver_one(
+                        message, queries, dont_send, sender, self.error_handler, outcome
+                    )
+            finally:
+                state.settle(outcome, unexpected)
+            if throttle and not self.pooled and outcome is not None and outcome.sent:
+                self.sleep(throttle)  # 2.3.2: a nap after each sent message
+            if after_message is not None:
+                after_message()
 
 
 def _as_queryset(messages: Any) -> MessageQuerySet:

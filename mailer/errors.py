@@ -73,3 +73,14 @@ def describe_delivery_error(exc: BaseException, connection: Any = None) -> str:
 
 def _error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    """Was the mail server out of reach (not an answer it gave)? Refused,
+    unreachable, unresolvable, timed out, hung up, or a greeting refusing
+    the connection."""
+    if isinstance(exc, (smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected)):
+        return True
+    if isinstance(exc, smtplib.SMTPException):
+        return False
+    return isinstance(exc, OSError)

@@ -8,7 +8,9 @@ email: the pass's totals, the limits, the throttle, the stop request, and
 (on SQLite, which has no row locks) the one claim cursor they share.
 
 With N = 1 the pass runs its single lane in the calling thread and all of
-this costs one uncontended lock per message.
+this costs one uncontended lock per message. A lane whose SMTP connection
+pipelines (RFC 2920) gets a second thread (:class:`SecondThread`), which
+claims through the lane's :class:`Claims`.
 """
 
 from __future__ import annotations
@@ -129,6 +131,76 @@ class SharedCursor:
         with self.lock:
             message, self.after = claim(self.after)
             return message
+
+
+class Claims:
+    """Where one thread of a lane claims its next message: after its own
+    position in sending order (row locks keep threads apart), or through a
+    :class:`SharedCursor` where there are none (SQLite)."""
+
+    def __init__(self, after: tuple[Any, ...], shared: SharedCursor | None) -> None:
+        self.after = after
+        self.shared = shared
+
+    def next(self, queries: Any) -> Any:
+        """The next message (``queries.claim(after)``), or None."""
+        if self.shared is not None:
+            return self.shared.claim(queries.claim)
+        message, self.after = queries.claim(self.after)
+        return message
+
+    def pair(self, lock_rows: bool) -> Claims:
+        """The claims of a second thread of the lane (called by the first):
+        without row locks both go through one cursor from here on."""
+        if not lock_rows and self.shared is None:
+            self.shared = SharedCursor(self.after)
+        return Claims(self.after, self.shared)
+
+
+class SecondThread:
+    """A second thread that joins a lane once the lane's first thread has
+    handled ``after`` messages and ``due()`` says so (the connection
+    pipelines); ``prepare()``, called in the first thread, gives what it
+    runs. An error in it stops the pass from claiming more."""
+
+    def __init__(
+        self,
+        state: PassState,
+        *,
+        after: int,
+        due: Callable[[], bool],
+        prepare: Callable[[], Callable[[], None]],
+    ) -> None:
+        self.state = state
+        self.after = after
+        self.due = due
+        self.prepare = prepare
+        self.seen = 0
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start_if_due(self) -> None:
+        """Called by the first thread after each message."""
+        if self.thread is not None:
+            return
+        self.seen += 1
+        if self.seen < self.after or self.state.stopping or not self.due():
+            return
+        target = self.prepare()
+
+        def guarded() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                self.state.finish()
+                self.error = exc
+
+        self.thread = threading.Thread(target=guarded, name="mailer-lane-2", daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
 
 
 def run_lanes(count: int, lane: Callable[[], None], state: PassState) -> None:

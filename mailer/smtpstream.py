@@ -39,13 +39,21 @@ import base64
 import copy
 import os
 import re
-import smtplib
+from collections.abc import Callable
 from typing import Any
 
-from mailer import attachments
+from mailer import attachments, pipelining
 from mailer.attachments import StoredAttachment
 
-__all__ = ["SAMPLE_BYTES", "Plan", "PlanMismatch", "plan_for", "sendmail", "streamable"]
+__all__ = [
+    "SAMPLE_BYTES",
+    "Plan",
+    "PlanMismatch",
+    "data_writer",
+    "plan_for",
+    "sendmail",
+    "streamable",
+]
 
 #: Random bytes standing in for an attachment while Django renders the
 #: message: three full base64 lines (57 bytes each).
@@ -211,52 +219,34 @@ def sendmail(
     :class:`AttachmentUnavailable` (the connection closed, the message not
     accepted) if a file can't be read or is not what was stored.
     """
+    size, write_body = data_writer(plan, smtp, msg)
+    return pipelining.transaction(
+        smtp,
+        from_addr,
+        to_addrs,
+        size=size,
+        write_body=write_body,
+        mail_options=mail_options,
+        rcpt_options=rcpt_options,
+        pipelined=False,
+    )
+
+
+def data_writer(plan: Plan, smtp: Any, msg: bytes) -> tuple[int, Callable[[], None]]:
+    """``(size, write)``: the DATA's size as sent and a function writing it
+    to ``smtp`` with the planned attachments streamed (for a pipelined
+    transaction, :class:`mailer.pipelining.Pipeline`).
+
+    :class:`PlanMismatch` (nothing sent) if ``msg`` is not as planned.
+    """
     segments = plan.segments(msg)
-    smtp.ehlo_or_helo_if_needed()
-    esmtp_opts = []
-    if smtp.does_esmtp:
-        if smtp.has_extn("size"):
-            size = sum(
-                len(s) if isinstance(s, bytes) else encoded_size(s[0].size, s[1]) for s in segments
-            )
-            esmtp_opts.append(f"size={size}")
-        esmtp_opts.extend(mail_options)
-    code, resp = smtp.mail(from_addr, esmtp_opts)
-    if code != 250:
-        if code == 421:
-            smtp.close()
-        else:
-            smtp._rset()
-        raise smtplib.SMTPSenderRefused(code, resp, from_addr)
-    senderrs: dict[str, tuple[int, bytes]] = {}
-    if isinstance(to_addrs, str):
-        to_addrs = [to_addrs]
-    for each in to_addrs:
-        code, resp = smtp.rcpt(each, rcpt_options)
-        if code not in (250, 251):
-            senderrs[each] = (code, resp)
-        if code == 421:
-            smtp.close()
-            raise smtplib.SMTPRecipientsRefused(senderrs)
-    if len(senderrs) == len(to_addrs):
-        smtp._rset()
-        raise smtplib.SMTPRecipientsRefused(senderrs)
-    code, resp = _data(smtp, segments, plan)
-    if code != 250:
-        if code == 421:
-            smtp.close()
-        else:
-            smtp._rset()
-        raise smtplib.SMTPDataError(code, resp)
-    return senderrs
+    size = sum(len(s) if isinstance(s, bytes) else encoded_size(s[0].size, s[1]) for s in segments)
+    return size, lambda: _write_data(smtp, segments, plan)
 
 
-def _data(smtp: Any, segments: list[Any], plan: Plan) -> tuple[int, bytes]:
-    """``smtplib.SMTP.data``, written a segment (a file: a piece) at a time."""
-    smtp.putcmd("data")
-    code, repl = smtp.getreply()
-    if code != 354:
-        raise smtplib.SMTPDataError(code, repl)
+def _write_data(smtp: Any, segments: list[Any], plan: Plan) -> None:
+    """The DATA's content, written a segment (a file: a piece) at a time,
+    then its end (CRLF ``.`` CRLF), as ``smtplib.SMTP.data`` writes it."""
     tail = b""
     for segment in segments:
         if isinstance(segment, bytes):
@@ -278,4 +268,3 @@ def _data(smtp: Any, segments: list[Any], plan: Plan) -> tuple[int, bytes]:
     if tail != _CRLF:
         smtp.send(_CRLF)
     smtp.send(b"." + _CRLF)
-    return smtp.getreply()

@@ -238,6 +238,238 @@ def silent_server():
         server.close()
 
 
+class ScriptedServer:
+    """A line-based SMTP server of our own on loopback (a thread per
+    connection) that records, for every command line, the group it came in:
+    how many replies the server had sent on that connection when the line
+    arrived. Commands a client pipelines share a group; commands sent one
+    after the other's reply don't.
+
+    ``pipelining``: EHLO offers PIPELINING. ``refuse``: address -> RCPT
+    reply. ``script``: ``(command, n)`` -> the reply to the n-th such
+    command on the server (1-based; commands ``MAIL``, ``RCPT``, ``DATA``,
+    ``.`` for the end of the data, ``RSET``), or ``"CLOSE"`` to close the
+    connection instead of answering; a 421 closes it after answering.
+    ``endless_greeting``: ``220-`` lines every half second, never the last.
+    ``end_delay``: seconds of work before answering the end of the data.
+    """
+
+    def __init__(self, pipelining: bool = True) -> None:
+        self.pipelining = pipelining
+        self.refuse: dict[str, str] = {}
+        self.script: dict[tuple[str, int], str] = {}
+        self.endless_greeting = False
+        self.end_delay = 0.0
+        self.lines: list[tuple[int, int, str]] = []  # (connection, group, line)
+        self.messages: list[dict] = []
+        self.connections = 0
+        self.counts: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.host, self.port = "127.0.0.1", self.sock.getsockname()[1]
+        self.open: list[socket.socket] = []
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                number = self.connections
+                self.open.append(conn)
+            threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
+
+    def commands(self, connection: int | None = None) -> list[tuple[int, str]]:
+        """``(group, line)`` of the commands (not the data's lines)."""
+        with self.lock:
+            return [(g, line) for c, g, line in self.lines if connection in (None, c)]
+
+    def groups(self, connection: int = 1) -> list[list[str]]:
+        """The command lines of a connection, grouped as they arrived, each
+        shortened to its verb (``MAIL``, ``RCPT``, ``DATA``, ``.``)."""
+        out: dict[int, list[str]] = {}
+        for group, line in self.commands(connection):
+            out.setdefault(group, []).append(line.split(" ", 1)[0].split(":", 1)[0].upper())
+        return [out[g] for g in sorted(out)]
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        replies = 0
+        pending: list[tuple[int, bytes]] = []
+        buffer = b""
+
+        eof = False
+
+        def take(data: bytes) -> None:
+            nonlocal buffer
+            buffer += data
+            *complete, buffer = buffer.split(b"\n")
+            pending.extend((replies, line + b"\n") for line in complete)
+
+        def reply(text: str) -> None:
+            # First take in what has arrived: it came before this reply.
+            nonlocal replies, eof
+            conn.setblocking(False)
+            try:
+                while not eof:
+                    data = conn.recv(65536)
+                    eof = not data
+                    take(data)
+            except BlockingIOError:
+                pass
+            finally:
+                conn.setblocking(True)
+            conn.sendall(text.encode() + b"\r\n")
+            replies += 1
+
+        def next_line() -> tuple[int, bytes] | None:
+            while not pending:
+                data = b"" if eof else conn.recv(65536)
+                if not data:
+                    return None
+                take(data)
+            return pending.pop(0)
+
+        def scripted(command: str, default: str) -> str:
+            with self.lock:
+                self.counts[command] = self.counts.get(command, 0) + 1
+                return self.script.get((command, self.counts[command]), default)
+
+        try:
+            if self.endless_greeting:
+                while not self.stopped.is_set():
+                    conn.sendall(b"220-still greeting\r\n")
+                    time.sleep(0.5)
+                return
+            reply("220 scripted ESMTP")
+            mail_from, rcpts = None, []
+            while True:
+                item = next_line()
+                if item is None:
+                    return
+                group, raw = item
+                line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+                with self.lock:
+                    self.lines.append((number, group, line))
+                verb = line.split(" ", 1)[0].split(":", 1)[0].upper()
+                if verb in ("EHLO", "HELO"):
+                    mail_from, rcpts = None, []
+                    extensions = ["SIZE 100000000", "8BITMIME"]
+                    if self.pipelining:
+                        extensions.append("PIPELINING")
+                    if verb == "EHLO":
+                        for ext in ["scripted", *extensions[:-1]]:
+                            conn.sendall(f"250-{ext}\r\n".encode())
+                        reply(f"250 {extensions[-1]}")
+                    else:
+                        reply("250 scripted")
+                    continue
+                if verb == "QUIT":
+                    reply("221 bye")
+                    return
+                if verb == "NOOP":
+                    reply("250 OK")
+                    continue
+                if verb == "RSET":
+                    mail_from, rcpts = None, []
+                    answer = scripted("RSET", "250 OK")
+                elif verb == "MAIL":
+                    answer = scripted("MAIL", "250 OK")
+                    if answer.startswith("250"):
+                        mail_from = line.split(":", 1)[1].split(">", 1)[0].strip(" <")
+                elif verb == "RCPT":
+                    address = line.split(":", 1)[1].split(">", 1)[0].strip(" <")
+                    default = self.refuse.get(address, "250 OK")
+                    if mail_from is None:
+                        default = "503 5.5.1 need MAIL"
+                    answer = scripted("RCPT", default)
+                    if answer.startswith("250"):
+                        rcpts.append(address)
+                elif verb == "DATA":
+                    default = "354 go ahead" if rcpts else "554 5.5.1 no valid recipients"
+                    if mail_from is None:
+                        default = "503 5.5.1 need MAIL"
+                    answer = scripted("DATA", default)
+                    if answer.startswith("354"):
+                        reply(answer)
+                        content = []
+                        while True:
+                            item = next_line()
+                            if item is None:
+                                return
+                            group, raw = item
+                            if raw in (b".\r\n", b".\n"):
+                                break
+                            content.append(raw[1:] if raw.startswith(b".") else raw)
+                        with self.lock:
+                            self.lines.append((number, group, "."))
+                        if self.end_delay:
+                            time.sleep(self.end_delay)
+                        answer = scripted(".", "250 2.0.0 queued")
+                        if answer.startswith("250") and rcpts:
+                            with self.lock:
+                                self.messages.append(
+                                    {"from": mail_from, "to": rcpts, "data": b"".join(content)}
+                                )
+                        mail_from, rcpts = None, []
+                else:
+                    answer = "500 5.5.2 unknown command"
+                if answer == "CLOSE":
+                    return
+                reply(answer)
+                if answer.startswith("421"):
+                    return
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def message_ids(self) -> list[str]:
+        with self.lock:
+            found = [email.message_from_bytes(m["data"])["Message-ID"] for m in self.messages]
+        return found
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+        with self.lock:
+            for conn in self.open:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                conn.close()
+
+
+@pytest.fixture
+def scripted_server():
+    """A :class:`ScriptedServer` that offers PIPELINING."""
+    server = ScriptedServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def scripted_settings(settings, scripted_server):
+    """Deliver with Django's SMTP backend to ``scripted_server`` (timeout 5 s)."""
+    if HAS_MAILERS:
+        settings.MAILERS = smtp_mailers(scripted_server.port, timeout=5)
+        settings.MAILER_USING = "smtp"
+    else:
+        settings.MAILER_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+        settings.EMAIL_HOST = scripted_server.host
+        settings.EMAIL_PORT = scripted_server.port
+        settings.EMAIL_TIMEOUT = 5
+    return settings
+
+
 @pytest.fixture
 def smtp_settings(settings, smtp_server):
     """Make the worker deliver to ``smtp_server`` with Django's SMTP backend.

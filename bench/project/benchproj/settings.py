@@ -23,6 +23,7 @@ BENCH_APP                 "mailer" (default) or "post_office": the provider
                           venv, with this same project
 BENCH_PO_THREADS          post_office: THREADS_PER_PROCESS (default 10)
 BENCH_PO_BATCH            post_office: BATCH_SIZE (default 100, its default)
+BENCH_SMTP_PIPELINING     "0": MAILER_SMTP_PIPELINING = False (latency scenario)
 """
 
 import os
@@ -94,6 +95,8 @@ MAILER_USE_FILE_LOCK = os.environ.get("BENCH_USE_FILE_LOCK", "1") == "1"
 if os.environ.get("BENCH_LOCK_PATH"):
     MAILER_LOCK_PATH = os.environ["BENCH_LOCK_PATH"]
 MAILER_EMPTY_QUEUE_SLEEP = float(os.environ.get("BENCH_EMPTY_QUEUE_SLEEP", "30"))
+if os.environ.get("BENCH_SMTP_PIPELINING") == "0":
+    MAILER_SMTP_PIPELINING = False
 
 if os.environ.get("BENCH_ATTACHMENT_DIR"):
     STORAGES = {
