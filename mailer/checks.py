@@ -313,3 +313,11 @@ def check_attachment_storage(app_configs: Any = None, **kwargs: Any) -> list[che
             id="mailer.E010",
         )
     ]
+
+
+@checks.register("mailer")
+def check_routes(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``MAILER_ROUTES`` and ``DbBackend``'s ``using`` option (see mailer.routes)."""
+    from mailer.routechecks import route_checks
+
+    return route_checks()

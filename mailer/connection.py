@@ -12,9 +12,8 @@ from typing import Any
 
 from django.core.mail import EmailMessage
 
-from mailer import attachments, smtpstream
+from mailer import attachments, routes, smtpstream
 from mailer.claims import _PassQueries
-from mailer.compat import get_sending_backend
 from mailer.errors import _error_text
 from mailer.models import Message, MessageQuerySet, get_message_id
 
@@ -27,10 +26,12 @@ class _Sender:
 
     Django's SMTP backend drops what ``smtplib`` says about recipients the
     server refused while accepting the others; ``refused`` collects it
-    (address -> (code, reply)) for the message being sent.
+    (address -> (code, reply)) for the message being sent. ``route``: the
+    route it delivers (see :mod:`mailer.routes`; None: as before).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, route: str | None = None) -> None:
+        self.route = route
         self.backend: Any = None
         self.refused: dict[str, Any] = {}
         # kept: the connection was kept open after a pass (set by Session);
@@ -44,7 +45,7 @@ class _Sender:
     def get(self) -> Any:
         self.reused, self.kept = self.kept and self.backend is not None, False
         if self.backend is None:
-            self.backend = get_sending_backend()
+            self.backend = routes.new_backend(self.route)
             self.backend.open()
         self.watch_refusals()
         return self.backend
@@ -127,13 +128,14 @@ class Session:
         self._senders: list[tuple[float, _Sender]] = []
         self._queries: dict[tuple[str, bool], _PassQueries] = {}
 
-    def sender(self) -> _Sender:
-        """A kept sender still within its time, else a new one."""
+    def sender(self, route: str | None = None) -> _Sender:
+        """A kept sender of ``route`` still within its time, else a new one."""
         self.close_expired()
         with self._lock:
-            if self._senders:
-                return self._senders.pop()[1]
-        return _Sender()
+            for index in range(len(self._senders) - 1, -1, -1):
+                if self._senders[index][1].route == route:
+                    return self._senders.pop(index)[1]
+        return _Sender(route)
 
     def keep(self, sender: _Sender) -> None:
         """Keep ``sender``'s open connection for the next pass."""

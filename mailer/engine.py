@@ -39,7 +39,7 @@ from django.db import connections, models, router, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from mailer import attachments, locking, retry, smtpstream
+from mailer import attachments, locking, retry, routelanes, smtpstream
 from mailer.claims import _claims_with_row_locks, _first_key, _PassQueries, _release_due_retries
 from mailer.compat import require_no_backend_loop
 from mailer.conf import conf
@@ -296,6 +296,8 @@ def _deliver_one(
     Returns an unexpected exception (the error handler raised) for the
     caller to re-raise once the pass is over.
     """
+    if message.route is not None and routelanes.defer_unroutable(message, result):
+        return None
     email, problem, reason = _prepare(message)
     if email is None:
         if problem == _UNAVAILABLE:
@@ -379,6 +381,7 @@ def send_all(
     sleep: Callable[[float], Any] | None = None,
     concurrency: int | None = None,
     session: Session | None = None,
+    routes: list[str] | None = None,
 ) -> PassResult:
     """One pass over the queue (or over ``queryset``); see the module doc.
 
@@ -390,6 +393,11 @@ def send_all(
     ``MAILER_CONCURRENCY``); see :mod:`mailer.pool`. ``session``: what a
     worker keeps between passes (SMTP connections, compiled statements);
     without one, everything is opened for this pass and closed after it.
+    ``routes``: serve only these routes (``--route``; None: every route).
+    With mail on several routes, each route has its own lanes (its
+    ``CONCURRENCY``), so a slow or failing provider holds up only its own
+    mail (see :mod:`mailer.routelanes`); ``MAILER_EMAIL_MAX_BATCH`` and
+    ``MAILER_EMAIL_MAX_DEFERRED`` then count per route.
     """
     require_no_backend_loop()
     conf.require_booleans()  # before anything is sent
@@ -416,12 +424,19 @@ def send_all(
         lock_rows = _claims_with_row_locks(db)
         if conf.AUTO_RETRY:
             _release_due_retries(db)
-        # Without row locks (SQLite) the lanes share one claim position.
-        shared = SharedCursor(_first_key(db)) if lanes > 1 and not lock_rows else None
-        lane = _Lane(queryset, db, lock_rows, error_handler, state, shared, sleep, lanes)
-        lane.session = session
-        lane.reuse_queries = session is not None and default_queue and lanes == 1
-        run_lanes(lanes, lane.run, state)
+        groups = None
+        if routes is not None:
+            routes = routelanes.require_served(routes)
+        groups = routelanes.plan(queryset, routes, concurrency)
+        if groups is None:
+            # Without row locks (SQLite) the lanes share one claim position.
+            shared = SharedCursor(_first_key(db)) if lanes > 1 and not lock_rows else None
+            lane = _Lane(queryset, db, lock_rows, error_handler, state, shared, sleep, lanes)
+            lane.session = session
+            lane.reuse_queries = session is not None and default_queue and lanes == 1
+            run_lanes(lanes, lane.run, state)
+        else:
+            _run_route_groups(groups, db, lock_rows, error_handler, state, sleep, session)
     finally:
         if lock is not None:
             release_lock(lock)
@@ -435,6 +450,47 @@ def send_all(
     if state.pending is not None:
         raise state.pending
     return result
+
+
+def _run_route_groups(
+    groups: list[routelanes.RouteGroup],
+    db: str,
+    lock_rows: bool,
+    error_handler: Callable[..., tuple[Any, str]],
+    state: PassState,
+    sleep: Callable[[float], Any] | None,
+    session: Session | None,
+) -> None:
+    """Run one group of lanes per route, each with its own totals and
+    limits (a route that times out or reaches MAX_DEFERRED stops only its
+    own lanes); their totals are added to ``state.result``."""
+    result = state.result
+    threaded = len(groups) > 1 or groups[0].lanes > 1
+    runs = []
+    for group in groups:
+        own = PassState(
+            PassResult(), should_stop=state.should_stop, limits_reached=_limits_reached
+        )
+        shared = SharedCursor(_first_key(db)) if group.lanes > 1 and not lock_rows else None
+        lane = _Lane(group.queryset, db, lock_rows, error_handler, own, shared, sleep, group.lanes)
+        lane.pooled = threaded
+        lane.session = session
+        runs.append((group.lanes, lane.run, own))
+    try:
+        routelanes.run_groups(runs)
+    finally:
+        drained = True
+        for _, _, own in runs:
+            part = own.result
+            result.sent += part.sent
+            result.deferred += part.deferred
+            result.failed += part.failed
+            result.dont_send += part.dont_send
+            result.timed_out = result.timed_out or part.timed_out
+            drained = drained and part.drained
+            if own.pending is not None and state.pending is None:
+                state.pending = own.pending
+        result.drained = drained
 
 
 class _Lane:
@@ -469,7 +525,7 @@ class _Lane:
 
     def run(self) -> None:
         session = self.session
-        sender = session.sender() if session is not None else _Sender()
+        senders = routelanes.LaneSenders(session)
         if self.reuse_queries and session is not None:
             queries = session.queries(self.queryset, self.db, self.lock_rows)
         else:
@@ -499,6 +555,8 @@ class _Lane:
                             state.finish()
                             break
                         outcome = PassResult()
+                        # One connection per route the lane meets.
+                        sender = senders.get(message.route)
                         unexpected = _deliver_one(
                             message, queries, dont_send, sender, self.error_handler, outcome
                         )
@@ -509,11 +567,11 @@ class _Lane:
             done = True
         finally:
             if done and session is not None:
-                session.keep(sender)
+                senders.keep()
                 if self.reuse_queries:
                     session.keep_queries(queries)
             else:
-                sender.close()
+                senders.close()
             if self.pooled:
                 connections.close_all()  # this thread's own connections
 
