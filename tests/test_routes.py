@@ -261,3 +261,30 @@ def test_default_queue_names_the_unrouted_delivery(two_providers, settings):
     """No MAILER_USING: "default"'s using option is the implicit choice (no E004)."""
     assert not hasattr(settings, "MAILER_USING")
     assert _errors({"mailer.E004"}) == []
+
+
+def test_runmailer_and_retry_deferred_take_route(two_providers):
+    smtp_server, ses_server = two_providers
+    _send("plain")
+    _send("ses", using="ses")
+    call_command("runmailer", route=["ses"], max_passes=1, verbosity=0)
+    assert ses_server.subjects() == ["ses"]
+    assert smtp_server.subjects() == []
+    Message.objects.update(priority=PRIORITY_DEFERRED)
+    _send("ses 2", using="ses")
+    Message.objects.filter(subject_text="ses 2").update(priority=PRIORITY_DEFERRED)
+    call_command("retry_deferred", route=["ses"], verbosity=0)
+    assert dict(Message.objects.values_list("subject_text", "priority")) == {
+        "plain": PRIORITY_DEFERRED,
+        "ses 2": 2,
+    }
+
+
+def test_worker_with_route_waits_when_its_routes_are_empty(two_providers):
+    from mailer.worker import Worker
+
+    _send("plain")
+    worker = Worker(routes=["ses"], max_passes=1, install_signal_handlers=False)
+    assert not worker.has_work()
+    _send("ses", using="ses")
+    assert worker.has_work()
