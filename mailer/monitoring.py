@@ -77,6 +77,8 @@ class MessageStatus:
     error: str | None = None
     #: The queue priority (None once it left the queue).
     priority: int | None = None
+    #: Its route: the alias it is delivered through (None: the default delivery).
+    route: str | None = None
 
     @property
     def done(self) -> bool:
@@ -97,28 +99,28 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
     row = (
         queue.filter(message_id=message_id)
         .order_by("-id")
-        .values_list("priority", "not_before")
+        .values_list("priority", "not_before", "route")
         .first()
     )
     log = MessageLog.objects.all() if using is None else MessageLog.objects.using(using)
     entries = list(
         log.filter(message_id=message_id)
         .order_by("-id")
-        .values_list("result", "priority", "when_attempted", "log_message")
+        .values_list("result", "priority", "when_attempted", "log_message", "route")
     )
     if row is None and not entries:
         return None
     attempts = sum(1 for result, *_ in entries if result != RESULT_DONT_SEND)
     last_attempt = entries[0][2] if entries else None
     error = None
-    for result, _priority, _when, text in entries:
+    for result, _priority, _when, text, _route in entries:
         if result == RESULT_FAILURE:
             error = text or None
             break
         if result in (RESULT_SUCCESS, RESULT_DONT_SEND):
             break
     if row is not None:
-        priority, next_attempt = row
+        priority, next_attempt, route = row
         now = timezone.now()
         if priority == PRIORITY_DEFERRED:
             state = DEFERRED
@@ -128,13 +130,13 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
             state = QUEUED
             next_attempt = None
         return MessageStatus(
-            message_id, state, attempts, last_attempt, next_attempt, error, priority
+            message_id, state, attempts, last_attempt, next_attempt, error, priority, route
         )
-    result, priority, _when, text = entries[0]
+    result, priority, _when, text, route = entries[0]
     state = {"sent": SENT, "dont_send": DONT_SEND}.get(outcome_of(result, priority), FAILED)
     if state != FAILED:
         error = None
-    return MessageStatus(message_id, state, attempts, last_attempt, None, error)
+    return MessageStatus(message_id, state, attempts, last_attempt, None, error, route=route)
 
 
 # --- the queue -------------------------------------------------------------------------

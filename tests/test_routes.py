@@ -288,3 +288,103 @@ def test_worker_with_route_waits_when_its_routes_are_empty(two_providers):
     assert not worker.has_work()
     _send("ses", using="ses")
     assert worker.has_work()
+
+
+# --- seen everywhere: status, mailer_status, admin, signals ---------------------
+
+
+def _message_id(subject):
+    return Message.objects.get(subject_text=subject).message_id
+
+
+def test_status_gives_the_route(two_providers):
+    _send("ses", using="ses")
+    _send("plain")
+    ses_id, plain_id = _message_id("ses"), _message_id("plain")
+    assert mailer.status(ses_id).route == "ses"
+    assert mailer.status(plain_id).route is None
+    send_all()
+    assert (mailer.status(ses_id).state, mailer.status(ses_id).route) == ("sent", "ses")
+
+
+def test_mailer_status_per_route(two_providers, capsys):
+    import json
+
+    _send("ses 1", using="ses")
+    _send("ses 2", using="ses")
+    Message.objects.filter(subject_text="ses 2").update(priority=PRIORITY_DEFERRED)
+    _send("plain")
+    call_command("mailer_status", json=True)
+    routes = json.loads(capsys.readouterr().out)["routes"]
+    unrouted = "smtp" if HAS_MAILERS else "default"
+    assert routes["ses"]["queued"] == 1 and routes["ses"]["deferred"] == 1
+    assert routes[unrouted]["queued"] == 1
+    assert routes["ses"]["oldest_queued_seconds"] is not None
+    assert routes["ses"]["configured"] and routes[unrouted]["configured"]
+    call_command("mailer_status")
+    text = capsys.readouterr().out
+    assert "Route ses: 1 queued, 0 scheduled, 1 deferred" in text
+
+
+def test_signals_pass_the_route(two_providers):
+    from mailer.signals import message_deferred, message_sent
+
+    seen = []
+
+    def receiver(sender, **kwargs):
+        seen.append((kwargs["email"].subject, kwargs["route"]))
+
+    two_providers[1].fail_with = "451 try later"
+    message_sent.connect(receiver)
+    message_deferred.connect(receiver)
+    try:
+        _send("ses", using="ses")
+        _send("plain")
+        send_all()
+    finally:
+        message_sent.disconnect(receiver)
+        message_deferred.disconnect(receiver)
+    assert sorted(seen, key=str) == sorted([("ses", "ses"), ("plain", None)], key=str)
+
+
+def test_admin_lists_filters_and_searches_by_route(two_providers, admin_client):
+    from django.urls import reverse
+
+    _send("to ses", using="ses")
+    _send("to smtp", using="smtp")
+    url = reverse("admin:mailer_message_changelist")
+    page = admin_client.get(url).content.decode()
+    assert "column-route_display" in page
+    page = admin_client.get(url, {"route": "ses"}).content.decode()
+    assert "to ses" in page and "to smtp" not in page
+    page = admin_client.get(url, {"q": "ses"}).content.decode()
+    assert "to ses" in page and "to smtp" not in page
+    send_all()
+    log_url = reverse("admin:mailer_messagelog_changelist")
+    page = admin_client.get(log_url, {"route": "smtp"}).content.decode()
+    assert "to smtp" in page and "to ses" not in page
+    entry = MessageLog.objects.get(subject_text="to ses")
+    page = admin_client.get(reverse("admin:mailer_messagelog_change", args=[entry.pk]))
+    assert "ses" in page.content.decode()
+
+
+def test_admin_requeue_keeps_the_route(two_providers, admin_client):
+    from django.urls import reverse
+
+    _send("to ses", using="ses")
+    send_all()
+    entry = MessageLog.objects.get()
+    admin_client.post(
+        reverse("admin:mailer_messagelog_changelist"),
+        {"action": "requeue", "_selected_action": [entry.pk]},
+    )
+    assert Message.objects.get().route == "ses"
+
+
+def test_admin_without_routes_shows_no_route_column(settings, smtp_settings, admin_client):
+    from django.urls import reverse
+
+    settings.MAILER_ROUTES = {}
+    _send("plain")
+    page = admin_client.get(reverse("admin:mailer_message_changelist")).content.decode()
+    assert "column-route_display" not in page
