@@ -88,14 +88,22 @@ def plan(
     ``served``: the routes named with ``--route`` (None: every route).
     ``concurrency``: the lanes of a route without its own ``CONCURRENCY``.
     One indexed ``EXISTS`` per configured route tells which have mail.
+    Nothing is asked when the only route is the one unrouted mail goes
+    through.
     """
     if served is None:
-        names = routes.route_names()
-        if not names:
+        # Mail routed to the alias unrouted mail goes through (MAILERS) needs
+        # no lanes of its own: with nothing else routed, the single group
+        # sends both (a plain Django 6.1 project asks nothing more per pass).
+        unrouted = unrouted_name()
+        others = [name for name in routes.route_names() if name != unrouted]
+        if not others:
             return None
-        present = [name for name in names if _has_rows(queryset.filter(route=name))]
+        present = [name for name in others if _has_rows(queryset.filter(route=name))]
         if not present:
             return None
+        if routes.is_route(unrouted) and _has_rows(queryset.filter(route=unrouted)):
+            present.insert(0, unrouted)
         groups = [RouteGroup(None, queryset.filter(route__isnull=True), _lanes(None, concurrency))]
         return groups + [
             RouteGroup(name, queryset.filter(route=name), _lanes(name, concurrency))

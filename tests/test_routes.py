@@ -202,8 +202,12 @@ def test_a_route_no_longer_configured_is_deferred_with_the_reason(two_providers,
     assert log.route == "ses"
 
 
-def test_unrouted_queue_keeps_todays_pass(settings, smtp_server, django_assert_max_num_queries):
-    """Without routes configured, a pass is the single group it always was."""
+def test_unrouted_queue_keeps_todays_pass(settings, smtp_server):
+    """Without routes configured, a pass is the single group it always was:
+    no query asks about routes (on 6.1 the one real alias is no extra route)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
     settings.MAILER_ROUTES = {}
     if HAS_MAILERS:
         settings.MAILERS = {"default": {"BACKEND": "mailer.backend.DbBackend"}, "smtp": _smtp(smtp_server)}
@@ -211,8 +215,13 @@ def test_unrouted_queue_keeps_todays_pass(settings, smtp_server, django_assert_m
         settings.MAILER_EMAIL_BACKEND = SMTP
         settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", smtp_server.port
     _send("plain")
-    assert send_all().sent == 1
-    assert smtp_server.subjects() == ["plain"]
+    if HAS_MAILERS:
+        _send("routed to the same alias", using="smtp")
+    with CaptureQueriesContext(connection) as queries:
+        assert send_all().sent == (2 if HAS_MAILERS else 1)
+    selects = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT")]
+    assert not [sql for sql in selects if "route" in sql.split("WHERE")[-1]]
+    assert "plain" in smtp_server.subjects()
 
 
 def _errors(ids):
