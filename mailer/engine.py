@@ -23,6 +23,7 @@ kept session in :mod:`mailer.connection`, the recording of each outcome in
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import smtplib
 import socket
@@ -436,7 +437,20 @@ def send_all(
             lane.reuse_queries = session is not None and default_queue and lanes == 1
             run_lanes(lanes, lane.run, state)
         else:
-            _run_route_groups(groups, db, lock_rows, error_handler, state, sleep, session)
+
+            def lane_for(group: routelanes.RouteGroup, own: PassState, threaded: bool) -> Any:
+                on_sqlite = group.lanes > 1 and not lock_rows
+                shared = SharedCursor(_first_key(db)) if on_sqlite else None
+                lane = _Lane(
+                    group.queryset, db, lock_rows, error_handler, own, shared, sleep, group.lanes
+                )
+                lane.pooled, lane.session = threaded, session
+                return lane.run
+
+            own_state = functools.partial(
+                PassState, should_stop=should_stop, limits_reached=_limits_reached
+            )
+            routelanes.run_route_groups(groups, lane_for, state, lambda: own_state(PassResult()))
     finally:
         if lock is not None:
             release_lock(lock)
@@ -450,47 +464,6 @@ def send_all(
     if state.pending is not None:
         raise state.pending
     return result
-
-
-def _run_route_groups(
-    groups: list[routelanes.RouteGroup],
-    db: str,
-    lock_rows: bool,
-    error_handler: Callable[..., tuple[Any, str]],
-    state: PassState,
-    sleep: Callable[[float], Any] | None,
-    session: Session | None,
-) -> None:
-    """Run one group of lanes per route, each with its own totals and
-    limits (a route that times out or reaches MAX_DEFERRED stops only its
-    own lanes); their totals are added to ``state.result``."""
-    result = state.result
-    threaded = len(groups) > 1 or groups[0].lanes > 1
-    runs = []
-    for group in groups:
-        own = PassState(
-            PassResult(), should_stop=state.should_stop, limits_reached=_limits_reached
-        )
-        shared = SharedCursor(_first_key(db)) if group.lanes > 1 and not lock_rows else None
-        lane = _Lane(group.queryset, db, lock_rows, error_handler, own, shared, sleep, group.lanes)
-        lane.pooled = threaded
-        lane.session = session
-        runs.append((group.lanes, lane.run, own))
-    try:
-        routelanes.run_groups(runs)
-    finally:
-        drained = True
-        for _, _, own in runs:
-            part = own.result
-            result.sent += part.sent
-            result.deferred += part.deferred
-            result.failed += part.failed
-            result.dont_send += part.dont_send
-            result.timed_out = result.timed_out or part.timed_out
-            drained = drained and part.drained
-            if own.pending is not None and state.pending is None:
-                state.pending = own.pending
-        result.drained = drained
 
 
 class _Lane:

@@ -131,6 +131,43 @@ def _lanes(route: str | None, concurrency: int | None) -> int:
     return lanes
 
 
+def run_route_groups(
+    groups: Sequence[RouteGroup],
+    lane_for: Callable[[RouteGroup, PassState, bool], Callable[[], None]],
+    state: PassState,
+    new_state: Callable[[], PassState],
+) -> None:
+    """Run one group of lanes per route, each with its own totals and limits
+    (``new_state()``: a route that times out or reaches
+    ``MAILER_EMAIL_MAX_DEFERRED`` stops only its own lanes); their totals go
+    to ``state.result``. ``lane_for(group, its state, threaded)``: a lane's
+    body (``threaded``: it runs in a thread of its own)."""
+    result: Any = state.result
+    if not groups:
+        result.drained = True
+        return
+    threaded = len(groups) > 1 or groups[0].lanes > 1
+    runs = []
+    for group in groups:
+        own = new_state()
+        runs.append((group.lanes, lane_for(group, own, threaded), own))
+    try:
+        run_groups(runs)
+    finally:
+        drained = True
+        for _, _, own in runs:
+            part: Any = own.result
+            result.sent += part.sent
+            result.deferred += part.deferred
+            result.failed += part.failed
+            result.dont_send += part.dont_send
+            result.timed_out = result.timed_out or part.timed_out
+            drained = drained and part.drained
+            if own.pending is not None and state.pending is None:
+                state.pending = own.pending
+        result.drained = drained
+
+
 def run_groups(groups: Sequence[tuple[int, Callable[[], None], PassState]]) -> None:
     """Run every group's lanes at once, each in a thread (one lane alone runs
     in this thread). A lane that raises stops its own group from claiming

@@ -119,7 +119,13 @@ def new_backend(route: str | None) -> BaseEmailBackend:
     bounded waits (``None``: :func:`mailer.compat.get_sending_backend`)."""
     if route is None:
         return get_sending_backend()
-    require_route(route)
+    backend = _new_route_backend(require_route(route))
+    # Delivery errors name the route's settings (mailer.errors).
+    backend.mailer_route = route  # type: ignore[attr-defined]
+    return backend
+
+
+def _new_route_backend(route: str) -> BaseEmailBackend:
     if mailers_configured():
         from django.core.mail import mailers  # type: ignore[attr-defined]  # Django 6.1+
 

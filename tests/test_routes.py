@@ -140,6 +140,10 @@ def test_a_refusing_provider_defers_only_its_own_mail(two_providers):
     assert (result.sent, result.deferred) == (3, 3)
     assert sorted(smtp_server.subjects()) == ["smtp 0", "smtp 1", "smtp 2"]
     assert set(Message.objects.values_list("route", "priority")) == {("ses", PRIORITY_DEFERRED)}
+    # The failure names the route's own settings, not the default delivery's.
+    where = "MAILERS" if HAS_MAILERS else "MAILER_ROUTES"
+    log = MessageLog.objects.filter(route="ses").first()
+    assert f"{where}['ses']['OPTIONS'] host/port" in log.log_message
 
 
 def test_a_silent_provider_stops_only_its_own_lanes(
