@@ -401,3 +401,34 @@ def test_admin_without_routes_shows_no_route_column(settings, smtp_settings, adm
     _send("plain")
     page = admin_client.get(reverse("admin:mailer_message_changelist")).content.decode()
     assert "column-route_display" not in page
+
+
+@pytest.mark.postgres
+def test_runmailer_pg_serves_only_its_routes(two_providers, settings):
+    import threading
+    import time
+
+    from django.db import connections
+
+    from mailer.postgres import PostgresWorker
+
+    smtp_server, ses_server = two_providers
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 60
+    worker = PostgresWorker(install_signal_handlers=False, routes=["ses"])
+    thread = threading.Thread(target=lambda: (worker.run(), connections.close_all()), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while worker.listener.conn is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _send("plain")
+        _send("ses", using="ses")
+        ses_server.wait_for(1)
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert smtp_server.subjects() == []
+    assert list(Message.objects.values_list("subject_text", flat=True)) == ["plain"]
+    with pytest.raises(CommandError, match="'nope' is not a route"):
+        call_command("runmailer_pg", route=["nope"], verbosity=0)
