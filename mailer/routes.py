@@ -149,14 +149,15 @@ def _new_route_backend(route: str) -> BaseEmailBackend:
     return bound_waits(backend_class(**options))
 
 
-def concurrency(route: str | None, default: int | None = None) -> int:
-    """SMTP connections a pass keeps busy for ``route`` (its ``CONCURRENCY``,
-    else ``default``, else ``MAILER_CONCURRENCY``)."""
-    fallback = conf.CONCURRENCY if default is None else default
+def concurrency(route: str | None, override: int | None = None) -> int:
+    """SMTP connections a pass keeps busy for ``route``: ``override`` (a
+    command's ``--concurrency``), else its ``CONCURRENCY``, else
+    ``MAILER_CONCURRENCY``."""
+    if override is not None:
+        return override
     routes = conf.ROUTES
     if route is None or not isinstance(routes, dict):
-        return fallback
+        return conf.CONCURRENCY
     entry = routes.get(route) or {}
     value = entry.get("CONCURRENCY") if isinstance(entry, dict) else None
-    return fallback if value is None else value
-
+    return conf.CONCURRENCY if value is None else value

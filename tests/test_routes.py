@@ -170,6 +170,13 @@ def test_route_concurrency(settings, smtp_server, second_smtp_server):
     assert send_all().sent == 6
     assert second_smtp_server.max_active == 3
     assert second_smtp_server.connections == 3
+    # A command's --concurrency overrides it for that process.
+    second_smtp_server.max_active = 0
+    for i in range(3):
+        _send(f"ses again {i}", using="ses")
+    call_command("send_mail", concurrency=1, verbosity=0)
+    assert second_smtp_server.max_active == 1
+    assert not Message.objects.exists()
 
 
 def test_route_option_restricts_the_pass(two_providers):
