@@ -556,6 +556,7 @@ STATUS_KEYS = {
     "now",
     "ok",
     "problems",
+    "routes",
 }
 
 
