@@ -72,6 +72,9 @@ class _PassQueries:
             else None
         )
         self.use_orm = False
+        # MariaDB/MySQL: the index the claim must walk (FORCE INDEX), so that
+        # it locks no row another claim wants (see mailer.routelanes).
+        self.index_hint: str | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -111,6 +114,9 @@ class _PassQueries:
             qs = qs.select_for_update(skip_locked=skip)
         compiler = qs.values_list(*self.FIELDS)[:1].query.get_compiler(self.db)
         sql, params = compiler.as_sql()
+        if self.index_hint and self.connection.vendor == "mysql":
+            table_sql = f"FROM {table}"
+            sql = sql.replace(table_sql, f"{table_sql} FORCE INDEX ({quote(self.index_hint)})", 1)
         params = list(params)
         positions = [next(i for i, p in enumerate(params) if p is m) for m in markers]
         converters = compiler.get_converters([col for col, _, _ in compiler.select])

@@ -445,6 +445,9 @@ def send_all(
                     group.queryset, db, lock_rows, error_handler, own, shared, sleep, group.lanes
                 )
                 lane.pooled, lane.session = threaded, session
+                lane.index_hint = routelanes.ROUTE_INDEX
+                if threaded and connections[db].vendor == "mysql":
+                    lane.recheck = routelanes.Recheck(group.queryset)
                 return lane.run
 
             own_state = functools.partial(
@@ -495,6 +498,9 @@ class _Lane:
         self.pooled = lanes > 1
         self.session: Session | None = None
         self.reuse_queries = False
+        self.index_hint: str | None = None  # see _PassQueries.index_hint
+        # Asked when the claim finds nothing: True to look again from the start.
+        self.recheck: Callable[[], bool] | None = None
 
     def run(self) -> None:
         session = self.session
@@ -503,6 +509,7 @@ class _Lane:
             queries = session.queries(self.queryset, self.db, self.lock_rows)
         else:
             queries = _PassQueries(self.queryset, self.db, self.lock_rows)
+            queries.index_hint = self.index_hint
         dont_send = DontSendSnapshot()  # read again by every pass
         after = queries.first_key()
         state = self.state
@@ -524,6 +531,9 @@ class _Lane:
                         else:
                             message, after = queries.claim(after)
                         if message is None:
+                            if self.recheck is not None and self.recheck():
+                                after = queries.first_key()  # skipped, not gone
+                                continue
                             state.result.drained = True
                             state.finish()
                             break

@@ -12,6 +12,7 @@ route it meets).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,12 +21,13 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.db.models import Q
+from django.utils import timezone
 
 from mailer import routes
 from mailer.compat import delivery_alias, mailers_configured
 from mailer.conf import conf
 from mailer.connection import Session, _Sender
-from mailer.models import RESULT_FAILURE, Message, MessageLog, MessageQuerySet
+from mailer.models import RESULT_FAILURE, Message, MessageLog, MessageQuerySet, due_q
 from mailer.pool import PassState, run_lanes
 
 # 2.3.2's logger, which operators' logging configuration and alerts name.
@@ -70,6 +72,15 @@ def served_rows(queryset: MessageQuerySet | None, names: Sequence[str] | None) -
     return queryset if names is None else queryset.filter(served_filter(names))
 
 
+#: The index a route's claim walks. MariaDB/MySQL lock every row a locking
+#: read examines, matching or not, until the transaction ends (which spans
+#: the SMTP exchange): a claim that walked the sending-order index would
+#: hold rows of other routes, which their own lanes then skip (SKIP LOCKED)
+#: as taken, ending their pass early. On this index a route's claim
+#: examines its own rows only.
+ROUTE_INDEX = "mailer_msg_route_order"
+
+
 @dataclass
 class RouteGroup:
     """The lanes of one route in a pass."""
@@ -87,7 +98,8 @@ def plan(
 
     ``served``: the routes named with ``--route`` (None: every route).
     ``concurrency``: the lanes of a route without its own ``CONCURRENCY``.
-    One indexed ``EXISTS`` per configured route tells which have mail.
+    One indexed ``EXISTS`` per configured route (and one for unrouted
+    mail) tells which have mail.
     Nothing is asked when the only route is the one unrouted mail goes
     through.
     """
@@ -104,7 +116,10 @@ def plan(
             return None
         if routes.is_route(unrouted) and _has_rows(queryset.filter(route=unrouted)):
             present.insert(0, unrouted)
-        groups = [RouteGroup(None, queryset.filter(route__isnull=True), _lanes(None, concurrency))]
+        unrouted_rows = queryset.filter(route__isnull=True)
+        groups = []
+        if _has_rows(unrouted_rows):
+            groups.append(RouteGroup(None, unrouted_rows, _lanes(None, concurrency)))
         return groups + [
             RouteGroup(name, queryset.filter(route=name), _lanes(name, concurrency))
             for name in present
@@ -118,6 +133,33 @@ def plan(
         if routes.is_route(name):
             groups.append(RouteGroup(name, queryset.filter(route=name), _lanes(name, concurrency)))
     return groups
+
+
+class Recheck:
+    """A route lane's second look before it ends its pass (MariaDB/MySQL,
+    several lanes at once).
+
+    A locking read there may lock, for a moment, the first row past the end
+    of its range: another route's row, which that route's own claim then
+    skips (``SKIP LOCKED``) as taken, and finds "nothing". A plain read (no
+    lock) says whether due rows of this route are left; if so the lane looks
+    again from the start, at most ``tries`` times, ``wait`` seconds apart
+    (a row another worker really holds is sent by it, or by the next pass).
+    """
+
+    def __init__(self, queryset: MessageQuerySet, tries: int = 3, wait: float = 0.02) -> None:
+        self.queryset = queryset
+        self.tries = tries
+        self.wait = wait
+
+    def __call__(self) -> bool:
+        if self.tries <= 0:
+            return False
+        self.tries -= 1
+        if not self.queryset.filter(due_q(timezone.now())).exists():
+            return False
+        time.sleep(self.wait)
+        return True
 
 
 def _has_rows(queryset: MessageQuerySet) -> bool:
