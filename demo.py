@@ -3,8 +3,8 @@
 
     python3 demo.py
 
-Stage 1 (any Python >= 3.11, standard library only): create ``.venv-demo``
-next to this file if needed and install this checkout (editable) plus
+Stage 1 (any Python >= 3.11, standard library only): create
+``.venv-demo-3.X`` (one per Python version) next to this file if needed and install this checkout (editable) plus
 aiosmtpd into it, then run this same file again with the venv's Python.
 
 Stage 2 (inside the venv): configure Django in-process with a SQLite file in a
@@ -25,7 +25,10 @@ import sys
 import venv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VENV_DIR = os.path.join(HERE, ".venv-demo")
+# One per Python version: the newest Django that version gets decides the path
+# shown (Django 6.1's MAILERS needs Python 3.12+; 3.11 gets Django 5.2).
+VENV_DIR = os.path.join(HERE, f".venv-demo-{sys.version_info[0]}.{sys.version_info[1]}")
+VENV_NAME = os.path.basename(VENV_DIR)
 STAGE_FLAG = "MAILER_DEMO_IN_VENV"
 
 
@@ -50,7 +53,7 @@ def venv_is_ready(python: str) -> bool:
     probe = subprocess.run([python, "-I", "-c", PROBE], capture_output=True, text=True)
     if probe.returncode != 0:
         return False
-    # An editable install of another checkout (e.g. a copied .venv-demo) is not ours.
+    # An editable install of another checkout (e.g. a copied venv) is not ours.
     return os.path.realpath(probe.stdout.strip()) == os.path.realpath(HERE)
 
 
@@ -62,12 +65,13 @@ def prepare_venv() -> str:
         print(f"Creating {VENV_DIR} (first run only) ...", flush=True)
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV_DIR)
     print(
-        "Installing this checkout (pip install -e .) and aiosmtpd into .venv-demo ...", flush=True
+        f"Installing this checkout (pip install -e .) and aiosmtpd into {VENV_NAME} ...",
+        flush=True,
     )
     pip = [python, "-m", "pip", "--disable-pip-version-check"]
     subprocess.run([*pip, "install", "-q", "-e", HERE, "aiosmtpd"], check=True)
     if not venv_is_ready(python):
-        sys.exit("demo: .venv-demo was set up but can't import django, aiosmtpd and mailer.")
+        sys.exit(f"demo: {VENV_NAME} was set up but can't import django, aiosmtpd and mailer.")
     return python
 
 
@@ -77,7 +81,7 @@ def stage_one() -> int:
     try:
         python = prepare_venv()
     except subprocess.CalledProcessError as err:
-        print(f"demo: installing into .venv-demo failed ({err}).", file=sys.stderr)
+        print(f"demo: installing into {VENV_NAME} failed ({err}).", file=sys.stderr)
         return 1
     env = dict(os.environ, **{STAGE_FLAG: "1"})
     return subprocess.run([python, os.path.abspath(__file__), *sys.argv[1:]], env=env).returncode
@@ -319,6 +323,15 @@ def run_demo() -> int:
         return 1
     print("OK: everything queued arrived once, in priority order, with the Message-ID")
     print("it was given at queue time; the rolled-back message was never sent.")
+    import django
+
+    if django.VERSION < (6, 1):
+        print()
+        print(
+            f"This was the Django 4.2-6.0 path (Django {django.get_version()}, the newest "
+            f"for Python {sys.version_info[0]}.{sys.version_info[1]})."
+        )
+        print("For Django 6.1's MAILERS path run it with Python 3.12 or newer: python3.13 demo.py")
     return 0
 
 

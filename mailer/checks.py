@@ -112,6 +112,31 @@ def check_error_handler(app_configs: Any = None, **kwargs: Any) -> list[checks.C
 
 @checks.register("mailer")
 def check_backends(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """The delivery side's settings, for every command.
+
+    ``mailer.E004`` (no single ``MAILERS`` alias to deliver through) is only
+    a warning here, ``mailer.W004``: a host that only queues mail (web
+    servers whose settings hold just the queue backend) must still run
+    ``migrate`` and the rest. The commands that deliver refuse to start on
+    it (:func:`delivery_problems`, ``MailerCommand.require_delivery_settings``).
+    """
+    return [_as_warning(p) if p.id == "mailer.E004" else p for p in delivery_problems()]
+
+
+def _as_warning(error: checks.CheckMessage) -> checks.Warning:
+    return checks.Warning(
+        f"{error.msg} send_mail, runmailer and runmailer_pg refuse to start until it is "
+        "fixed (mailer.E004); a host that only queues mail can leave it so "
+        '(SILENCED_SYSTEM_CHECKS = ["mailer.W004"]).',
+        hint=error.hint,
+        id="mailer.W004",
+    )
+
+
+def delivery_problems() -> list[checks.CheckMessage]:
+    """What stops the worker delivering: ``mailer.E003`` (it would deliver
+    into the queue), ``E004`` (no single ``MAILERS`` alias), ``E005`` (the
+    backend can't be imported); all errors."""
     errors: list[checks.CheckMessage] = []
     if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
         return _check_mailers()
@@ -237,7 +262,10 @@ def check_pickle_allowlist(app_configs: Any = None, **kwargs: Any) -> list[check
     return [
         checks.Error(
             f"MAILER_PICKLE_ALLOWLIST must be a list of dotted names; bad: {', '.join(bad)}.",
-            hint='Give classes as "pkg.module.Class" and whole modules as "pkg.module.*".',
+            hint=(
+                'Give classes as "pkg.module.Class" ("pkg.module.*" allows only classes '
+                "of a module that is already imported)."
+            ),
             id="mailer.E008",
         )
     ]
@@ -313,6 +341,119 @@ def check_attachment_storage(app_configs: Any = None, **kwargs: Any) -> list[che
             id="mailer.E010",
         )
     ]
+
+
+@checks.register("mailer")
+def check_task_backend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``MAILER_TASK_BACKEND`` must name a ``TASKS`` backend that can run
+    ``mailer.tasks.send_queued_mail``; say what it can't do."""
+    from mailer import tasks
+
+    alias = conf.TASK_BACKEND
+    if alias is None:
+        return []
+
+    def error(problem: str, hint: str) -> list[checks.CheckMessage]:
+        return [checks.Error(f"MAILER_TASK_BACKEND: {problem}", hint=hint, id="mailer.E020")]
+
+    if not isinstance(alias, str):
+        return error(
+            f"must be None or a key of TASKS; it is {alias!r}.",
+            "Set it to the alias of a TASKS entry, e.g. 'default', or remove it.",
+        )
+    found = tasks.framework()
+    if found is None:
+        return error(
+            f"{alias!r} needs Django's tasks framework, which this installation lacks.",
+            "Use Django 6.0 or later, or install the django-tasks package "
+            "(pip install django-tasks) on Django 4.2/5.2; or remove MAILER_TASK_BACKEND.",
+        )
+    configured = getattr(settings, "TASKS", None) or {}
+    try:
+        task_backend = found.task_backends[alias]
+    except Exception as err:
+        keys = ", ".join(repr(k) for k in sorted(configured)) or "none"
+        return error(
+            f"{alias!r} is not a usable TASKS backend ({err}; TASKS has: {keys}).",
+            f"Add TASKS[{alias!r}] = {{'BACKEND': ...}} (e.g. django-tasks-db's "
+            "DatabaseBackend), or set MAILER_TASK_BACKEND to one of the TASKS keys.",
+        )
+    try:
+        tasks.send_queued_mail_task().using(backend=alias)
+    except Exception as err:
+        return error(
+            f"TASKS[{alias!r}] can't run mailer.tasks.send_queued_mail: {err}",
+            "The task runs on the backend's 'default' queue with the default priority "
+            "and takes its context: give that backend a 'default' queue (QUEUES).",
+        )
+    messages: list[checks.CheckMessage] = []
+    name = type(task_backend).__name__
+    if name == "ImmediateBackend":
+        messages.append(
+            checks.Warning(
+                f"MAILER_TASK_BACKEND {alias!r} is an ImmediateBackend: every delivery pass "
+                "runs inside the request (or command) that queued the mail, right after its "
+                "transaction commits, and the caller waits for the SMTP server.",
+                hint="Use a backend with its own workers (e.g. django-tasks-db's "
+                "DatabaseBackend and its db_worker), or remove MAILER_TASK_BACKEND.",
+                id="mailer.W020",
+            )
+        )
+    if not getattr(task_backend, "supports_defer", False):
+        messages.append(
+            checks.Warning(
+                f"TASKS[{alias!r}] ({name}) can't defer a task (run_after): mail scheduled "
+                "with send_at, automatic retries, and a pass that found the send_mail lock "
+                "held get no task at their time.",
+                hint="Keep send_mail in cron (or runmailer) beside the tasks for those, or "
+                "use a backend that supports run_after (e.g. django-tasks-db).",
+                id="mailer.W021",
+            )
+        )
+    return messages
+
+
+@checks.register("mailer")
+def check_stored_form(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``MAILER_MESSAGE_FORMAT`` and ``MAILER_MESSAGE_CLASSES``."""
+    errors: list[checks.CheckMessage] = []
+    fmt = getattr(settings, "MAILER_MESSAGE_FORMAT", "json")
+    if fmt not in ("json", "pickle"):
+        errors.append(
+            checks.Error(
+                f'MAILER_MESSAGE_FORMAT must be "json" or "pickle"; it is {fmt!r}.',
+                hint='Remove it (default "json", data only), or set "pickle" to keep '
+                "writing 2.3.2's form.",
+                id="mailer.E012",
+            )
+        )
+    value = getattr(settings, "MAILER_MESSAGE_CLASSES", [])
+    if not isinstance(value, (list, tuple)):
+        errors.append(
+            checks.Error(
+                f"MAILER_MESSAGE_CLASSES must be a list of dotted class names; it is {value!r}.",
+                hint='Give classes as ["pkg.module.Class"].',
+                id="mailer.E012",
+            )
+        )
+        value = []
+    from django.core.mail import EmailMessage
+
+    for entry in value:
+        try:
+            cls = import_string(entry) if isinstance(entry, str) else None
+        except ImportError:
+            cls = None
+        if not (isinstance(cls, type) and issubclass(cls, EmailMessage)):
+            errors.append(
+                checks.Error(
+                    f"MAILER_MESSAGE_CLASSES: {entry!r} is not the dotted name of an "
+                    "importable EmailMessage subclass.",
+                    hint='Give classes as "pkg.module.Class".',
+                    id="mailer.E012",
+                )
+            )
+    return errors
 
 
 @checks.register("mailer")

@@ -2,8 +2,8 @@
 
 Everything version-dependent lives here or in :mod:`mailer.emailcompat` (the
 differences in a message itself, re-exported here) so the rest of the package
-reads the same on every Django: which backend really sends, how an address is
-checked, and how a message pickled by an older Django is repaired after
+reads the same on every Django: which backend really sends (and which
+addresses it takes), how an address is checked, and how a message pickled by an older Django is repaired after
 unpickling.
 """
 
@@ -28,9 +28,6 @@ from mailer.emailcompat import EmailAttachment as EmailAttachment
 from mailer.emailcompat import check_address as check_address
 from mailer.emailcompat import repair_email as repair_email
 from mailer.emailcompat import strip_connection as strip_connection
-
-# validate_email moved to mailer.validation; the old import path keeps working.
-from mailer.validation import validate_email as validate_email
 
 
 def mailers_configured() -> bool:
@@ -109,6 +106,35 @@ def sending_backend_path() -> str:
     if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
         return mailer_backend(settings.MAILERS[delivery_alias()])
     return conf.EMAIL_BACKEND
+
+
+def accepts_utf8_local_parts() -> bool:
+    """Does the delivery backend take an address whose local part is not ASCII?
+
+    Queue time refuses what the backend the worker delivers through would
+    refuse, not what the strictest one would. Django's SMTP backend (or a
+    subclass) takes such an address only when it speaks SMTPUTF8: a true
+    ``use_smtputf8`` in its ``MAILERS`` ``OPTIONS`` or on the class, or a
+    class ``policy`` with ``utf8`` set. Any other backend (console,
+    locmem, an email service's API) takes the address and decides when it
+    sends. The strict answer (False) when the configuration can't be read
+    (the system checks report it).
+    """
+    from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
+
+    try:
+        backend_class = import_string(sending_backend_path())
+        options: dict[str, Any] = {}
+        if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
+            options = settings.MAILERS[delivery_alias()].get("OPTIONS") or {}
+    except Exception:
+        return False
+    if not (isinstance(backend_class, type) and issubclass(backend_class, SMTPBackend)):
+        return True
+    if "use_smtputf8" in options:
+        return bool(options["use_smtputf8"])
+    policy = getattr(backend_class, "policy", None)
+    return bool(getattr(backend_class, "use_smtputf8", False) or getattr(policy, "utf8", False))
 
 
 def require_no_backend_loop() -> None:

@@ -137,9 +137,25 @@ class MailerSettings:
             _get_bool(name, default)
 
     @property
+    def READ_PICKLE(self) -> bool:
+        """Read rows stored as pickle (2.3.2's form); False: refuse them."""
+        return _get_bool("READ_PICKLE", True)
+
+    @property
+    def MESSAGE_FORMAT(self) -> str:
+        """The form new rows are written in: "json" (data only) or "pickle"."""
+        return _get("MESSAGE_FORMAT", "json")
+
+    @property
+    def MESSAGE_CLASSES(self) -> list[str]:
+        """A project's own EmailMessage subclasses the data-only form restores."""
+        value = _get("MESSAGE_CLASSES", [])
+        return list(value) if isinstance(value, (list, tuple)) else []
+
+    @property
     def PICKLE_ALLOWLIST(self) -> list[str]:
-        """Extra classes (``"pkg.mod.Class"``) or modules (``"pkg.mod.*"``) allowed
-        in stored messages (see mailer.storage)."""
+        """Extra classes (``"pkg.mod.Class"``) allowed in pickled rows (see
+        mailer.pickled; ``"pkg.mod.*"`` looks in already imported modules only)."""
         value = _get("PICKLE_ALLOWLIST", [])
         return list(value) if isinstance(value, (list, tuple)) else []
 
@@ -163,6 +179,12 @@ class MailerSettings:
     def ATTACHMENT_INLINE_MAX(self) -> int:
         """Attachments larger than this many bytes go to ATTACHMENT_STORAGE."""
         return _get("ATTACHMENT_INLINE_MAX", 262_144)
+
+    @property
+    def TASK_BACKEND(self) -> str | None:
+        """``TASKS`` alias that ``mailer.tasks.send_queued_mail`` is enqueued on
+        once a transaction that queued mail commits; ``None``: not at all."""
+        return _get("TASK_BACKEND", None)
 
     @property
     def PURGE_BATCH_SIZE(self) -> int:
@@ -194,4 +216,5 @@ BOOLEAN_SETTINGS: list[tuple[str, bool]] = [
     ("EMAIL_LOG_MESSAGE_DATA", True),
     ("PAUSE_SEND", False),
     ("AUTO_RETRY", False),
+    ("READ_PICKLE", True),
 ]

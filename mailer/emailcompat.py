@@ -24,14 +24,26 @@ if DJANGO_VERSION >= (6, 0):
 
     _prep = _SMTPBackend.__new__(_SMTPBackend)
 
-    def check_address(address: Any, encoding: str) -> None:
-        _prep.prep_address(address)  # type: ignore[attr-defined]  # Django 6.0+
+    def check_address(address: Any, encoding: str, *, utf8: bool = False) -> None:
+        """``ValueError`` for an address Django's SMTP backend would refuse.
+
+        ``utf8``: as it is with SMTPUTF8 (a non-ASCII local part is fine).
+        """
+        _prep.prep_address(address, force_ascii=not utf8)  # type: ignore[attr-defined]
 
 else:
     from django.core.mail.message import sanitize_address
 
-    def check_address(address: Any, encoding: str) -> None:
+    def check_address(address: Any, encoding: str, *, utf8: bool = False) -> None:
+        """``ValueError`` for an address Django's SMTP backend would refuse
+        (it encodes a non-ASCII local part: ``utf8`` changes nothing)."""
         sanitize_address(address, encoding)
+
+
+#: Does Django decode a ``text/*`` attachment given as bytes when it sends?
+#: (Before 6.1 only ``attach()`` does; a triple put in ``attachments``
+#: directly fails when the message is built.)
+TEXT_ATTACHMENT_BYTES = DJANGO_VERSION >= (6, 1)
 
 
 with warnings.catch_warnings():

@@ -134,6 +134,10 @@ class PassResult:
     timed_out: bool = False
     # The pass ended because it found nothing more to send.
     drained: bool = False
+    # Deferrals because the mail server couldn't be reached (refused,
+    # unreachable, timed out, hung up), and how the last one was put.
+    unreachable: int = 0
+    unreachable_error: str = ""
 
     @property
     def attempted(self) -> int:
@@ -205,7 +209,13 @@ def handle_delivery_exception(
             decision = retry.decide(message, exc)
             text = f"{text}; {decision.note}"
             retry_at = decision.retry_at
-        logger.info("message deferred due to failure: %s", text)
+        # 2.3.2's words (operators' alerts match them), then which message.
+        logger.info(
+            "message deferred due to failure: %s (message %s %s)",
+            text,
+            message.pk,
+            message.message_id or "without a Message-ID",
+        )
         message.defer(retry_at)
         MessageLog.objects.log(message, RESULT_FAILURE, log_message=text)
         return None, "deferred"
@@ -343,11 +353,14 @@ def _deliver_one(
             result.failed += 1
             return handler_exc
         _signal_handled(action, message, email, exc, sender.backend)
-        sender.replace(new_connection)
         if action == "sent":
             result.sent += 1
         else:
             result.deferred += 1
+            if _is_connection_failure(exc):
+                result.unreachable += 1
+                result.unreachable_error = describe_delivery_error(exc, sender.backend)
+        sender.replace(new_connection)
         return None
     note = ""
     if sender.refused:
@@ -357,6 +370,17 @@ def _deliver_one(
     logger.debug("Sent message %s %s", message.pk, get_message_id(email))
     result.sent += 1
     return None
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    """Was the mail server out of reach (not an answer it gave)? Refused,
+    unreachable, unresolvable, timed out, hung up, or a greeting refusing
+    the connection."""
+    if isinstance(exc, (smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected)):
+        return True
+    if isinstance(exc, smtplib.SMTPException):
+        return False
+    return isinstance(exc, OSError)
 
 
 def _limits_reached(result: PassResult, in_flight: int = 0) -> bool:
@@ -394,11 +418,7 @@ def send_all(
     ``MAILER_CONCURRENCY``); see :mod:`mailer.pool`. ``session``: what a
     worker keeps between passes (SMTP connections, compiled statements);
     without one, everything is opened for this pass and closed after it.
-    ``routes``: serve only these routes (``--route``; None: every route).
-    With mail on several routes, each route has its own lanes (its
-    ``CONCURRENCY``), so a slow or failing provider holds up only its own
-    mail (see :mod:`mailer.routelanes`); ``MAILER_EMAIL_MAX_BATCH`` and
-    ``MAILER_EMAIL_MAX_DEFERRED`` then count per route.
+    ``routes``: serve only these routes (None: all; see :mod:`mailer.routelanes`).
     """
     require_no_backend_loop()
     conf.require_booleans()  # before anything is sent
@@ -425,9 +445,6 @@ def send_all(
         lock_rows = _claims_with_row_locks(db)
         if conf.AUTO_RETRY:
             _release_due_retries(db)
-        groups = None
-        if routes is not None:
-            routes = routelanes.require_served(routes)
         groups = routelanes.plan(queryset, routes, concurrency)
         if groups is None:
             # Without row locks (SQLite) the lanes share one claim position.
@@ -438,22 +455,14 @@ def send_all(
             run_lanes(lanes, lane.run, state)
         else:
 
-            def lane_for(group: routelanes.RouteGroup, own: PassState, threaded: bool) -> Any:
-                on_sqlite = group.lanes > 1 and not lock_rows
-                shared = SharedCursor(_first_key(db)) if on_sqlite else None
-                lane = _Lane(
-                    group.queryset, db, lock_rows, error_handler, own, shared, sleep, group.lanes
-                )
-                lane.pooled, lane.session = threaded, session
-                lane.index_hint = routelanes.ROUTE_INDEX
-                if threaded and connections[db].vendor == "mysql":
-                    lane.recheck = routelanes.Recheck(group.queryset)
-                return lane.run
+            def lane_for(g: routelanes.RouteGroup, own: PassState, threaded: bool) -> Any:
+                shared = SharedCursor(_first_key(db)) if not lock_rows else None
+                lane = _Lane(g.queryset, db, lock_rows, error_handler, own, shared, sleep, g.lanes)
+                lane.session = session
+                return routelanes.route_lane(lane, g, threaded)
 
-            own_state = functools.partial(
-                PassState, should_stop=should_stop, limits_reached=_limits_reached
-            )
-            routelanes.run_route_groups(groups, lane_for, state, lambda: own_state(PassResult()))
+            own = functools.partial(PassState, should_stop=should_stop, limits_reached=_limits_reached)
+            routelanes.run_route_groups(groups, lane_for, state, lambda: own(PassResult()))
     finally:
         if lock is not None:
             release_lock(lock)
@@ -462,6 +471,15 @@ def send_all(
         logger.warning(
             "The email server did not answer in time; stopped this pass "
             "(the remaining messages stay queued)."
+        )
+    if result.unreachable and not result.sent:
+        # Each deferral is an INFO line (2.3.2's); an outage must be heard at
+        # -v 0 (cron) too: once per pass, naming the server.
+        logger.warning(
+            "No mail went out: %s message(s) deferred because the mail server could not "
+            "be reached (%s).",
+            result.unreachable,
+            result.unreachable_error,
         )
     logger.info("Pass done: %s", result)
     if state.pending is not None:
@@ -499,8 +517,7 @@ class _Lane:
         self.session: Session | None = None
         self.reuse_queries = False
         self.index_hint: str | None = None  # see _PassQueries.index_hint
-        # Asked when the claim finds nothing: True to look again from the start.
-        self.recheck: Callable[[], bool] | None = None
+        self.recheck: Callable[[], bool] | None = None  # see routelanes.Recheck
 
     def run(self) -> None:
         session = self.session

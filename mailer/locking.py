@@ -142,6 +142,9 @@ def break_if_stale(lock_file: str) -> bool:
     """Remove ``lock_file`` if the process that holds it is dead; True if removed."""
     if fcntl is None:  # pragma: no cover
         return False
+    # Compared with the directory's entries below: the same form for both
+    # (the default path is relative to the working directory).
+    lock_file = os.path.abspath(lock_file)
     guard_path = lock_file + ".guard"
     with open(guard_path, "a") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
@@ -152,14 +155,15 @@ def break_if_stale(lock_file: str) -> bool:
             stale_ino = os.stat(lock_file).st_ino
             # The per-process file the lock links to is named after the dead
             # owner: remove it as well so it doesn't pile up.
-            directory = os.path.dirname(lock_file) or "."
+            directory = os.path.dirname(lock_file)
             for name in os.listdir(directory):
                 full = os.path.join(directory, name)
                 if full != lock_file:
                     with contextlib.suppress(OSError):
                         if os.stat(full).st_ino == stale_ino:
                             os.unlink(full)
-            os.unlink(lock_file)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock_file)
         finally:
             fcntl.flock(guard, fcntl.LOCK_UN)
     logger.warning(

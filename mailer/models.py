@@ -14,7 +14,7 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from mailer import attachments
+from mailer import attachments, taskhook, wakeup
 from mailer.conf import ROUTE_MAX_LENGTH, conf
 from mailer.mysql import packet_limit
 
@@ -195,9 +195,12 @@ class MessageQuerySet(models.QuerySet):
         max_retries = conf.EMAIL_MAX_RETRIES
         if max_retries is not None:
             qs = qs.filter(retry_count__lt=max_retries)
-        return qs.update(
+        moved = qs.update(
             priority=new_priority, retry_count=models.F("retry_count") + 1, not_before=None
         )
+        if moved:
+            wakeup.became_sendable(self.db)
+        return moved
 
     def due(self, now: datetime | None = None) -> MessageQuerySet:
         """Messages whose time has come: no ``not_before``, or one not after ``now``."""
@@ -327,8 +330,11 @@ class Message(_EmailProperties, models.Model):
         if data_saved:
             self.fill_search_fields()
         using = kwargs.get("using") or router.db_for_write(Message, instance=self)
+        adding = self._state.adding
         with packet_limit(using, [self] if data_saved else []):
             super().save(*args, **kwargs)
+        if adding and self.priority != PRIORITY_DEFERRED:
+            taskhook.after_queueing(using, self.not_before)
 
     def fill_search_fields(self) -> None:
         """Copy recipients, subject and Message-ID out of the pickle."""
@@ -343,12 +349,19 @@ class Message(_EmailProperties, models.Model):
         self.priority = PRIORITY_DEFERRED
         self.not_before = retry_at
         self.save(update_fields=["priority", "not_before"])
+        if retry_at is not None:
+            # An idle runmailer_pg (maybe another process's) must wake for it,
+            # and MAILER_TASK_BACKEND gets a run at its time.
+            wakeup.became_sendable(
+                self._state.db or router.db_for_write(Message, instance=self), retry_at
+            )
 
     def requeue(self, priority: int = PRIORITY_MEDIUM) -> None:
         """Put a message back on the queue to be sent now (whatever its time)."""
         self.priority = priority
         self.not_before = None
         self.save(update_fields=["priority", "not_before"])
+        wakeup.became_sendable(self._state.db or router.db_for_write(Message, instance=self))
 
 
 # --- don't-send list -------------------------------------------------------

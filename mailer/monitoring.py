@@ -2,8 +2,9 @@
 
 * :func:`message_status` (public as ``mailer.status``): the state of one
   message by its Message-ID, in at most two indexed queries.
-* :func:`queue_summary`: counts by state and priority, the oldest sendable
-  message's age, the last success and recent outcomes (``mailer_status``).
+* :func:`queue_summary`: counts by state and priority, the age of the oldest
+  message that should have gone out by now, the last success and recent
+  outcomes (``mailer_status``).
 * :func:`hourly_outcomes`: sent / deferred / failed per hour, in one
   aggregate query over the ``mailer_log_outcomes`` index (the admin's chart).
 
@@ -44,6 +45,10 @@ FAILED = "failed"
 DONT_SEND = "dont_send"
 STATES = (QUEUED, SCHEDULED, DEFERRED, SENT, FAILED, DONT_SEND)
 
+#: How a success log entry names the recipients the server refused
+#: (``mailer.engine``'s note).
+REFUSAL_PREFIX = "Refused by the server for some recipients: "
+
 #: Outcomes as the log records them: (result, logged while deferred?) -> name.
 OUTCOMES = ("sent", "deferred", "failed", "dont_send")
 
@@ -77,6 +82,9 @@ class MessageStatus:
     error: str | None = None
     #: The queue priority (None once it left the queue).
     priority: int | None = None
+    #: Sent, but the server refused some recipients: who, and its reply
+    #: ("Refused by the server for some recipients: a@example.com (550 ...)").
+    refused: str | None = None
     #: Its route: the alias it is delivered through (None: the default delivery).
     route: str | None = None
 
@@ -86,6 +94,19 @@ class MessageStatus:
         return self.state in (SENT, FAILED, DONT_SEND)
 
 
+def _storable(message_id: str) -> bool:
+    """Could a row hold this Message-ID? Not an empty one, nor one with a NUL
+    (PostgreSQL can't even compare one) or a lone surrogate (no database
+    driver encodes one): such a string matches nothing."""
+    if not message_id or not isinstance(message_id, str) or "\x00" in message_id:
+        return False
+    try:
+        message_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def message_status(message_id: str, *, using: str | None = None) -> MessageStatus | None:
     """The state of the message with this Message-ID; None if never queued.
 
@@ -93,7 +114,7 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
     each over a Message-ID index: the queue row (the newest, if it was
     requeued), then its log entries.
     """
-    if not message_id:
+    if not _storable(message_id):
         return None
     queue = Message.objects.all() if using is None else Message.objects.using(using)
     row = (
@@ -112,11 +133,13 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
         return None
     attempts = sum(1 for result, *_ in entries if result != RESULT_DONT_SEND)
     last_attempt = entries[0][2] if entries else None
-    error = None
+    error = refused = None
     for result, _priority, _when, text, _route in entries:
         if result == RESULT_FAILURE:
             error = text or None
             break
+        if result == RESULT_SUCCESS and text.startswith(REFUSAL_PREFIX):
+            refused = text
         if result in (RESULT_SUCCESS, RESULT_DONT_SEND):
             break
     if row is not None:
@@ -130,13 +153,15 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
             state = QUEUED
             next_attempt = None
         return MessageStatus(
-            message_id, state, attempts, last_attempt, next_attempt, error, priority, route
+            message_id, state, attempts, last_attempt, next_attempt, error, priority, route=route
         )
     result, priority, _when, text, route = entries[0]
     state = {"sent": SENT, "dont_send": DONT_SEND}.get(outcome_of(result, priority), FAILED)
     if state != FAILED:
         error = None
-    return MessageStatus(message_id, state, attempts, last_attempt, None, error, route=route)
+    return MessageStatus(
+        message_id, state, attempts, last_attempt, None, error, refused=refused, route=route
+    )
 
 
 # --- the queue -------------------------------------------------------------------------
@@ -154,7 +179,9 @@ class QueueSummary:
     #: the admin, or an operator must).
     deferred_waiting: int = 0
     by_priority: dict[str, int] = field(default_factory=dict)
+    #: Since when the oldest sendable message could be sent.
     oldest_queued: dt.datetime | None = None
+    #: When the oldest deferred message was queued.
     oldest_deferred: dt.datetime | None = None
     last_success: dt.datetime | None = None
     last_hour: dict[str, int] = field(default_factory=dict)
@@ -173,6 +200,34 @@ class QueueSummary:
         return self._age(self.oldest_deferred)
 
     @property
+    def waiting(self) -> int:
+        """Messages that should have gone out by now: queued and deferred
+        (waiting for a retry or for an operator), not scheduled for later."""
+        return self.queued + self.deferred
+
+    @property
+    def oldest_waiting(self) -> dt.datetime | None:
+        """Since when the oldest of them should have gone out (a deferred
+        message: since it was queued)."""
+        times = [t for t in (self.oldest_queued, self.oldest_deferred) if t is not None]
+        return min(times) if times else None
+
+    @property
+    def oldest_waiting_seconds(self) -> int | None:
+        return self._age(self.oldest_waiting)
+
+    @property
+    def silent_seconds(self) -> int | None:
+        """How long mail has waited with nothing sent: since the last success
+        or since the oldest waiting message became due, whichever is later;
+        None when nothing waits (an idle queue is never silent)."""
+        oldest = self.oldest_waiting
+        if not self.waiting or oldest is None:
+            return None
+        since = oldest if self.last_success is None else max(oldest, self.last_success)
+        return self._age(since)
+
+    @property
     def last_success_seconds(self) -> int | None:
         return self._age(self.last_success)
 
@@ -188,6 +243,9 @@ class QueueSummary:
             "by_priority": self.by_priority,
             "oldest_queued_seconds": self.oldest_queued_seconds,
             "oldest_deferred_seconds": self.oldest_deferred_seconds,
+            "waiting": self.waiting,
+            "oldest_waiting_seconds": self.oldest_waiting_seconds,
+            "silent_seconds": self.silent_seconds,
             "last_success": iso(self.last_success),
             "last_success_seconds": self.last_success_seconds,
             "last_hour": self.last_hour,
@@ -343,20 +401,35 @@ def duration(seconds: int | None) -> str:
 
 
 def summary_problems(
-    summary: QueueSummary, *, max_age: int | None = None, max_deferred: int | None = None
+    summary: QueueSummary,
+    *,
+    max_age: int | None = None,
+    max_deferred: int | None = None,
+    max_silence: int | None = None,
 ) -> list[str]:
-    """What exceeds the thresholds (empty: healthy)."""
+    """What exceeds the thresholds (empty: healthy).
+
+    ``max_age`` and ``max_silence`` look at every message that should have
+    gone out by now: queued, deferred for a retry (automatic or not); not
+    one scheduled for later. ``max_deferred`` counts every deferred message.
+    """
     problems = []
-    age = summary.oldest_queued_seconds
+    age = summary.oldest_waiting_seconds
     if max_age is not None and age is not None and age > max_age:
         problems.append(
-            f"the oldest sendable message has waited {age} s ({duration(age)}), "
-            f"more than --max-age {max_age}"
+            f"{summary.waiting} message(s) waiting to go out ({summary.deferred} deferred), "
+            f"the oldest for {age} s ({duration(age)}), more than --max-age {max_age}"
         )
-    if max_deferred is not None and summary.deferred_waiting > max_deferred:
+    if max_deferred is not None and summary.deferred > max_deferred:
         problems.append(
-            f"{summary.deferred_waiting} deferred message(s) wait for an operator, "
-            f"more than --max-deferred {max_deferred}"
+            f"{summary.deferred} deferred message(s) ({summary.deferred_waiting} waiting for "
+            f"an operator), more than --max-deferred {max_deferred}"
+        )
+    silent = summary.silent_seconds
+    if max_silence is not None and silent is not None and silent > max_silence:
+        problems.append(
+            f"{summary.waiting} message(s) waiting and nothing sent for {silent} s "
+            f"({duration(silent)}), more than --max-silence {max_silence}"
         )
     return problems
 
@@ -381,6 +454,17 @@ def summary_text(summary: QueueSummary, problems: list[str] | None = None) -> st
         f"Queue: {summary.queued} queued, {summary.scheduled} scheduled, "
         f"{summary.deferred} deferred ({summary.deferred_waiting} waiting for an operator)",
         f"By priority: {priorities}",
+        f"Waiting to go out: {summary.waiting}"
+        + (
+            ""
+            if summary.oldest_waiting is None
+            else f", the oldest for {duration(summary.oldest_waiting_seconds)}"
+        )
+        + (
+            ""
+            if summary.silent_seconds is None
+            else f"; nothing sent for {duration(summary.silent_seconds)}"
+        ),
         "Oldest sendable message: "
         + (
             "none"

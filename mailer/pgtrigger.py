@@ -11,10 +11,12 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections, router
 
+from mailer import wakeup
+
 # The logger runmailer_pg has always logged as (docs/runmailer_pg.rst shows it).
 logger = logging.getLogger("mailer.postgres")
 
-CHANNEL = "django_mailer_new_message"
+CHANNEL = wakeup.CHANNEL
 FUNCTION_NAME = "django_mailer_notify_new_message"
 TRIGGER_NAME = "django_mailer_message_notify_trigger"
 

@@ -32,6 +32,8 @@ class Outcome(Protocol):
     dont_send: int
     timed_out: bool
     drained: bool  # the pass found nothing more to send
+    unreachable: int  # deferred because the mail server couldn't be reached
+    unreachable_error: str  # how the last of those was put
 
 
 class PassState:
@@ -88,6 +90,9 @@ class PassState:
                 self.result.failed += outcome.failed
                 self.result.dont_send += outcome.dont_send
                 self.result.timed_out = self.result.timed_out or outcome.timed_out
+                if outcome.unreachable:
+                    self.result.unreachable += outcome.unreachable
+                    self.result.unreachable_error = outcome.unreachable_error
             if unexpected is not None and self.pending is None:
                 self.pending = unexpected
 

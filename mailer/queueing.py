@@ -28,7 +28,7 @@ from django.db import router, transaction
 from django.db.models.base import ModelState
 from django.utils import timezone
 
-from mailer import attachments
+from mailer import attachments, taskhook
 from mailer.conf import conf
 from mailer.mysql import packet_limit
 from mailer.priorities import PRIORITY_MEDIUM
@@ -273,10 +273,13 @@ def _queue_emails(
             rows.append(inserter.values(row))
         if not rows:
             return 0
-        return _insert(inserter, rows, batch_size, connection)
+        count = _insert(inserter, rows, batch_size, connection)
     except BaseException:
         written.discard()
         raise
+    # MAILER_TASK_BACKEND: a delivery task once the transaction commits.
+    taskhook.after_queueing(using, (p[1] for p in prepared))
+    return count
 
 
 def _new_row(attributes: dict[str, Any]) -> Message:

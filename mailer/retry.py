@@ -142,29 +142,42 @@ def _is_unset(value: Any) -> bool:
     return value is None or getattr(value, "__name__", None) == "UNSET"
 
 
+def _as_datetime(send_at: Any) -> dt.datetime:
+    if isinstance(send_at, dt.datetime):
+        return send_at
+    if isinstance(send_at, dt.date):
+        return dt.datetime.combine(send_at, dt.time())
+    if isinstance(send_at, (int, float)) and not isinstance(send_at, bool):
+        return dt.datetime.fromtimestamp(send_at, tz=dt.timezone.utc)
+    raise TypeError(f"send_at must be a datetime, a date or a POSIX timestamp; it is {send_at!r}.")
+
+
 def not_before_from(send_at: Any, now: dt.datetime | None = None) -> dt.datetime | None:
     """The ``not_before`` time for a ``send_at`` value (None: at once).
 
     Takes what django-anymail takes: an aware ``datetime``; a naive one (in
     the current time zone); a ``date`` (its midnight there); a number (a
     POSIX timestamp). A time in the past means now (``None``). Anything else
-    is a ``TypeError`` naming ``send_at``.
+    is a ``TypeError`` naming ``send_at``; a time that can't be converted to
+    the stored time zone (year 9999 moved past the end of the calendar) a
+    ``ValueError`` naming it.
     """
     if _is_unset(send_at):
         return None
-    if isinstance(send_at, dt.datetime):
-        when = send_at
-    elif isinstance(send_at, dt.date):
-        when = dt.datetime.combine(send_at, dt.time())
-    elif isinstance(send_at, (int, float)) and not isinstance(send_at, bool):
-        when = dt.datetime.fromtimestamp(send_at, tz=dt.timezone.utc)
-    else:
-        raise TypeError(
-            f"send_at must be a datetime, a date or a POSIX timestamp; it is {send_at!r}."
-        )
-    if settings.USE_TZ and timezone.is_naive(when):
-        when = timezone.make_aware(when, timezone.get_current_timezone())
-    elif not settings.USE_TZ and timezone.is_aware(when):
-        when = timezone.make_naive(when)  # stored naive, in the current time zone
+    try:
+        when = _as_datetime(send_at)
+        if settings.USE_TZ and timezone.is_naive(when):
+            when = timezone.make_aware(when, timezone.get_current_timezone())
+        elif not settings.USE_TZ and timezone.is_aware(when):
+            when = timezone.make_naive(when)  # stored naive, in the current time zone
+        if timezone.is_aware(when):
+            when.astimezone(dt.timezone.utc)  # what the database stores must exist too
+    except (OverflowError, OSError, ValueError) as err:
+        # A time at the edge of the calendar (year 1 or 9999) moved into
+        # another zone, a timestamp too large for a date.
+        raise ValueError(
+            f"send_at {send_at!r} can't be used: it is outside the dates Python can "
+            f"represent once converted to the time zone it is stored in ({err})."
+        ) from err
     now = timezone.now() if now is None else now
     return when if when > now else None

@@ -14,8 +14,8 @@ from mailer.routes import ROUTE_KEYS
 
 
 def route_checks() -> list[checks.CheckMessage]:
-    """Every route error: ``mailer.E020`` (shape), ``E021`` (a queue's
-    ``using``), ``E022`` (``MAILER_ROUTES`` next to ``MAILERS``), ``E023``
+    """Every route error: ``mailer.E030`` (shape), ``E031`` (a queue's
+    ``using``), ``E032`` (``MAILER_ROUTES`` next to ``MAILERS``), ``E033``
     (a route's backend)."""
     errors = _check_shape()
     if errors:
@@ -36,7 +36,7 @@ def _check_shape() -> list[checks.CheckMessage]:
         "see the Several providers page."
     )
     if not isinstance(routes, dict):
-        return [_error(f"MAILER_ROUTES must be a dict; it is {routes!r}.", hint, 20)]
+        return [_error(f"MAILER_ROUTES must be a dict; it is {routes!r}.", hint, 30)]
     errors: list[checks.CheckMessage] = []
     for name, entry in routes.items():
         where = f"MAILER_ROUTES[{name!r}]"
@@ -45,12 +45,12 @@ def _check_shape() -> list[checks.CheckMessage]:
                 _error(
                     f"{where}: a route name is a string of 1 to {ROUTE_MAX_LENGTH} characters.",
                     hint,
-                    20,
+                    30,
                 )
             )
             continue
         if not isinstance(entry, dict):
-            errors.append(_error(f"{where} must be a dict; it is {entry!r}.", hint, 20))
+            errors.append(_error(f"{where} must be a dict; it is {entry!r}.", hint, 30))
             continue
         unknown = sorted(set(entry) - ROUTE_KEYS)
         if unknown:
@@ -58,7 +58,7 @@ def _check_shape() -> list[checks.CheckMessage]:
                 _error(
                     f"{where} has unknown keys: {', '.join(map(repr, unknown))}.",
                     f"A route takes {', '.join(sorted(ROUTE_KEYS))}.",
-                    20,
+                    30,
                 )
             )
         value = entry.get("CONCURRENCY")
@@ -69,12 +69,12 @@ def _check_shape() -> list[checks.CheckMessage]:
                 _error(
                     f"{where}['CONCURRENCY'] must be a whole number ≥ 1; it is {value!r}.",
                     "Fix or remove it (default: MAILER_CONCURRENCY).",
-                    20,
+                    30,
                 )
             )
         options = entry.get("OPTIONS", {})
         if not isinstance(options, dict):
-            errors.append(_error(f"{where}['OPTIONS'] must be a dict; it is {options!r}.", hint, 20))
+            errors.append(_error(f"{where}['OPTIONS'] must be a dict; it is {options!r}.", hint, 30))
     return errors
 
 
@@ -92,18 +92,18 @@ def _check_queue_aliases() -> list[checks.CheckMessage]:
         where = f"MAILERS[{alias!r}]['OPTIONS']['using']"
         hint = f"Name the alias of a backend that really sends ({', '.join(real) or 'none yet'})."
         if not isinstance(route, str) or route not in mailers:
-            errors.append(_error(f"{where} is {route!r}, which is not in MAILERS.", hint, 21))
+            errors.append(_error(f"{where} is {route!r}, which is not in MAILERS.", hint, 31))
         elif mailer_backend(mailers[route]) == DB_BACKEND:
             errors.append(
                 _error(
                     f"{where} is {route!r}, another DbBackend: queued mail would be queued again.",
                     hint,
-                    21,
+                    31,
                 )
             )
         elif len(route) > ROUTE_MAX_LENGTH:
             errors.append(
-                _error(f"{where}: a route name has at most {ROUTE_MAX_LENGTH} characters.", hint, 21)
+                _error(f"{where}: a route name has at most {ROUTE_MAX_LENGTH} characters.", hint, 31)
             )
     return errors
 
@@ -121,7 +121,7 @@ def _check_routes_with_mailers() -> list[checks.CheckMessage]:
                     f"{where} has {' and '.join(carried)}, but with MAILERS a route's backend "
                     "comes from MAILERS.",
                     f"Move them to MAILERS[{name!r}] and keep only CONCURRENCY here.",
-                    22,
+                    32,
                 )
             )
         if name not in mailers or mailer_backend(mailers[name]) == DB_BACKEND:
@@ -129,7 +129,7 @@ def _check_routes_with_mailers() -> list[checks.CheckMessage]:
                 _error(
                     f"{where}: {name!r} is not a MAILERS alias that really sends.",
                     f"Add MAILERS[{name!r}] with the backend that delivers this route.",
-                    22,
+                    32,
                 )
             )
     return errors
@@ -148,7 +148,7 @@ def _check_route_backends() -> list[checks.CheckMessage]:
                     "the queue.",
                     "Name the backend that really sends, e.g. "
                     "'django.core.mail.backends.smtp.EmailBackend'.",
-                    23,
+                    33,
                 )
             )
             continue
@@ -159,7 +159,7 @@ def _check_route_backends() -> list[checks.CheckMessage]:
                 _error(
                     f"{where} {path!r} can't be imported: {err}.",
                     "Set it to the dotted path of an email backend class.",
-                    23,
+                    33,
                 )
             )
     return errors

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -90,6 +90,20 @@ class RouteGroup:
     lanes: int
 
 
+def route_lane(lane: Any, group: RouteGroup, threaded: bool) -> Callable[[], None]:
+    """Make ``lane`` (an engine lane over ``group.queryset``) one of
+    ``group``'s: in a thread or not, on the route index, with a second look
+    on MariaDB/MySQL (:class:`Recheck`). Returns its body."""
+    lane.pooled = threaded
+    if group.lanes == 1:
+        lane.shared = None  # one lane: its own claim position
+    lane.index_hint = ROUTE_INDEX
+    if threaded and lane.lock_rows and connections[lane.db].vendor == "mysql":
+        lane.recheck = Recheck(group.queryset)
+    run: Callable[[], None] = lane.run
+    return run
+
+
 def plan(
     queryset: MessageQuerySet, served: Sequence[str] | None, concurrency: int | None
 ) -> list[RouteGroup] | None:
@@ -103,6 +117,8 @@ def plan(
     Nothing is asked when the only route is the one unrouted mail goes
     through.
     """
+    if served is not None:
+        served = require_served(served)
     if served is None:
         # Mail routed to the alias unrouted mail goes through (MAILERS) needs
         # no lanes of its own: with nothing else routed, the single group

@@ -8,7 +8,14 @@ field (``to[0]``, ``extra_headers['X-Tag']``, ``attachments[1] filename``...):
 * a newline or another control character in anything that becomes a header
   (subject, addresses, extra headers, attachment file names and MIME types):
   Django's own ``BadHeaderError``, a ``ValueError``;
-* an empty or unparseable address in from, to, cc, bcc or reply-to.
+* an empty or unparseable address in from, to, cc, bcc or reply-to (the
+  message starts with Django's own wording, ``Invalid address ...``; whether
+  a non-ASCII local part is acceptable is the delivery backend's call:
+  :func:`mailer.compat.accepts_utf8_local_parts`);
+* an extra header name that is not a header field name (printable ASCII
+  without a space or a colon);
+* an attachment that is neither a ``(filename, content, mimetype)`` triple
+  nor a MIME part, or whose content is not text, bytes or a message.
 
 :func:`force_lazy` turns lazy (translated) strings into plain ones under the
 caller's active language, so a message is sent in the language it was queued
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import email.message
 import pickle
 import re
 from collections.abc import Callable
@@ -31,8 +39,17 @@ from django.conf import settings
 from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.utils.functional import Promise
 
-from mailer.emailcompat import BadHeaderError, EmailAlternative, EmailAttachment, check_address
-from mailer.storage import RefusedClass, email_to_db, safe_loads
+from mailer import dataform
+from mailer.attachments import StoredAttachment
+from mailer.compat import accepts_utf8_local_parts
+from mailer.emailcompat import (
+    TEXT_ATTACHMENT_BYTES,
+    BadHeaderError,
+    EmailAlternative,
+    EmailAttachment,
+    check_address,
+)
+from mailer.storage import RefusedClass, message_format, pickle_to_db, safe_loads
 
 REFUSED = "django-mailer refused to queue this message"
 
@@ -45,6 +62,9 @@ _PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*\Z")
 # email package turns some of them (e.g. \x0b, \x1c, \u2028) into line breaks
 # when it writes a header, which is header injection without a "\n".
 _UNSAFE_IN_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+# A header field name (RFC 5322 2.2): printable ASCII but space and colon.
+# Anything else is written as is and makes another header ("X A: b: v").
+_FIELD_NAME = re.compile(r"[!-9;-~]+\Z")
 
 
 def _refuse_header(field: str, text: str, char: str) -> NoReturn:
@@ -64,23 +84,51 @@ def check_header(field: str, value: Any) -> str:
     return text
 
 
+def _invalid_address(field: str, detail: str) -> ValueError:
+    """Django's own words (``Invalid address ...``), then the field."""
+    return ValueError(f"{detail} ({field}; {REFUSED}).")
+
+
 def check_address_field(field: str, address: Any, encoding: str) -> None:
-    """Refuse an empty, header-unsafe or unparseable address."""
+    """Refuse an empty, header-unsafe or unparseable address.
+
+    The error starts as Django's does (``Invalid address ...``): sites'
+    code and tests match on those words.
+    """
     if address is None or (isinstance(address, str) and not address.strip()):
-        raise ValueError(f"{REFUSED}: {field} is empty ({address!r}).")
+        raise _invalid_address(field, f"Invalid address {address!r}: it is empty")
     if not isinstance(address, (str, Promise, Address)):
-        raise ValueError(
-            f"{REFUSED}: {field} must be a string, not {type(address).__name__} ({address!r})."
+        raise _invalid_address(
+            field,
+            f"Invalid address {address!r}: it must be a string, not {type(address).__name__}",
         )
     text = check_header(field, address)
     if isinstance(address, str) and _PLAIN_ADDRESS.match(text):
         return
+    # The object itself: whether an Address object is accepted is Django's call.
+    value = text if isinstance(address, Promise) else address
     try:
-        # The object itself: whether an Address object is accepted is Django's call.
-        check_address(text if isinstance(address, Promise) else address, encoding)
+        check_address(value, encoding)
     except (ValueError, TypeError, IndexError) as err:
-        # Django < 6 raises TypeError for "<>" (an address without addr-spec).
-        raise ValueError(f"{REFUSED}: {field} is not a valid address: {text!r} ({err}).") from err
+        if not text.isascii() and _utf8_retry(value, encoding):
+            return
+        detail = str(err)
+        if not detail.startswith("Invalid address"):
+            # Django < 6 raises TypeError for "<>" (an address without addr-spec).
+            detail = f'Invalid address "{text}" ({type(err).__name__}: {err})'
+        raise _invalid_address(field, detail) from err
+
+
+def _utf8_retry(value: Any, encoding: str) -> bool:
+    """Is ``value`` acceptable to a delivery backend that speaks SMTPUTF8,
+    and is the delivery backend one (:func:`mailer.compat.accepts_utf8_local_parts`)?"""
+    if not accepts_utf8_local_parts():
+        return False
+    try:
+        check_address(value, encoding, utf8=True)
+    except (ValueError, TypeError, IndexError):
+        return False
+    return True
 
 
 def _attachment_parts(attachment: Any) -> tuple[Any, Any] | None:
@@ -88,6 +136,67 @@ def _attachment_parts(attachment: Any) -> tuple[Any, Any] | None:
     if isinstance(attachment, (tuple, list)) and len(attachment) == 3:
         return attachment[0], attachment[2]
     return None
+
+
+#: What an attachment triple's content may be: text, bytes, a message (for
+#: ``message/rfc822``), or the stand-in of a stored attachment (a requeue).
+_CONTENT_TYPES = (str, bytes, bytearray, memoryview, email.message.Message, EmailMessage,
+                  StoredAttachment)
+#: For a ``text/*`` triple: bytes only where Django decodes them when it sends.
+_TEXT_CONTENT_TYPES = (str, StoredAttachment) + ((bytes,) if TEXT_ATTACHMENT_BYTES else ())
+
+
+def check_attachment(index: int, attachment: Any) -> None:
+    """Refuse an attachment Django could not turn into a MIME part when sending."""
+    field = f"attachments[{index}]"
+    if isinstance(attachment, email.message.Message):  # a MIME part (MIMEBase, MIMEPart)
+        for name, value in attachment.items():
+            check_header(f"{field} header {name!r}", value)
+        return
+    parts = _attachment_parts(attachment)
+    if parts is None:
+        shape = (
+            f"a {len(attachment)}-item {type(attachment).__name__}"
+            if isinstance(attachment, (tuple, list))
+            else f"a {type(attachment).__name__}"
+        )
+        raise ValueError(
+            f"{REFUSED}: {field} must be a (filename, content, mimetype) triple or a MIME "
+            f"part (email.message.Message), not {shape} ({attachment!r:.100})."
+        )
+    filename, mimetype = parts
+    if filename is not None and not isinstance(filename, str):
+        raise ValueError(
+            f"{REFUSED}: {field} filename must be a string, not {type(filename).__name__}."
+        )
+    if not isinstance(mimetype, str) or "/" not in mimetype:
+        what = type(mimetype).__name__ if not isinstance(mimetype, str) else repr(mimetype)
+        raise ValueError(
+            f"{REFUSED}: {field} mimetype must be a string such as 'text/plain', not {what}."
+        )
+    content = attachment[1]
+    text_types = _TEXT_CONTENT_TYPES if mimetype.lower().startswith("text/") else _CONTENT_TYPES
+    # Content that can't be pickled is named by the storage check instead.
+    if not isinstance(content, text_types) and not _unpicklable(content):
+        kinds = "str" if text_types is _TEXT_CONTENT_TYPES else "str or bytes"
+        raise ValueError(
+            f"{REFUSED}: {field} content must be {kinds} (or a message for "
+            f"message/rfc822), not {type(content).__name__} ({content!r:.100})."
+        )
+    if filename is not None:
+        check_header(f"{field} filename", filename)
+    check_header(f"{field} mimetype", mimetype)
+
+
+def check_header_name(name: Any) -> None:
+    """Refuse an extra header name that would not be written as one header."""
+    field = f"the name of extra_headers[{name!r}]"
+    text = check_header(field, name)
+    if not _FIELD_NAME.match(text):
+        raise BadHeaderError(
+            f"{REFUSED}: {field} must be printable ASCII without spaces or colons "
+            f"(got {text!r})."
+        )
 
 
 def validate_email(email: EmailMessage) -> None:
@@ -100,7 +209,7 @@ def validate_email(email: EmailMessage) -> None:
     """
     check_header("subject", email.subject)
     for name, value in email.extra_headers.items():
-        check_header(f"the name of extra_headers[{name!r}]", name)
+        check_header_name(name)
         check_header(f"extra_headers[{name!r}]", value)
     encoding = email.encoding or settings.DEFAULT_CHARSET
     check_address_field("from_email", email.from_email, encoding)
@@ -111,16 +220,7 @@ def validate_email(email: EmailMessage) -> None:
         if isinstance(alternative, (tuple, list)) and len(alternative) == 2:
             check_header(f"alternatives[{index}] mimetype", alternative[1])
     for index, attachment in enumerate(email.attachments or []):
-        parts = _attachment_parts(attachment)
-        if parts is None:
-            for name, value in getattr(attachment, "items", list)():
-                check_header(f"attachments[{index}] header {name!r}", value)
-            continue
-        filename, mimetype = parts
-        if filename is not None:
-            check_header(f"attachments[{index}] filename", filename)
-        if mimetype is not None:
-            check_header(f"attachments[{index}] mimetype", mimetype)
+        check_attachment(index, attachment)
 
 
 _STRINGS = frozenset({str})
@@ -193,6 +293,8 @@ def quick_check(email: EmailMessage) -> bool | None:
     # separator, and some other Unicode (validate_email() lets most through).
     if not (" ".join(texts).isprintable() and all(map(_PLAIN_ADDRESS.match, addresses))):
         return False
+    if headers and not all(map(_FIELD_NAME.match, headers)):
+        return False  # a space, a colon or non-ASCII in a header name
     # The sender is most often the very same string as the message before's
     # (DEFAULT_FROM_EMAIL, a bulk's one sender): checked once.
     if sender is not _plain_sender[0]:
@@ -373,16 +475,37 @@ def _plain_message(email: EmailMessage) -> bool:
     )
 
 
+#: The stored names of the classes a simple message can be of.
+_SIMPLE_NAMES = {cls: f"{cls.__module__}.{cls.__qualname__}" for cls in _MESSAGE_CLASSES}
+
+
 def encode_for_queue(email: EmailMessage, *, simple: bool = False) -> str:
     """``email_to_db(email)``, refusing what couldn't be stored or read back.
 
-    ``ValueError`` naming the attribute when pickling fails, or when the
-    pickle holds a class the worker's allow-listed decoder would refuse
+    ``ValueError`` naming the attribute when something in the message is not
+    plain data (the data-only form) or can't be pickled, or when a pickle
+    would hold a class the worker's allow-listed decoder would refuse
     (``MAILER_PICKLE_ALLOWLIST``): such a row could never be sent.
     ``simple``: the caller found ``email`` to be a :func:`simple_message`.
     """
+    if message_format() != "pickle":
+        state = email.__dict__
+        if simple and not (len(state["extra_headers"]) == 1 and _tag_like(state["extra_headers"])):
+            # Plain strings only: nothing to tag (the connection is stored as None).
+            return dataform.encode_simple(
+                _SIMPLE_NAMES[type(email)], dataform.without_connection(state)
+            )
+        try:
+            return dataform.encode(email)
+        except dataform.NotData as err:
+            what = f"its attribute {err.path}" if err.path else "it"
+            raise ValueError(
+                f"{REFUSED}: {what} can't be stored: {err.problem}. Queued messages are "
+                "stored as data: keep only strings, numbers, booleans, None, lists, dicts, "
+                "dates, bytes and email.message objects on the message."
+            ) from err
     try:
-        data = email_to_db(email)
+        data = pickle_to_db(email)
     except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as err:
         raise _storage_error(email, err, _unpicklable, "can't be stored") from err
     if simple or _plain_message(email):
@@ -392,6 +515,10 @@ def encode_for_queue(email: EmailMessage, *, simple: bool = False) -> str:
     except RefusedClass as err:
         raise _storage_error(email, err, _refused_on_reading, "would not be read back") from err
     return data
+
+
+def _tag_like(headers: dict[str, Any]) -> bool:
+    return next(iter(headers))[:1] == "$"
 
 
 def _storage_error(

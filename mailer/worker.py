@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import signal
@@ -9,7 +10,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections, connections
 
 from mailer import engine, routelanes
 from mailer.conf import conf
@@ -32,11 +33,16 @@ class Worker:
 
     * ``SIGTERM``/``SIGINT`` (when ``install_signal_handlers``) clear the
       running flag: the message in flight is finished, then ``run`` returns.
-    * ``max_passes`` stops after that many passes (for tests and one-shots).
+    * ``max_passes`` stops after that many passes (for tests and one-shots);
+      a look that finds nothing due (or sending paused) counts as a pass, so
+      an empty queue ends it too.
     * While nothing is due it sleeps ``MAILER_EMPTY_QUEUE_SLEEP`` seconds, or
       less: until the earliest scheduled message or automatic retry.
     * Between passes stale database connections are closed, so a database
-      restart or ``CONN_MAX_AGE`` never kills a long-running worker.
+      restart or ``CONN_MAX_AGE`` never kills a long-running worker; a pass
+      that loses its connection (a killed backend, a failover) is followed
+      at once by another on a new one, and only further failures in a row
+      wait ``MAILER_EMPTY_QUEUE_SLEEP``.
     * The SMTP connection (and the compiled statements) are kept from one
       pass to the next (a :class:`mailer.engine.Session`); a connection
       left unused for ``engine.KEEP_CONNECTION_SECONDS`` is closed.
@@ -68,6 +74,7 @@ class Worker:
         self.passes = 0
         self._wake = threading.Event()
         self._lock_retry: float | None = None  # set while the lock path fails
+        self._database_failures = 0  # database errors in a row
         self.session = engine.Session()
 
     # -- control -----------------------------------------------------------------
@@ -201,6 +208,34 @@ class Worker:
             return self.idle_wait()
         return None
 
+    def database_failed(self, exc: BaseException) -> float:
+        """A pass (or the look before it) lost its database connection.
+
+        Closes this thread's connections (the next query opens new ones).
+        The first failure in a row is retried at once: the server is usually
+        back (a killed backend, a failover). Further ones wait
+        ``idle_seconds()``, with the traceback, as any failed pass does.
+        Returns the wait.
+        """
+        for conn in connections.all(initialized_only=True):
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._database_failures += 1
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if self._database_failures == 1:
+            logger.warning("Database connection lost (%s); reconnecting now.", first_line)
+            return 0.0
+        logger.error(
+            "Database still unavailable (%s); retrying in %ss.",
+            first_line,
+            self.idle_seconds(),
+            exc_info=exc,
+        )
+        return self.idle_seconds()
+
+    def _passes_done(self) -> bool:
+        return self.max_passes is not None and self.passes >= self.max_passes
+
     def run(self) -> int:
         """Loop until stopped; return the number of passes run."""
         self.running = True
@@ -210,38 +245,55 @@ class Worker:
             self.on_start()
             _freeze_startup_objects()
             while self.running:
-                if self.max_passes is not None and self.passes >= self.max_passes:
+                if self._passes_done():
                     break
                 self.refresh_connections()
                 if conf.PAUSE_SEND:
                     logger.debug("MAILER_PAUSE_SEND is set; not sending.")
-                    self.wait(self.idle_seconds())
+                    self.passes += 1
+                    if not self._passes_done():
+                        self.wait(self.idle_seconds())
                     continue
                 try:
                     if not self.has_work():
-                        self.wait(self.idle_wait())
+                        self.passes += 1  # an idle look is a pass: --max-passes ends
+                        if not self._passes_done():
+                            self.wait(self.idle_wait())
                         continue
                     result = self.run_pass()
                 except LockPathError as err:
                     self.passes += 1
-                    self.wait(self.lock_path_failed(err))
+                    retry_in = self.lock_path_failed(err)
+                    if not self._passes_done():
+                        self.wait(retry_in)
+                    continue
+                except (OperationalError, InterfaceError) as exc:
+                    # The database connection was lost (pg_terminate_backend,
+                    # a restart, a failover): reconnect and go on at once;
+                    # back off only while it keeps failing.
+                    self.passes += 1
+                    retry_in = self.database_failed(exc)
+                    if retry_in and not self._passes_done():
+                        self.wait(retry_in)
                     continue
                 except Exception:
-                    # A database outage must not end the worker: log, back off.
+                    # Whatever else went wrong must not end the worker: log, back off.
                     logger.exception("Pass failed; retrying in %ss.", self.idle_seconds())
                     close_old_connections()
                     self.passes += 1
-                    self.wait(self.idle_seconds())
+                    if not self._passes_done():
+                        self.wait(self.idle_seconds())
                     continue
+                self._database_failures = 0
                 self.lock_path_ok()
                 self.passes += 1
                 pause = self.pause_after(result)
-                if pause is not None:
+                if pause is not None and not self._passes_done():
                     self.wait(pause)
         finally:
             self.session.close()
             self.on_stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            logger.info("Worker stopped after %s passes.", self.passes)
+            logger.info("Worker stopped after %s pass(es).", self.passes)
         return self.passes

@@ -64,3 +64,19 @@ class _FailingReader(io.RawIOBase):
     def close(self):
         self.handle.close()
         super().close()
+
+
+# Task backends of the suite's own (mailer.tasks): a DummyBackend that can't
+# defer (run_after), as some real backends can't.
+try:
+    from django.tasks.backends.dummy import DummyBackend as _DummyTaskBackend
+except ImportError:
+    try:
+        from django_tasks.backends.dummy import DummyBackend as _DummyTaskBackend
+    except ImportError:  # no tasks framework: tests/test_tasks.py skips or fails
+        _DummyTaskBackend = None
+
+if _DummyTaskBackend is not None:
+
+    class NoDeferTaskBackend(_DummyTaskBackend):
+        supports_defer = False

@@ -268,6 +268,19 @@ def smtp_settings(settings, smtp_server):
     return settings
 
 
+@pytest.fixture
+def smtp_down(smtp_settings):
+    """As ``smtp_settings``, but the mail server is down: nothing listens on
+    the port the worker connects to (every connection is refused).
+    Returns the port."""
+    port = free_port()
+    if HAS_MAILERS:
+        smtp_settings.MAILERS = smtp_mailers(port)
+    else:
+        smtp_settings.EMAIL_PORT = port
+    return port
+
+
 @pytest.fixture(autouse=True)
 def _lock_in_tmp(settings, tmp_path):
     """Every test gets its own lock file (never the working directory's)."""

@@ -1331,3 +1331,115 @@ def test_overview_is_translated(admin_client, language, expected):
         text = page_text(admin_client.get(MESSAGE_LIST))
     for value in expected:
         assert value in text, (language, value)
+
+
+# --- "Send selected messages now" on a large selection (issue #30) ---------------------------
+
+
+@pytest.fixture
+def message_admin():
+    from django.contrib import admin
+
+    return admin.site._registry[Message]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_send_now_sends_one_batch_and_hands_the_rest_to_the_worker(
+    admin_client, smtp_settings, smtp_server, message_admin, monkeypatch
+):
+    """"Select all" on 100,000 rows ran the whole pass inside the request."""
+    monkeypatch.setattr(message_admin, "send_now_batch", 3)
+    msgs = [queue(f"bulk {i}", priority=PRIORITY_LOW if i % 2 else PRIORITY_MEDIUM)
+            for i in range(8)]
+    stuck = queue("stuck", priority=PRIORITY_DEFERRED)
+    data = {"action": "send_messages", "select_across": "1", "index": "0",
+            "_selected_action": [msgs[0].pk]}
+    notes = user_messages(admin_client.post(MESSAGE_LIST, data, follow=True))
+    assert len(smtp_server.wait_for(3)) == 3
+    assert any("3 sent" in n for n in notes), notes
+    # In sending order: the medium ones first.
+    assert sorted(smtp_server.subjects()) == ["bulk 0", "bulk 2", "bulk 4"]
+    assert (
+        "5 more selected messages were not sent now (this action sends at most 3 messages, "
+        "for at most 20 seconds): they were moved to the top of the queue (high priority) and "
+        "the worker sends them next." in notes
+    ), notes
+    left = Message.objects.exclude(pk=stuck.pk)
+    assert left.count() == 5 and set(left.values_list("priority", flat=True)) == {PRIORITY_HIGH}
+    assert Message.objects.get(pk=stuck.pk).priority == PRIORITY_DEFERRED  # left as it was
+    assert any("1 selected message is deferred" in n for n in notes), notes
+
+
+@pytest.mark.django_db(transaction=True)
+def test_send_now_stops_at_its_time_bound(
+    admin_client, smtp_settings, smtp_server, message_admin, monkeypatch
+):
+    monkeypatch.setattr(message_admin, "send_now_seconds", 0)
+    msgs = [queue(f"slow {i}") for i in range(2)]
+    notes = user_messages(run_action(admin_client, MESSAGE_LIST, "send_messages", msgs))
+    assert smtp_server.subjects() == []
+    assert any("2 more selected messages were not sent now" in n for n in notes), notes
+    assert set(Message.objects.values_list("priority", flat=True)) == {PRIORITY_HIGH}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_send_now_within_the_batch_changes_no_priority(
+    admin_client, smtp_settings, smtp_server
+):
+    msgs = [queue(f"few {i}") for i in range(2)]
+    smtp_server.fail_with = "451 later"
+    notes = user_messages(run_action(admin_client, MESSAGE_LIST, "send_messages", msgs))
+    assert not any("not sent now" in n for n in notes), notes
+    assert set(Message.objects.values_list("priority", flat=True)) == {PRIORITY_DEFERRED}
+
+
+def test_download_name_loses_bidirectional_controls(admin_client, attachment_storage):
+    """U+202E made "invoice\u202egpj.exe" read as "invoiceexe.jpg" in the
+    browser's download bar; it was echoed in the Content-Disposition."""
+    from urllib.parse import unquote
+
+    email = EmailMultiAlternatives("Bill", "b", "from@example.com", ["to@example.com"])
+    email.attach("invoice\u202egpj\u200b.exe", b"MZ" + b"x" * 3000, "application/octet-stream")
+    email.attach("Übersicht «2026».pdf", b"%PDF" + b"y" * 3000, "application/pdf")
+    queue_emails([email])
+    msg = Message.objects.get()
+    bidi = admin_client.get(reverse("admin:mailer_message_attachment", args=[msg.pk, 0]))
+    header = bidi["Content-Disposition"]
+    assert header == "attachment; filename=\"invoicegpj.exe\"; filename*=UTF-8''invoicegpj.exe"
+    assert "%E2%80%AE" not in header.upper() and "\u202e" not in header
+    header = admin_client.get(
+        reverse("admin:mailer_message_attachment", args=[msg.pk, 1])
+    )["Content-Disposition"]
+    assert header.startswith('attachment; filename="_bersicht _2026_.pdf"; filename*=UTF-8\'\'')
+    assert unquote(header.split("''", 1)[1]) == "Übersicht «2026».pdf"
+
+
+def _breadcrumbs(text: str) -> str:
+    return re.search(r'class="breadcrumbs">(.*?)</(?:div|ol)>', text, re.S).group(1)
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris"])
+def test_detail_pages_format_their_dates_as_the_admin_does(admin_client, settings, zone):
+    """The breadcrumb and "When added" showed 2026-12-07 04:16:48.944187+00:00."""
+    from django.utils.formats import date_format
+
+    settings.TIME_ZONE = zone
+    msg = queue("Order #1004", to=["bob@example.com"])
+    entry = log_of(msg, RESULT_FAILURE, "refused")
+    with timezone.override(zone):
+        added = date_format(timezone.localtime(msg.when_added), "DATETIME_FORMAT")
+        attempted = date_format(timezone.localtime(entry.when_attempted), "DATETIME_FORMAT")
+    raw = str(msg.when_added)[:19]  # "2026-12-07 04:16:48"
+    text = page_text(admin_client.get(change_url(msg)))
+    crumbs = _breadcrumbs(text)
+    assert escape(f"Order #1004 to bob@example.com, queued {added}") in crumbs, crumbs
+    assert raw not in text and "+00:00" not in text
+    assert re.search(r'field-when_added_display.*?<div class="readonly">' + re.escape(escape(added)),
+                     text, re.S)
+    text = page_text(admin_client.get(change_url(entry)))
+    assert escape(attempted) in _breadcrumbs(text)
+    assert raw not in text and "+00:00" not in text
+    assert re.search(r'field-when_attempted_display.*?<div class="readonly">'
+                     + re.escape(escape(attempted)), text, re.S)
+    # str() keeps 2.3.2's form for the sites that rely on it.
+    assert str(msg).startswith(f"On {msg.when_added}, ")

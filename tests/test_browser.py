@@ -326,3 +326,49 @@ def test_html_preview_runs_nothing(admin_browser, tracker):
     # Nothing was fetched: no remote script, no tracking pixel.
     assert Tracker.hits == [], Tracker.hits
     screenshot(driver, "message-detail-hostile-html")
+
+
+# --- the list fits the window -----------------------------------------------------------------
+
+FITS = """
+const results = document.querySelector('#changelist-form .results');
+const box = results.getBoundingClientRect();
+const columns = {};
+for (const th of document.querySelectorAll('#result_list thead th')) {
+  const r = th.getBoundingClientRect();
+  columns[th.className.split(' ').find(c => c.startsWith('column-')) || th.className] =
+      [Math.round(r.left - box.left), Math.round(r.right - box.left)];
+}
+return {scroll: results.scrollWidth, client: results.clientWidth, columns: columns};
+"""
+
+
+def test_message_list_fits_1400_pixels(admin_browser):
+    """At 1400 px wide (the navigation sidebar open) "When added" was cut off."""
+    now = timezone.now()
+    for i in range(4):
+        email = EmailMultiAlternatives(
+            f"Your order #10023{i} has shipped: track your parcel with the link inside",
+            "The plain text version.",
+            "shop@example.com",
+            ["carol.longname-customer@example-customer-domain.com", "second@example.org",
+             "third@example.org", "fourth@example.org"][: i + 1],
+        )
+        queue_emails([email])
+    deferred = Message.objects.order_by("id").first()
+    Message.objects.filter(pk=deferred.pk).update(
+        priority=PRIORITY_DEFERRED, not_before=now + timedelta(minutes=10), retry_count=3
+    )
+    MessageLog.objects.log(
+        Message.objects.get(pk=deferred.pk), RESULT_FAILURE,
+        "(451, b'4.7.1 Greylisted, please try again in 300 seconds (mx.example-customer-domain"
+        ".com)')",
+    )
+    driver = admin_browser
+    driver.set_window_size(1400, 1000)
+    driver.get(driver.base + reverse("admin:mailer_message_changelist"))
+    layout = driver.execute_script(FITS)
+    screenshot(driver, "message-list-1400")
+    when_added = layout["columns"]["column-when_added_display"]
+    assert when_added[1] <= layout["client"], layout  # not cut off
+    assert layout["scroll"] <= layout["client"], layout  # no column is: nothing to scroll

@@ -3,9 +3,10 @@
 import pytest
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
 from mailer.compat import HAS_MAILERS
+from mailer.engine import send_all
 
 
 def mailer_errors():
@@ -143,16 +144,18 @@ class TestMailers:
     def test_several_real_mailers_are_ambiguous(self, settings):
         settings.MAILERS = {"default": self.DB, "smtp": self.SMTP, "console": self.CONSOLE}
         (error,) = checks.run_checks(tags=["mailer"])
-        assert error.id == "mailer.E004"
+        assert error.id == "mailer.W004"
         assert "several MAILERS entries really send (console, smtp)" in error.msg
         assert "MAILER_USING = 'console'" in error.hint
-        with pytest.raises(ImproperlyConfigured, match="MAILER_USING"):
+        with pytest.raises(CommandError, match="(?s)mailer.E004: .*MAILER_USING = 'console'"):
             call_command("send_mail")
+        with pytest.raises(ImproperlyConfigured, match="MAILER_USING"):
+            send_all()  # from code too
 
     def test_nothing_that_really_sends(self, settings):
         settings.MAILERS = {"default": self.DB}
         (error,) = checks.run_checks(tags=["mailer"])
-        assert error.id == "mailer.E004"
+        assert error.id == "mailer.W004"
         assert "every MAILERS entry is a DbBackend" in error.msg
         assert "MAILERS['smtp']" in error.hint
 
@@ -160,9 +163,21 @@ class TestMailers:
         settings.MAILERS = {"default": self.DB}
         settings.MAILER_USING = "smtp"
         (error,) = checks.run_checks(tags=["mailer"])
-        assert error.id == "mailer.E004"
+        assert error.id == "mailer.W004"
         assert "not in MAILERS" in error.msg
         assert "MAILERS['smtp']" in error.hint
+
+    @pytest.mark.django_db
+    def test_a_host_that_only_queues_can_deploy(self, settings, capsys):
+        """MAILERS holding only the queue backend (a web host) must not stop
+        ``migrate`` and the other commands; the delivering ones refuse."""
+        settings.MAILERS = {"default": self.DB}
+        call_command("check")  # raised SystemCheckError with mailer.E004
+        assert "mailer.W004" in capsys.readouterr().err
+        call_command("migrate", "--check", skip_checks=False, verbosity=0)
+        for command in ("send_mail", "runmailer"):
+            with pytest.raises(CommandError, match="mailer.E004: .*every MAILERS entry"):
+                call_command(command)
 
     def test_using_the_queue_itself_is_a_loop(self, settings):
         settings.MAILERS = {"default": self.DB, "smtp": self.SMTP}
@@ -233,6 +248,28 @@ def test_pickle_allowlist_must_be_dotted_names(settings, value):
 
 def test_pickle_allowlist_accepts_classes_and_modules(settings):
     settings.MAILER_PICKLE_ALLOWLIST = ["myapp.emails.Fancy", "myapp.mail.*"]
+    assert mailer_errors() == []
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("MAILER_MESSAGE_FORMAT", "yaml"),
+        ("MAILER_MESSAGE_CLASSES", ["os.system"]),
+        ("MAILER_MESSAGE_CLASSES", ["no.such.Module"]),
+        ("MAILER_MESSAGE_CLASSES", "tests.mailsurface.ProjectMessage"),
+        ("MAILER_READ_PICKLE", "no"),
+    ],
+)
+def test_stored_form_settings(settings, name, value):
+    setattr(settings, name, value)
+    wanted = "mailer.E006" if name == "MAILER_READ_PICKLE" else "mailer.E012"
+    assert mailer_errors() == [wanted]
+
+
+def test_stored_form_settings_accept_message_classes(settings):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"
+    settings.MAILER_MESSAGE_CLASSES = ["tests.mailsurface.ProjectMessage"]
     assert mailer_errors() == []
 
 

@@ -154,6 +154,68 @@ def test_purge_mail_log_rejects_bad_arguments():
         call_command("purge_mail_log", "3", "-r", "everything")
 
 
+# --- purge_deferred ------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_purge_deferred(capsys, django_assert_max_num_queries):
+    from mailer.signals import message_failed
+
+    queue(5, prefix="Old")
+    queue(2, prefix="New")
+    old = Message.objects.filter(subject_text__startswith="Old")
+    old.update(when_added=timezone.now() - timezone.timedelta(days=10))
+    # 4 old deferred (one with an automatic retry planned), 1 old queued, 2 new deferred.
+    Message.objects.exclude(subject_text="Old 4").update(priority=PRIORITY_DEFERRED)
+    Message.objects.filter(subject_text="Old 0").update(
+        not_before=timezone.now() + timezone.timedelta(hours=1)
+    )
+    ids = dict(Message.objects.values_list("subject_text", "message_id"))
+
+    call_command("purge_deferred", "7", "--dry-run")
+    assert "4 deferred message(s) queued more than 7 day(s) ago would be removed" in (
+        capsys.readouterr().out
+    )
+    assert Message.objects.count() == 7 and not MessageLog.objects.exists()
+
+    failed = []
+    message_failed.connect(lambda **kw: failed.append(kw), weak=False, dispatch_uid="t-purge")
+    try:
+        call_command("purge_deferred", "7", "--batch-size", "3")
+    finally:
+        message_failed.disconnect(dispatch_uid="t-purge")
+    assert "4 deferred message(s) queued more than 7 day(s) ago removed" in (
+        capsys.readouterr().out
+    )
+    assert sorted(Message.objects.values_list("subject_text", flat=True)) == [
+        "New 0",
+        "New 1",
+        "Old 4",
+    ]
+    entries = MessageLog.objects.order_by("subject_text")
+    assert [e.subject_text for e in entries] == ["Old 0", "Old 1", "Old 2", "Old 3"]
+    for entry in entries:
+        assert entry.result == RESULT_FAILURE and entry.priority != PRIORITY_DEFERRED
+        assert "purge_deferred" in entry.log_message and entry.message_data
+        st = mailer.status(ids[entry.subject_text])
+        assert st.state == "failed" and "queued more than 7 day(s) ago" in st.error
+    assert sorted(kw["message_id"] for kw in failed) == sorted(
+        ids[f"Old {i}"] for i in range(4)
+    )
+    assert all("purge_deferred" in kw["error"] for kw in failed)
+    # Nothing left to purge: one query (in its transaction).
+    with django_assert_max_num_queries(3):
+        call_command("purge_deferred", "7")
+
+
+@pytest.mark.django_db
+def test_purge_deferred_rejects_bad_arguments():
+    with pytest.raises(CommandError, match="DAYS must be 0 or more"):
+        call_command("purge_deferred", "-1")
+    with pytest.raises(CommandError, match="--batch-size"):
+        call_command("purge_deferred", "3", "--batch-size", "0")
+
+
 # --- subprocesses ---------------------------------------------------------------------
 
 
@@ -287,6 +349,15 @@ def test_send_mail_logs_to_stderr_without_logging_config(no_logging, smtp_server
     queue(1)
     quiet = no_logging.run("send_mail", "-v", "0")
     assert quiet.stdout == "" and quiet.stderr == ""
+    # The mail server is down: -v 0 (the cron recipe) is not silent.
+    from tests.conftest import free_port
+
+    queue(2)
+    no_logging.env["MAILER_TEST_SMTP_PORT"] = str(free_port())
+    down = no_logging.run("send_mail", "-v", "0")
+    assert down.stdout == "" and down.stderr.count("\n") == 1, down.stderr
+    assert " WARNING mailer.engine: No mail went out: 2 message(s) deferred" in down.stderr
+    assert "Connection refused by 127.0.0.1:" in down.stderr
 
 
 @pytest.mark.slow
@@ -296,16 +367,24 @@ def test_runmailer_shows_start_passes_and_deferrals(no_logging, smtp_server):
     proc = no_logging.run("runmailer", "--max-passes", "1", "--debug")
     assert " INFO mailer.worker: Worker started" in proc.stderr
     assert "deferred" in proc.stderr and "451" in proc.stderr
-    assert " INFO mailer.worker: Worker stopped after 1 passes." in proc.stderr
+    assert " INFO mailer.worker: Worker stopped after 1 pass(es)." in proc.stderr
     assert "runmailer: stopped after 1 pass(es)" in proc.stdout
 
 
 @pytest.mark.slow
 def test_retry_deferred_and_purge_log_without_logging_config(no_logging):
+    """The cron recipe's ``>> mailer.log 2>&1`` shows each summary once."""
     proc = no_logging.run("retry_deferred")
-    assert "INFO mailer.commands: 0 message(s) retried" in proc.stderr
+    both = proc.stdout + proc.stderr
+    assert "retry_deferred: 0 message(s) back on the queue" in proc.stdout
+    assert "retried" not in both
     proc = no_logging.run("purge_mail_log", "7")
-    assert "INFO mailer.commands: 0 log entries deleted" in proc.stderr
+    both = proc.stdout + proc.stderr
+    assert both.count("0 success entries older than 7 days deleted") == 1
+    assert "log entries deleted" not in both
+    # -v 2 shows 2.3.2's log line too, as a debug record.
+    proc = no_logging.run("purge_mail_log", "7", "-v", "2")
+    assert "DEBUG mailer.commands: 0 log entries deleted" in proc.stderr
 
 
 @pytest.mark.slow
@@ -352,11 +431,13 @@ def test_in_process_command_logs_to_its_stderr_and_cleans_up():
     mailer_logger.handlers[:] = root.handlers[:] = []
     err = io.StringIO()
     try:
-        call_command("purge_mail_log", "7", stderr=err, verbosity=1)
+        call_command("purge_mail_log", "7", stderr=err, verbosity=2)
         assert not any(isinstance(h, CommandLogHandler) for h in mailer_logger.handlers)
     finally:
         mailer_logger.handlers[:], root.handlers[:] = saved
-    assert "INFO mailer.commands: 0 log entries deleted" in err.getvalue()
+    assert "DEBUG mailer.commands: 0 log entries deleted" in err.getvalue()
+
+
 # --- a lock file that can't be created (real processes, real file system) -------------
 # Paths under a regular file, a missing directory or a removed working directory
 # fail for root as well, where permission bits would not.
@@ -549,6 +630,9 @@ STATUS_KEYS = {
     "by_priority",
     "oldest_queued_seconds",
     "oldest_deferred_seconds",
+    "waiting",
+    "oldest_waiting_seconds",
+    "silent_seconds",
     "last_success",
     "last_success_seconds",
     "last_hour",
@@ -615,16 +699,90 @@ def test_mailer_status_thresholds(capsys):
         call_command("mailer_status", "--max-age", "120")
     assert info.value.returncode == 1
     assert "more than --max-age 120" in str(info.value)
-    assert capsys.readouterr().out.startswith("mailer_status: PROBLEM: the oldest sendable")
+    assert capsys.readouterr().out.startswith("mailer_status: PROBLEM: 3 message(s) waiting")
     Message.objects.update(priority=PRIORITY_DEFERRED)
-    call_command("mailer_status", "--max-age", "120", "--max-deferred", "3")  # none sendable
+    # Deferred mail should have gone out too: it counts for --max-age.
+    call_command("mailer_status", "--max-age", "600", "--max-deferred", "3")
+    with pytest.raises(CommandError, match="more than --max-age 120"):
+        call_command("mailer_status", "--max-age", "120")
     with pytest.raises(CommandError) as info:
         call_command("mailer_status", "--max-deferred", "2")
     assert info.value.returncode == 1 and "3 deferred message(s)" in str(info.value)
 
 
+def _status_verdict(*args):
+    """(exit status, first line) of ``mailer_status *args``, in process."""
+    from io import StringIO
+
+    out = StringIO()
+    try:
+        call_command("mailer_status", *args, stdout=out)
+    except CommandError as exc:
+        return exc.returncode, out.getvalue().splitlines()[0]
+    return 0, out.getvalue().splitlines()[0]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("auto_retry", [False, True])
+def test_mailer_status_fails_while_the_mail_server_is_down(settings, smtp_down, auto_retry):
+    """The documented monitor must see an outage: the worker runs, the mail
+    server refuses every connection, the mail waits deferred (for an
+    operator, or for an automatic retry)."""
+    from mailer.engine import send_all
+
+    settings.MAILER_AUTO_RETRY = auto_retry
+    queue(2)
+    assert send_all().deferred == 2
+    assert Message.objects.filter(not_before__isnull=not auto_retry).count() == 2
+    _age_queue(1000)
+    status, verdict = _status_verdict("--max-age", "900")
+    assert status == 1 and "2 message(s) waiting to go out (2 deferred)" in verdict
+    status, verdict = _status_verdict("--max-age", "1", "--max-deferred", "1")
+    assert status == 1 and "more than --max-deferred 1" in verdict
+    # No success ever (or purged): silent since the oldest became due.
+    status, verdict = _status_verdict("--max-silence", "900")
+    assert status == 1 and "nothing sent for 100" in verdict  # 1000 s, give or take
+
+
 @pytest.mark.django_db
-@pytest.mark.parametrize("args", [["--max-age", "-1"], ["--max-deferred", "x"]])
+def test_mailer_status_max_silence(capsys):
+    import json
+
+    now = timezone.now()
+    # Idle: nothing waits, the last success long ago -> fine.
+    queue(1)
+    MessageLog.objects.log(Message.objects.get(), RESULT_SUCCESS)
+    Message.objects.all().delete()
+    MessageLog.objects.update(when_attempted=now - timezone.timedelta(days=2))
+    assert _status_verdict("--max-silence", "60", "--max-age", "60") == (0, "mailer_status: OK")
+    # A message just queued on that idle system: not silent yet.
+    queue(1, prefix="New")
+    assert _status_verdict("--max-silence", "60")[0] == 0
+    # It has waited 10 minutes and nothing went out since: silent.
+    _age_queue(600)
+    status, verdict = _status_verdict("--max-silence", "300")
+    assert status == 1 and "--max-silence 300" in verdict
+    # Mail flowing (a success a minute ago), backlog old: not silent, but late.
+    MessageLog.objects.update(when_attempted=now - timezone.timedelta(seconds=60))
+    assert _status_verdict("--max-silence", "300")[0] == 0
+    assert _status_verdict("--max-age", "300")[0] == 1
+    # Scheduled for later: not waiting.
+    Message.objects.update(not_before=now + timezone.timedelta(hours=1))
+    MessageLog.objects.update(when_attempted=now - timezone.timedelta(days=2))
+    assert _status_verdict("--max-silence", "1", "--max-age", "1")[0] == 0
+    call_command("mailer_status", "--json")
+    data = json.loads(capsys.readouterr().out)
+    assert (data["waiting"], data["oldest_waiting_seconds"], data["silent_seconds"]) == (
+        0,
+        None,
+        None,
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "args", [["--max-age", "-1"], ["--max-deferred", "x"], ["--max-silence", "-5"]]
+)
 def test_mailer_status_rejects_bad_thresholds(args):
     with pytest.raises(CommandError, match="must be 0 or more|not a whole number"):
         call_command("mailer_status", *args)

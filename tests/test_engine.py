@@ -120,6 +120,29 @@ def test_server_down_defers(settings, smtp_settings, smtp_server):
     assert Message.objects.deferred().count() == 1
 
 
+def test_an_outage_is_one_warning_per_pass(smtp_down, smtp_server, caplog):
+    """-v 0 (cron) shows warnings only: a pass that delivered nothing because
+    the server can't be reached says so once, naming the server and count;
+    each deferral stays an INFO line."""
+    caplog.set_level(logging.INFO, logger="mailer")
+    queue(3)
+    assert send_all().deferred == 3
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    text = warnings[0].getMessage()
+    assert text.startswith("No mail went out: 3 message(s) deferred because the mail server")
+    assert f"127.0.0.1:{smtp_down}" in text and "Connection refused" in text
+    assert len([r for r in caplog.records if r.getMessage().startswith("message deferred")]) == 3
+
+
+def test_no_outage_warning_when_the_server_answers(smtp_settings, smtp_server, caplog):
+    caplog.set_level(logging.INFO, logger="mailer")
+    smtp_server.fail_with = "451 4.3.0 later"  # reachable; it said no
+    queue(2)
+    assert send_all().deferred == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_max_batch(smtp_settings, smtp_server, settings):
     settings.MAILER_EMAIL_MAX_BATCH = 3
     queue(5)
@@ -471,6 +494,10 @@ def test_limit_and_deferral_log_lines(smtp_settings, smtp_server, settings, capl
     assert [(r.name, r.levelno) for r in deferrals] == [("mailer.engine", logging.INFO)]
     assert deferrals[0].getMessage().startswith("message deferred due to failure: ")
     assert "451" in deferrals[0].getMessage()
+    # Which message it was, as the success line says: its id and Message-ID.
+    deferred = Message.objects.deferred().get()
+    assert deferrals[0].getMessage().endswith(f"(message {deferred.pk} {deferred.message_id})")
+    assert deferred.message_id.startswith("<")
     assert any(r.getMessage().startswith("Pass done: ") for r in caplog.records)  # ours stays
 
 
@@ -718,6 +745,7 @@ def _store_raw(obj, priority=PRIORITY_HIGH):
 def test_poison_row_is_logged_and_the_mail_behind_goes(kind, settings, smtp_settings,
                                                        smtp_server, caplog):
     settings.MAILER_PICKLE_ALLOWLIST = ["tests.test_engine.BrokenRecipients"]
+    settings.MAILER_MESSAGE_CLASSES = ["tests.test_engine.BrokenRecipients"]
     obj, reason = POISON[kind]
     _store_raw(obj)
     queue(3)
@@ -732,7 +760,8 @@ def test_poison_row_is_logged_and_the_mail_behind_goes(kind, settings, smtp_sett
     assert "moved to the log as a failure" in caplog.text
 
 
-def test_crafted_pickle_is_never_executed(tmp_path, smtp_settings, smtp_server):
+def test_crafted_pickle_is_never_executed(tmp_path, settings, smtp_settings, smtp_server):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"  # the row is a pickle
     marker = tmp_path / "pwned"
     _store_raw(EvilPayload(str(marker)))
     queue(2)

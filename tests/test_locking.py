@@ -38,7 +38,7 @@ def hold_lock(code, path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
         [sys.executable, "-c", code.format(path=path, root=root)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
     )
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -63,9 +63,18 @@ def test_lock_held_by_a_live_process_blocks_sending(lock_path, smtp_settings, sm
         holder.wait()
 
 
-def test_lock_of_a_killed_worker_is_taken_over(lock_path, smtp_settings, smtp_server, caplog):
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "default-relative"])
+def test_lock_of_a_killed_worker_is_taken_over(
+    lock_path, settings, smtp_settings, smtp_server, caplog, relative, tmp_path, monkeypatch
+):
+    """Also with the default lock path, relative to the working directory
+    (README's cron line): the take-over once crashed on it."""
+    if relative:
+        monkeypatch.chdir(tmp_path)
+        settings.MAILER_LOCK_PATH = None
+        lock_path = "send_mail"
     caplog.set_level(logging.INFO, logger="mailer")
-    holder = hold_lock(HOLDER, lock_path)
+    holder = hold_lock(HOLDER, lock_path if not relative else None)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert os.path.exists(lock_path + ".lock")  # left behind
@@ -76,7 +85,8 @@ def test_lock_of_a_killed_worker_is_taken_over(lock_path, smtp_settings, smtp_se
     assert "is gone" in caplog.text
     # The lock is released again and the dead owner's link file is gone too.
     assert not os.path.exists(lock_path + ".lock")
-    leftovers = [n for n in os.listdir(os.path.dirname(lock_path)) if str(holder.pid) in n]
+    directory = os.path.dirname(os.path.abspath(lock_path))
+    leftovers = [n for n in os.listdir(directory) if str(holder.pid) in n]
     assert leftovers == []
 
 

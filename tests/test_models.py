@@ -41,7 +41,8 @@ def test_tables():
     assert DontSendEntry._meta.db_table == "mailer_dontsendentry"
 
 
-def test_stored_form_is_base64_pickle():
+def test_stored_form_is_base64_pickle(settings):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"
     email = EmailMessage("S", "b", "f@example.com", ["t@example.com"])
     data = email_to_db(email)
     assert data.isascii()

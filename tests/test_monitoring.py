@@ -49,6 +49,25 @@ def test_never_queued_is_none(django_assert_max_num_queries):
     assert mailer.status("") is None
 
 
+@pytest.mark.parametrize("odd", ["\x00", "<a\x00b@example.com>", "x" * 2000, "<\udcff@x>"])
+def test_any_string_that_matches_nothing_is_none(odd):
+    queue_one()
+    assert mailer.status(odd) is None
+
+
+def test_sent_to_some_recipients_tells_who_was_refused(smtp_settings, smtp_server):
+    email = EmailMessage("Hi", "b", "from@example.com", ["ok@example.com", "gone@example.com"])
+    DbBackend().send_messages([email])
+    message_id = email.extra_headers["Message-ID"]
+    smtp_server.refuse = {"gone@example.com": "550 5.1.1 no such user"}
+    assert send_all().sent == 1
+    st = mailer.status(message_id)
+    assert st.state == "sent" and st.error is None
+    assert st.refused is not None
+    assert "gone@example.com" in st.refused and "550" in st.refused
+    assert "no such user" in st.refused and "ok@example.com" not in st.refused
+
+
 def test_every_state_transition(smtp_settings, smtp_server, django_assert_max_num_queries):
     message_id = queue_one()
     before = timezone.now()

@@ -311,6 +311,97 @@ def test_worker_in_process(transactional_db, smtp_settings, smtp_server, setting
     assert worker.listener.conn is None
 
 
+def test_woken_whenever_mail_becomes_sendable(
+    transactional_db, smtp_settings, smtp_server, settings, admin_client
+):
+    """Not only INSERTs wake the worker: retry_deferred, the admin's Retry,
+    requeue(), and a deferral with an automatic retry made by another process
+    (send_mail, the admin's Send now) all do, long before the idle pass."""
+    import datetime as dt
+
+    from django.core.management import call_command
+    from django.db import connections
+    from django.urls import reverse
+    from django.utils import timezone
+
+    from mailer.models import PRIORITY_DEFERRED
+
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 60
+    settings.MAILER_AUTO_RETRY = True
+    worker = PostgresWorker(install_signal_handlers=False)
+    thread = threading.Thread(
+        target=lambda: (worker.run(), connections.close_all()), daemon=True
+    )
+    later = timezone.now() + dt.timedelta(hours=2)
+
+    def waiting(subject: str) -> Message:
+        """Queued (an INSERT: the worker looks), but nothing it can send."""
+        mailer.send_mail(subject, "b", "f@example.com", ["t@example.com"], send_at=later)
+        message = Message.objects.get(subject_text=subject)
+        time.sleep(0.3)  # the worker has looked and gone back to its 60 s wait
+        return message
+
+    thread.start()
+    try:
+        wait_until(lambda: worker.listener.conn is not None, what="the listener")
+        # retry_deferred (the command)
+        msg = waiting("retried")
+        # Deferred by a plain UPDATE (which wakes nobody), then retried.
+        Message.objects.filter(pk=msg.pk).update(priority=PRIORITY_DEFERRED, not_before=None)
+        time.sleep(0.3)
+        call_command("retry_deferred")
+        smtp_server.wait_for(1, timeout=10)
+        # the admin's Retry
+        msg = waiting("admin")
+        Message.objects.filter(pk=msg.pk).update(priority=PRIORITY_DEFERRED, not_before=None)
+        time.sleep(0.3)
+        admin_client.post(
+            reverse("admin:mailer_message_changelist"),
+            {"action": "retry", "_selected_action": [msg.pk]},
+        )
+        smtp_server.wait_for(2, timeout=10)
+        # requeue()
+        waiting("requeued").requeue()
+        smtp_server.wait_for(3, timeout=10)
+        # Deferred by another process with an automatic retry in 1 s.
+        retry_at = timezone.now() + dt.timedelta(seconds=1)
+        waiting("auto retry").defer(retry_at)
+        smtp_server.wait_for(4, timeout=10)
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert smtp_server.subjects() == ["retried", "admin", "requeued", "auto retry"]
+    assert 0 <= smtp_server.attempt_times[3] - retry_at.timestamp() < 1.0
+
+
+def test_runmailer_goes_on_at_once_after_its_backend_is_killed_mid_pass(
+    transactional_db, smtp_settings, smtp_server, settings, caplog
+):
+    """pg_terminate_backend in the middle of a pass: reconnect and go on,
+    not after the 60 s idle period (runmailer's loop, on PostgreSQL)."""
+    from django.db import connections
+
+    from mailer.worker import Worker
+
+    queue(200, "killed")
+    worker = Worker(sleep=60, install_signal_handlers=False)
+    thread = threading.Thread(
+        target=lambda: (worker.run(), connections.close_all()), daemon=True
+    )
+    thread.start()
+    try:
+        wait_until(lambda: len(smtp_server.messages) >= 20, what="a pass under way")
+        terminate(backend_pids())
+        killed_at = time.monotonic()
+        smtp_server.wait_for(200, timeout=15)
+        assert time.monotonic() - killed_at < 10
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert "Database connection lost (" in caplog.text
+    assert "Traceback" not in caplog.text and "Pass failed" not in caplog.text
+
+
 def test_paced_messages_one_connection_and_no_has_work_query(
     transactional_db, smtp_settings, smtp_server, settings
 ):

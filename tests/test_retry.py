@@ -414,3 +414,26 @@ def test_dbbackend_batch_keeps_each_messages_send_at(smtp_settings):
         "in 5": now + dt.timedelta(minutes=5),
         "in 10": now + dt.timedelta(minutes=10),
     }
+
+
+@pytest.mark.parametrize(
+    "use_tz, send_at",
+    [
+        # Aware, at the end of the calendar, moved into the current zone (UTC+1).
+        (False, dt.datetime.max.replace(tzinfo=dt.timezone.utc)),
+        # Naive in a zone behind UTC: stored in UTC, past the end of the calendar.
+        (True, dt.datetime.max),
+        # A timestamp no datetime can hold.
+        (True, 1e20),
+    ],
+)
+def test_send_at_past_the_end_of_the_calendar_is_a_valueerror(settings, use_tz, send_at):
+    """Was an OverflowError (aware year 9999 with USE_TZ = False)."""
+    settings.USE_TZ = use_tz
+    settings.TIME_ZONE = "Europe/Paris" if not use_tz else "America/New_York"
+    with pytest.raises(ValueError, match=r"^send_at .* can't be used"):
+        mailer.send_mail("S", "B", "f@example.com", ["t@example.com"], send_at=send_at)
+    assert not Message.objects.exists()
+    settings.USE_TZ = True
+    far = dt.datetime(9999, 1, 1, tzinfo=dt.timezone.utc)  # still fine
+    assert mailer.send_mail("S", "B", "f@example.com", ["t@example.com"], send_at=far) == 1

@@ -239,14 +239,14 @@ def _errors(ids):
     return sorted(e.id for e in checks.run_checks() if e.id in ids)
 
 
-ROUTE_IDS = {"mailer.E020", "mailer.E021", "mailer.E022", "mailer.E023"}
+ROUTE_IDS = {"mailer.E030", "mailer.E031", "mailer.E032", "mailer.E033"}
 
 
 def test_checks_route_shape(settings, two_providers):
     settings.MAILER_ROUTES = {"ses": {"CONCURRENCY": 0, "RATE": "14/s"}}
-    assert _errors(ROUTE_IDS) == ["mailer.E020", "mailer.E020"]
+    assert _errors(ROUTE_IDS) == ["mailer.E030", "mailer.E030"]
     settings.MAILER_ROUTES = ["ses"]
-    assert _errors(ROUTE_IDS) == ["mailer.E020"]
+    assert _errors(ROUTE_IDS) == ["mailer.E030"]
 
 
 @pytest.mark.skipif(not HAS_MAILERS, reason="MAILERS is Django 6.1+")
@@ -255,7 +255,7 @@ def test_checks_queue_using(settings, two_providers):
     settings.MAILERS["bulk"]["OPTIONS"]["using"] = "missing"
     settings.MAILERS["default"]["OPTIONS"]["using"] = "bulk"
     settings.MAILER_USING = "smtp"
-    assert _errors(ROUTE_IDS) == ["mailer.E021", "mailer.E021"]
+    assert _errors(ROUTE_IDS) == ["mailer.E031", "mailer.E031"]
 
 
 @pytest.mark.skipif(not HAS_MAILERS, reason="MAILERS is Django 6.1+")
@@ -263,7 +263,7 @@ def test_checks_routes_next_to_mailers(settings, two_providers, smtp_server):
     settings.MAILER_ROUTES = {"ses": {"CONCURRENCY": 2}}
     assert _errors(ROUTE_IDS) == []
     settings.MAILER_ROUTES = {"ses": _smtp(smtp_server), "bulk": {}}
-    assert _errors(ROUTE_IDS) == ["mailer.E022", "mailer.E022"]
+    assert _errors(ROUTE_IDS) == ["mailer.E032", "mailer.E032"]
 
 
 @pytest.mark.skipif(HAS_MAILERS, reason="MAILER_ROUTES' backends are for Django 4.2-6.0")
@@ -273,7 +273,7 @@ def test_checks_route_backends(settings, two_providers):
         "loop": {"BACKEND": "mailer.backend.DbBackend"},
         "typo": {"BACKEND": "no.such.Backend"},
     }
-    assert _errors(ROUTE_IDS) == ["mailer.E023", "mailer.E023"]
+    assert _errors(ROUTE_IDS) == ["mailer.E033", "mailer.E033"]
 
 
 @pytest.mark.skipif(not HAS_MAILERS, reason="MAILERS is Django 6.1+")

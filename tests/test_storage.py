@@ -20,6 +20,7 @@ from mailer.storage import (
     email_to_db,
     safe_loads,
 )
+from tests.crafted import assemble, b64, glob, u
 
 
 class Evil:
@@ -66,7 +67,7 @@ def test_reaching_through_an_allowed_module_is_refused():
         safe_loads(payload, ())
     # A name imported into an allowed module from elsewhere is not allowed with it.
     imported = b"\x80\x04\x8c\remail.charset\x8c\x07partial\x93."
-    with pytest.raises(RefusedClass, match="functools.partial"):
+    with pytest.raises(RefusedClass, match="email.charset.partial"):
         safe_loads(imported, ())
 
 
@@ -91,6 +92,7 @@ def test_lazy_strings_decode():
 
 
 def test_project_classes_need_the_allowlist(settings):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"
     data = email_to_db(ProjectMessage("S", "b", "f@example.com", ["t@example.com"]))
     obj, reason = decode(data)
     assert obj is None
@@ -159,3 +161,253 @@ def test_a_live_connection_is_left_out_and_left_in_place(smtp_server):
         assert held(email) is connection  # the caller's object is unchanged
     finally:
         connection.close()
+
+
+# --- crafted rows (issue #27) ----------------------------------------------------------
+
+
+_u, _global, _assemble, _b64 = u, glob, assemble, b64
+
+
+@pytest.fixture
+def email_package_restored():
+    import email
+    import sys
+
+    path = list(email.__path__)
+    before = set(sys.modules)
+    subtype = EmailMessage.content_subtype
+    yield
+    email.__path__[:] = path
+    email.__dict__["__path__"] = email.__path__
+    for name in set(sys.modules) - before:
+        if name.startswith("email."):
+            del sys.modules[name]
+    EmailMessage.content_subtype = subtype
+
+
+def test_a_module_reached_through_an_allowed_module_runs_nothing(tmp_path, email_package_restored):
+    """The first row of issue #27: the email package reached as an attribute
+    of email.mime.base, its __path__ rewritten by BUILD to a directory the
+    attacker controls, then email.<anything> imported from there."""
+    import email
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "sdpwn.py").write_text(f"open({str(marker)!r}, 'w').close()\nrun = print\n")
+    raw = _assemble(
+        _global("email.mime.base", "email"),
+        pickle.EMPTY_DICT,
+        _u("__path__"),
+        pickle.EMPTY_LIST,
+        _u(str(evil)),
+        pickle.APPEND,
+        pickle.SETITEM,
+        pickle.BUILD,
+        pickle.POP,
+        _global("email.sdpwn", "run"),
+    )
+    obj, reason = decode(_b64(raw))
+    assert obj is None and reason
+    assert not marker.exists()
+    assert str(evil) not in list(email.__path__)
+
+
+def test_a_class_attribute_write_does_not_stick(email_package_restored):
+    """The second row of issue #27: BUILD on an allowed class (slot state
+    content_subtype = "html") changes every later message of the process,
+    though the decode itself reports a failure."""
+    raw = _assemble(
+        _global("django.core.mail.message", "EmailMessage"),
+        pickle.NONE,
+        pickle.EMPTY_DICT,
+        _u("content_subtype"),
+        _u("html"),
+        pickle.SETITEM,
+        pickle.TUPLE2,
+        pickle.BUILD,
+        pickle.POP,
+        _global("os", "system"),
+    )
+    obj, reason = decode(_b64(raw))
+    assert obj is None and reason
+    assert EmailMessage.content_subtype == "plain"
+    assert EmailMessage("S", "b", "f@example.com", ["t@example.com"]).content_subtype == "plain"
+
+
+def test_a_232_dbbackend_row_decodes_with_an_inert_connection():
+    """2.3.2 stored EmailMessage.send() through DbBackend with the backend in
+    the pickle (EmailMessage.send() sets .connection before sending)."""
+    from mailer.backend import DbBackend
+
+    email = EmailMessage("S", "b", "f@example.com", ["t@example.com"])
+    email.__dict__["connection"] = DbBackend()
+    raw = pickle.dumps(email, protocol=4)
+    assert b"mailer.backend" in raw and b"DbBackend" in raw
+    obj, reason = decode(_b64(raw))
+    assert reason is None
+    assert obj.subject == "S"
+    assert obj.__dict__.get("connection") is None and obj.__dict__.get("_connection") is None
+
+
+class ProjectBackend:
+    """A project's own email backend, stored as a message's connection."""
+
+    def __init__(self) -> None:
+        self.host = "smtp.example.com"
+
+
+def test_any_backend_class_as_the_connection_is_inert():
+    email = EmailMessage("S", "b", "f@example.com", ["t@example.com"])
+    email.__dict__["connection"] = ProjectBackend()
+    obj, reason = decode(_b64(pickle.dumps(email)))
+    assert reason is None and obj.subject == "S"
+
+
+def test_an_unlisted_class_elsewhere_is_refused_naming_it():
+    email = EmailMessage("S", "b", "f@example.com", ["t@example.com"])
+    email.extra_headers = {"X-Obj": ProjectBackend()}
+    obj, reason = decode(_b64(pickle.dumps(email)))
+    assert obj is None
+    assert f"{__name__}.ProjectBackend" in reason
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # a module object handed out directly
+        pytest.param(lambda: _assemble(_global("email.mime.base", "email")), id="module"),
+        pytest.param(lambda: _assemble(_global("email", "mime")), id="submodule"),
+        # a dotted name reaching through attributes
+        pytest.param(lambda: _assemble(_global("email.utils", "os.system")), id="dotted"),
+        # __dict__ of an allowed class via BUILD dict state
+        pytest.param(
+            lambda: _assemble(
+                _global("email.message", "Message"),
+                pickle.EMPTY_DICT,
+                _u("policy"),
+                pickle.NONE,
+                pickle.SETITEM,
+                pickle.BUILD,
+            ),
+            id="build-class-dict",
+        ),
+        # BUILD on a function (its __defaults__ via slot state)
+        pytest.param(
+            lambda: _assemble(
+                _global("django.utils.translation", "gettext"),
+                pickle.NONE,
+                pickle.EMPTY_DICT,
+                _u("__defaults__"),
+                pickle.EMPTY_TUPLE,
+                pickle.SETITEM,
+                pickle.TUPLE2,
+                pickle.BUILD,
+            ),
+            id="build-function",
+        ),
+        # SETITEM into an allowed class
+        pytest.param(
+            lambda: _assemble(_global("builtins", "dict"), _u("k"), _u("v"), pickle.SETITEM),
+            id="setitem-class",
+        ),
+        # a copyreg extension code
+        pytest.param(lambda: _assemble(pickle.EXT1 + b"\x01"), id="ext-code"),
+        # a persistent id
+        pytest.param(lambda: _assemble(_u("x"), pickle.BINPERSID), id="persistent-id"),
+        # getattr beyond ZoneInfo._unpickle
+        pytest.param(
+            lambda: _assemble(
+                _global("builtins", "getattr"),
+                _global("builtins", "object"),
+                _u("__subclasses__"),
+                pickle.TUPLE2,
+                pickle.REDUCE,
+            ),
+            id="getattr",
+        ),
+        # a codec named by the data (its lookup imports a module)
+        pytest.param(
+            lambda: _assemble(
+                _global("_codecs", "encode"), _u("x"), _u("rot13"), pickle.TUPLE2, pickle.REDUCE
+            ),
+            id="codec",
+        ),
+        # a lazy string of another function
+        pytest.param(
+            lambda: _assemble(
+                _global("django.utils.functional", "_lazy_proxy_unpickle"),
+                _global("builtins", "dict"),
+                pickle.EMPTY_TUPLE,
+                pickle.EMPTY_DICT,
+                pickle.TUPLE3,
+                pickle.REDUCE,
+            ),
+            id="lazy-other",
+        ),
+        # a lazy format string reading attributes into the subject
+        pytest.param(
+            lambda: _assemble(
+                _global("django.utils.text", "_format_lazy"),
+                _u("{0.__globals__}"),
+                _global("django.utils.translation", "gettext"),
+                pickle.TUPLE2,
+                pickle.REDUCE,
+            ),
+            id="format-attribute",
+        ),
+        # a time zone key naming a module path
+        pytest.param(
+            lambda: _assemble(
+                _global("zoneinfo", "ZoneInfo._unpickle"),
+                _u("../../etc/passwd"),
+                pickle.NEWTRUE,
+                pickle.TUPLE2,
+                pickle.REDUCE,
+            ),
+            id="zone-key",
+        ),
+        # the placeholder of an unlisted class, called
+        pytest.param(
+            lambda: _assemble(_global("os", "system"), _u("true"), pickle.TUPLE1, pickle.REDUCE),
+            id="unlisted-called",
+        ),
+        # REDUCE on something find_class did not hand out (a str)
+        pytest.param(
+            lambda: _assemble(_u("x"), pickle.EMPTY_TUPLE, pickle.REDUCE), id="reduce-object"
+        ),
+    ],
+)
+def test_crafted_rows_are_refused(raw, email_package_restored):
+    import email
+    import sys
+
+    path = list(email.__path__)
+    modules = set(sys.modules)
+    obj, reason = decode(_b64(raw()))
+    assert obj is None and reason
+    assert list(email.__path__) == path
+    assert set(sys.modules) == modules
+    assert EmailMessage.content_subtype == "plain"
+
+
+def test_read_pickle_off_refuses_without_reading(settings):
+    settings.MAILER_MESSAGE_FORMAT = "pickle"
+    data = email_to_db(EmailMessage("S", "b", "f@example.com", ["t@example.com"]))
+    assert decode(data)[0] is not None
+    settings.MAILER_READ_PICKLE = False
+    obj, reason = decode(data)
+    assert obj is None
+    assert "MAILER_READ_PICKLE" in reason and "mailer_convert" in reason
+
+
+def test_a_wildcard_imports_nothing(settings):
+    import sys
+
+    settings.MAILER_PICKLE_ALLOWLIST = ["tests.*"]
+    sys.modules.pop("tests.never_imported", None)
+    raw = _assemble(_global("tests.never_imported", "Thing"))
+    obj, reason = decode(_b64(raw))
+    assert obj is None and "tests.never_imported.Thing" in reason
+    assert "tests.never_imported" not in sys.modules

@@ -32,7 +32,48 @@ def test_runs_passes_until_max_passes(locmem):
 def test_idle_worker_waits_and_stop_wakes_it(locmem):
     worker = Worker(sleep=30, install_signal_handlers=False)
     threading.Timer(0.2, worker.stop).start()
-    assert worker.run() == 0  # woke from its 30 s wait at once
+    assert worker.run() == 1  # one look at the queue; woke from its 30 s wait at once
+
+
+class _TooLong(BaseException):
+    """Not an Exception: the worker's loop must not swallow it."""
+
+
+def _ends_by_itself(target, timeout=10):
+    """Call ``target`` in this thread (the commands install signal handlers);
+    it must return within ``timeout`` seconds, else SIGALRM ends it."""
+    import signal
+
+    def too_long(*_):
+        raise _TooLong
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(timeout)
+    try:
+        return target()
+    except _TooLong:
+        raise AssertionError(f"still running after {timeout}s") from None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_max_passes_ends_on_an_empty_queue(locmem, settings):
+    """An idle look is a pass: ``--max-passes N`` ends on an empty queue."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    worker = Worker(sleep=0.05, max_passes=3, install_signal_handlers=False)
+    assert _ends_by_itself(worker.run) == 3
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 0.05
+    out = StringIO()
+    _ends_by_itself(lambda: call_command("runmailer", "--max-passes", "2", stdout=out))
+    assert "runmailer: stopped after 2 pass(es)" in out.getvalue()
+    # Sending paused: the same.
+    settings.MAILER_PAUSE_SEND = True
+    worker = Worker(sleep=0.05, max_passes=2, install_signal_handlers=False)
+    assert _ends_by_itself(worker.run) == 2
 
 
 def test_pause_send(locmem, settings):
@@ -140,7 +181,8 @@ def test_idle_worker_wakes_for_a_scheduled_message(smtp_settings, smtp_server):
         thread.join(10)
     late = smtp_server.attempt_times[0] - send_at.timestamp()
     assert 0 <= late < 1.0
-    assert worker.passes <= 2  # it slept until the message was due, not in small steps
+    # Idle looks count as passes: one, maybe a second at the due time, then the pass.
+    assert worker.passes <= 3  # it slept until the message was due, not in small steps
 
 
 def test_idle_worker_wakes_for_an_automatic_retry(smtp_settings, smtp_server, settings):

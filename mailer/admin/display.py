@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin
+from django.contrib.admin.utils import flatten_fieldsets
 from django.core.mail import EmailMessage
 from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
@@ -260,21 +261,6 @@ class StoredEmailDisplay(MessageAdminMixin, AttachmentDownloads):
     admin_site: admin.AdminSite
     opts: Options[Any]
 
-    email_fields = (
-        "stored_data",
-        "from_display",
-        "to_display",
-        "cc_display",
-        "bcc_display",
-        "reply_to_display",
-        "email_subject",
-        "email_message_id",
-        "extra_headers_display",
-        "text_body",
-        "html_body",
-        "attachments_display",
-    )
-
     email_fieldsets: _FieldsetSpec = (
         (
             _("Headers"),
@@ -296,6 +282,8 @@ class StoredEmailDisplay(MessageAdminMixin, AttachmentDownloads):
             {"fields": ("stored_data", "text_body", "html_body", "attachments_display")},
         ),
     )
+    #: Every field of ``email_fieldsets``: all read-only.
+    email_fields = tuple(flatten_fieldsets(email_fieldsets))
 
     def _from_email(self, obj: Any, render: Callable[[EmailMessage], Any]) -> Any:
         email = self._email(obj)
@@ -489,7 +477,8 @@ class DenormalisedColumns:
 
     @admin.display(description=_("when added"), ordering="when_added")
     def when_added_display(self, obj: Any) -> Any:
-        return obj.when_added
+        # Formatted here: a read-only field shows a bare datetime raw.
+        return when(obj.when_added)
 
     @admin.display(description=_("all recipients"))
     def all_recipients(self, obj: Any) -> Any:

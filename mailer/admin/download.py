@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import unicodedata
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from django.contrib import admin
 from django.contrib.admin.utils import unquote
@@ -83,11 +85,35 @@ class AttachmentDownloads:
                 _("The stored attachment can't be read: %(error)s") % {"error": err}
             ) from err
         # Never rendered by the browser, whatever the attachment claims to be.
-        response = FileResponse(
-            handle,
-            as_attachment=True,
-            filename=ref.name or f"attachment-{number + 1}",
-            content_type="application/octet-stream",
+        response = FileResponse(handle, content_type="application/octet-stream")
+        response["Content-Disposition"] = attachment_disposition(
+            ref.name or "", f"attachment-{number + 1}"
         )
         response["X-Content-Type-Options"] = "nosniff"
         return response
+
+
+#: Unicode categories left out of a download's file name: controls, format
+#: characters (the bidirectional overrides such as U+202E, which make
+#: ``invoice\u202egpj.exe`` read as ``invoiceexe.jpg``, and zero-width
+#: characters), line and paragraph separators.
+_UNSAFE_IN_FILENAME = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def safe_filename(name: str, default: str) -> str:
+    """``name`` without control, format (bidirectional) and separator
+    characters, nor path separators; ``default`` when nothing is left."""
+    kept = "".join(
+        c for c in name if unicodedata.category(c) not in _UNSAFE_IN_FILENAME and c not in "/\\"
+    ).strip()
+    return kept or default
+
+
+def attachment_disposition(name: str, default: str) -> str:
+    """``Content-Disposition`` of a download in RFC 6266's form: an ASCII
+    ``filename`` for old clients, and ``filename*`` (UTF-8) with the name as
+    :func:`safe_filename` leaves it."""
+    cleaned = safe_filename(name, default)
+    fallback = "".join(c if " " <= c <= "~" else "_" for c in cleaned)
+    fallback = fallback.replace("\\", "_").replace('"', "_")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(cleaned, safe='')}"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets
 from django.db.models import F, Max, QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
@@ -16,6 +18,7 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
+from mailer import wakeup
 from mailer.admin.changelist import LargeTableAdmin
 from mailer.admin.display import (
     EMPTY,
@@ -31,6 +34,7 @@ from mailer.admin.routes import RouteColumns
 from mailer.engine import send_all
 from mailer.models import (
     PRIORITY_DEFERRED,
+    PRIORITY_HIGH,
     PRIORITY_MEDIUM,
     RESULT_FAILURE,
     RESULT_LABELS,
@@ -79,18 +83,7 @@ class MessageAdmin(RouteColumns, DenormalisedColumns, StoredEmailDisplay, LargeT
         (_("Delivery attempts"), {"fields": ("last_error", "attempts")}),
         *StoredEmailDisplay.email_fieldsets,
     ]
-    readonly_fields = [
-        "id",
-        "priority_display",
-        "route_display",
-        "retry_count_display",
-        "next_attempt",
-        "when_added_display",
-        "all_recipients",
-        "last_error",
-        "attempts",
-        *StoredEmailDisplay.email_fields,
-    ]
+    readonly_fields = flatten_fieldsets(fieldsets)  # every field is read-only
     #: Log entries shown on a message's page (the newest; all are one search away).
     attempts_shown = 20
 
@@ -218,13 +211,41 @@ class MessageAdmin(RouteColumns, DenormalisedColumns, StoredEmailDisplay, LargeT
         opts = self.opts
         return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
 
+    #: At most this many messages are sent inside the request of "Send
+    #: selected messages now"; the rest of the selection is moved to the top
+    #: of the queue (high priority) for the worker. 100 messages take a few
+    #: seconds with a healthy SMTP server; a selection of 100,000 ran for
+    #: over ten minutes inside one request. A subclass may change it.
+    send_now_batch = 100
+    #: ...and for at most this many seconds (a slow server): what is not
+    #: sent by then is handed to the worker the same way.
+    send_now_seconds = 20.0
+
     @admin.action(description=_("Send selected messages now"), permissions=["send"])
     def send_messages(self, request: HttpRequest, queryset: MessageQuerySet) -> None:
+        now = timezone.now()
         deferred = queryset.filter(priority=PRIORITY_DEFERRED).count()
-        scheduled = queryset.scheduled().count()
+        scheduled = queryset.scheduled(now).count()
+        due = queryset.non_deferred().due(now)
+        batch = list(
+            due.in_sending_order().values_list("pk", flat=True)[: self.send_now_batch + 1]
+        )
+        beyond_batch = len(batch) > self.send_now_batch
+        batch = batch[: self.send_now_batch]
         last_log_id = MessageLog.objects.aggregate(last=Max("id"))["last"] or 0
+        deadline = time.monotonic() + self.send_now_seconds
+        out_of_time: list[bool] = []
+
+        def should_stop() -> bool:
+            if time.monotonic() >= deadline:
+                out_of_time.append(True)
+                return True
+            return False
+
         try:
-            result = send_all(queryset=queryset)
+            result = send_all(
+                queryset=Message.objects.filter(pk__in=batch), should_stop=should_stop
+            )
         except Exception as exc:
             logger.exception("Sending from the admin failed")
             self.message_user(
@@ -262,6 +283,8 @@ class MessageAdmin(RouteColumns, DenormalisedColumns, StoredEmailDisplay, LargeT
             )
             if result.deferred or result.failed:
                 self.report_errors(request, last_log_id)
+            if beyond_batch or out_of_time:
+                self.hand_to_worker(request, due)
         if deferred:
             self.message_user(
                 request,
@@ -286,6 +309,26 @@ class MessageAdmin(RouteColumns, DenormalisedColumns, StoredEmailDisplay, LargeT
                 % {"count": scheduled},
                 messages.WARNING,
             )
+
+    def hand_to_worker(self, request: HttpRequest, rest: MessageQuerySet) -> None:
+        """Put what "Send now" did not get to at the top of the queue, and say so."""
+        moved = rest.exclude(priority=PRIORITY_DEFERRED).update(priority=PRIORITY_HIGH)
+        if not moved:
+            return
+        self.message_user(
+            request,
+            ngettext(
+                "%(count)d more selected message was not sent now (this action sends at most "
+                "%(batch)d messages, for at most %(seconds)d seconds): it was moved to the top "
+                "of the queue (high priority) and the worker sends it next.",
+                "%(count)d more selected messages were not sent now (this action sends at most "
+                "%(batch)d messages, for at most %(seconds)d seconds): they were moved to the "
+                "top of the queue (high priority) and the worker sends them next.",
+                moved,
+            )
+            % {"count": moved, "batch": self.send_now_batch, "seconds": self.send_now_seconds},
+            messages.INFO,
+        )
 
     #: Errors quoted after a "Send now" (the rest are in the log).
     errors_reported = 5
@@ -321,6 +364,8 @@ class MessageAdmin(RouteColumns, DenormalisedColumns, StoredEmailDisplay, LargeT
             priority=PRIORITY_MEDIUM, retry_count=F("retry_count") + 1, not_before=None
         )
         brought_forward = queryset.scheduled().update(not_before=None)  # type: ignore[attr-defined]
+        if moved or brought_forward:
+            wakeup.became_sendable(queryset.db)  # runmailer_pg, MAILER_TASK_BACKEND
         if brought_forward:
             self.message_user(
                 request,

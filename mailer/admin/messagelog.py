@@ -6,6 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets
 from django.core.mail import EmailMessage
 from django.db import transaction
 from django.db.models import QuerySet
@@ -70,24 +71,13 @@ class MessageLogAdmin(RouteColumns, DenormalisedColumns, StoredEmailDisplay, Lar
         ),
         *StoredEmailDisplay.email_fieldsets,
     ]
-    readonly_fields = [
-        "id",
-        "result_display",
-        "when_attempted_display",
-        "full_log_message",
-        "message_id_display",
-        "priority_display",
-        "route_display",
-        "when_added_display",
-        "all_recipients",
-        *StoredEmailDisplay.email_fields,
-    ]
+    readonly_fields = flatten_fieldsets(fieldsets)  # every field is read-only
 
     # Log ids grow in the order attempts are logged, so sorting by id gives
     # the attempt order without sorting the whole (unindexed) column.
     @admin.display(description=_("when attempted"), ordering="id")
     def when_attempted_display(self, obj: MessageLog) -> Any:
-        return obj.when_attempted
+        return when(obj.when_attempted)
 
     @admin.display(description=_("result"), ordering="result")
     def result_display(self, obj: MessageLog) -> str:

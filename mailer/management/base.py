@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -91,6 +92,47 @@ class MailerCommand(BaseCommand):
         except ImproperlyConfigured as err:
             raise CommandError(f"--route: {err}") from err
 
+    def require_delivery_settings(self) -> None:
+        """Refuse to deliver with settings that can't (``mailer.E003``,
+        ``E004``, ``E005``): a ``CommandError`` naming the problem and the fix.
+        Only the commands that deliver ask; elsewhere ``E004`` is a warning."""
+        from django.core.management.base import CommandError
+
+        from mailer.checks import delivery_problems
+
+        problems = [p for p in delivery_problems() if p.is_serious()]
+        if problems:
+            raise CommandError(
+                "\n".join(
+                    f"{p.id}: {p.msg}" + (f"\n\tHINT: {p.hint}" if p.hint else "")
+                    for p in problems
+                )
+            )
+
     def say(self, options: dict[str, Any], text: str) -> None:
         if options.get("verbosity", 1) >= 1:
             self.stdout.write(text)
+
+    def report(
+        self,
+        options: dict[str, Any],
+        text: str,
+        log: logging.Logger,
+        level: int,
+        msg: str,
+        *args: Any,
+    ) -> None:
+        """Tell the operator once: the summary ``text`` on standard output
+        (verbosity 1 or more) and the log record ``msg``, but never both on the
+        command's own streams (a cron line's ``>> mailer.log 2>&1`` would show
+        it twice). With the command's stderr handler, an informational record
+        goes down to DEBUG (the summary says it) and a warning is logged
+        instead of printed; a project's ``LOGGING`` gets the record as is."""
+        ours = getattr(self, "_log_handler", None) is not None
+        if level >= logging.WARNING:
+            log.log(level, msg, *args)
+            if not ours:
+                self.say(options, text)
+            return
+        self.say(options, text)
+        log.log(logging.DEBUG if ours else level, msg, *args)

@@ -118,3 +118,16 @@ if os.environ.get("BENCH_ROUTES"):
         }
         for name, port in _json.loads(os.environ["BENCH_ROUTES"]).items()
     }
+
+# bench/tasks.py: Django's tasks framework with django-tasks-db's database
+# backend ("mail"); BENCH_TASK_BACKEND -> MAILER_TASK_BACKEND (the db_worker
+# subprocesses enqueue their successors there).
+if os.environ.get("BENCH_TASKS") == "1":
+    import django as _django
+
+    if _django.VERSION < (6, 0):
+        INSTALLED_APPS.append("django_tasks")
+    INSTALLED_APPS.append("django_tasks_db")
+    TASKS = {"mail": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+    if os.environ.get("BENCH_TASK_BACKEND"):
+        MAILER_TASK_BACKEND = os.environ["BENCH_TASK_BACKEND"]

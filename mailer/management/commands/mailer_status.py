@@ -23,8 +23,8 @@ def _non_negative(value: str) -> int:
 
 class Command(MailerCommand):
     help = (
-        "Queue health for people and monitors: counts by state and priority, the oldest "
-        "sendable message's age, the last success, outcomes in the last hour and day. "
+        "Queue health for people and monitors: counts by state and priority, how long "
+        "mail has waited, the last success, outcomes in the last hour and day. "
         "Exits 1 when a --max-* threshold is exceeded."
     )
 
@@ -35,22 +35,33 @@ class Command(MailerCommand):
             type=_non_negative,
             default=None,
             metavar="SECONDS",
-            help="Exit 1 when the oldest sendable message waited longer than SECONDS.",
+            help="Exit 1 when a message that should have gone out by now (queued, deferred, "
+            "waiting for a retry; not one scheduled for later) has waited longer than SECONDS.",
         )
         parser.add_argument(
             "--max-deferred",
             type=_non_negative,
             default=None,
             metavar="COUNT",
-            help="Exit 1 when more than COUNT deferred messages wait for an operator "
-            "(no automatic retry planned).",
+            help="Exit 1 when more than COUNT messages are deferred (waiting for an "
+            "automatic retry or for an operator).",
+        )
+        parser.add_argument(
+            "--max-silence",
+            type=_non_negative,
+            default=None,
+            metavar="SECONDS",
+            help="Exit 1 when mail is waiting and nothing was sent for SECONDS.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
         summary = queue_summary()
         by_route = route_summary(summary.now)
         problems = summary_problems(
-            summary, max_age=options["max_age"], max_deferred=options["max_deferred"]
+            summary,
+            max_age=options["max_age"],
+            max_deferred=options["max_deferred"],
+            max_silence=options["max_silence"],
         )
         if options["json"]:
             data = summary.as_dict()

@@ -50,17 +50,23 @@ class Command(MailerCommand):
         count = MessageLog.objects.purge_old_entries(
             days, RESULTS[options["result"]], batch_size=options["batch_size"]
         )
-        logger.info("%s log entries deleted", count)
-        self.say(
+        self.report(
             options,
             f"purge_mail_log: {count} {options['result']} entries older than {days} days deleted",
+            logger,
+            logging.INFO,
+            "%s log entries deleted",
+            count,
         )
         if attachments.storage_alias() is not None:
             # Files of rows that never committed, or were deleted by other means.
             swept = attachments.sweep_orphans()
-            logger.info("%s orphaned attachment files deleted", swept)
-            self.say(
+            self.report(
                 options,
                 f"purge_mail_log: {swept} stored attachment files that no message refers "
                 "to deleted",
+                logger,
+                logging.INFO,
+                "%s orphaned attachment files deleted",
+                swept,
             )

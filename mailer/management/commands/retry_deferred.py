@@ -28,20 +28,26 @@ class Command(MailerCommand):
         if routes is not None:
             messages = messages.filter(served_filter(routes))
         count = messages.retry_deferred()
-        logger.info("%s message(s) retried", count)
-        self.say(options, f"retry_deferred: {count} message(s) back on the queue")
+        self.report(
+            options,
+            f"retry_deferred: {count} message(s) back on the queue",
+            logger,
+            logging.INFO,
+            "%s message(s) retried",
+            count,
+        )
         max_retries = conf.EMAIL_MAX_RETRIES
         if max_retries is not None:
             left = messages.deferred().filter(retry_count__gte=max_retries).count()
             if left:
-                logger.warning(
+                self.report(
+                    options,
+                    f"retry_deferred: {left} message(s) left deferred: retry_count reached "
+                    f"MAILER_EMAIL_MAX_RETRIES ({max_retries})",
+                    logger,
+                    logging.WARNING,
                     "%s deferred message(s) left deferred: they have used up "
                     "MAILER_EMAIL_MAX_RETRIES (%s); retry them from the admin, or raise it",
                     left,
                     max_retries,
-                )
-                self.say(
-                    options,
-                    f"retry_deferred: {left} message(s) left deferred: retry_count reached "
-                    f"MAILER_EMAIL_MAX_RETRIES ({max_retries})",
                 )

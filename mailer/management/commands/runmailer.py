@@ -4,7 +4,6 @@ from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
 
-from mailer.compat import require_no_backend_loop
 from mailer.management.base import MailerCommand
 from mailer.worker import Worker
 
@@ -26,7 +25,7 @@ class Command(MailerCommand):
             raise CommandError(
                 "--max-passes must be 1 or more (leave it out to run until stopped)."
             )
-        require_no_backend_loop()
+        self.require_delivery_settings()
         passes = Worker(
             max_passes=options["max_passes"],
             concurrency=self.concurrency(options),

@@ -5,7 +5,6 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import CommandError, CommandParser
 
-from mailer.compat import require_no_backend_loop
 from mailer.management.base import MailerCommand
 
 
@@ -51,7 +50,7 @@ class Command(MailerCommand):
             get_driver(database_alias())
             if not options.get("skip_checks"):
                 self.check()
-            require_no_backend_loop()
+            self.require_delivery_settings()
             worker = PostgresWorker(
                 probe_interval=options["probe_interval"],
                 concurrency=self.concurrency(options),

@@ -21,6 +21,7 @@ class Command(MailerCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.setup_logging(options)
+        self.require_delivery_settings()
         if conf.PAUSE_SEND:
             self.say(options, "MAILER_PAUSE_SEND is set: not sending.")
             return
