@@ -48,7 +48,9 @@ SIDES = {
 SIDE_ORDER = ["dm232", "ours"]
 
 SCENARIO_ORDER = ["enqueue", "drain", "dummy", "memory", "runmailer_pg", "workers4", "attachments", "provider",
-                  "latency"]
+                  "latency", "routes"]
+# Scenarios of what 2.3.2 doesn't have: measured on our side only.
+OURS_ONLY = {"routes"}
 SCENARIO_DBS = {
     "enqueue": ["sqlite", "postgres"],
     "drain": ["sqlite", "postgres"],
@@ -59,6 +61,7 @@ SCENARIO_DBS = {
     "attachments": ["sqlite", "postgres"],
     "provider": ["sqlite", "postgres"],
     "latency": ["sqlite", "postgres"],
+    "routes": ["sqlite", "postgres"],
 }
 
 # The provider scenario: an SMTP sink that answers like a provider 20 ms away
@@ -176,6 +179,14 @@ METRICS = {
         ("burst_c4_s", "burst, runmailer_pg --concurrency 4", "s", False),
         ("burst_msgs_per_s", "burst throughput", "msgs/s", True),
     ],
+    "routes": [
+        ("fast_alone_msgs_per_s", "fast route alone, 1 send_mail", "msgs/s", True),
+        ("fast_with_slow_msgs_per_s", "fast route, slow route's mail queued ahead", "msgs/s", True),
+        ("fast_ratio", "fast route with slow / alone", "x", True),
+        ("slow_with_slow_msgs_per_s", "slow route (provider 20 ms away), same pass", "msgs/s", True),
+        ("fast_with_slow_duplicates", "duplicate deliveries (fast)", "msgs", False),
+        ("fast_with_slow_lost", "lost messages (fast)", "msgs", False),
+    ],
     "workers4": [
         ("msgs_per_s", "4 x send_mail, no file lock", "msgs/s", True),
         ("wall_s", "total wall time", "s", False),
@@ -235,6 +246,7 @@ TARGETS = {
     ("workers4", "duplicates"): ("ours = 0", False, lambda d, o: o == 0),
     ("workers4", "lost"): ("ours = 0", False, lambda d, o: o == 0),
     ("attachments", "send_stored_vs_inline_20"): ("ours <= 0.50", False, lambda d, o: o <= 0.5),
+    ("routes", "fast_ratio"): ("ours >= 0.90", False, lambda d, o: o >= 0.9),
 }
 
 
@@ -475,6 +487,7 @@ def short_summary(scenario, res):
         "attachments": [k for k in m if k.startswith(("send_rss_mb_", "send_stored_vs"))],
         "provider": ["msgs_per_s", "delivered", "duplicates", "connections"],
         "latency": ["msgs_per_s", "delivered", "duplicates", "connections"],
+        "routes": ["fast_alone_msgs_per_s", "fast_with_slow_msgs_per_s", "fast_ratio"],
     }[scenario]
     parts = ["%s=%s" % (k, fmt(m.get(k))) for k in keys]
     bad = [c for c in res.get("checks", []) if not c["ok"]]
@@ -568,6 +581,9 @@ def scenario_params(scenario, conf):
         return {"n": conf["n"], "workers": 4}
     if scenario == "attachments":
         return {"att_mb": conf["att_mb"]}
+    if scenario == "routes":
+        # The slow route's mail lasts about as long as the fast route's alone.
+        return {"n": conf["n"], "slow": max(10, conf["n"] // 100), "latency": PROVIDER_LATENCY}
     return {"n": conf["n"]}
 
 
@@ -654,6 +670,8 @@ def main(argv=None):
         params = scenario_params(sc, conf)
         for i in range(nruns):
             for side in main_sides:
+                if sc in OURS_ONLY and side != "ours":
+                    continue
                 st = side_state[side]
                 label = "[%s] %s/%s run %d/%d" % (side, sc, db, i + 1, nruns)
                 if st["error"]:

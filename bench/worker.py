@@ -1319,6 +1319,78 @@ def sc_provider(env, p, res):
         sink.close()
 
 
+def _routes_phase(env, n, n_slow, slow_args, res, label):
+    """One drain of a queue holding ``n`` messages for the route "fast" (a
+    sink answering at once) and ``n_slow`` for "slow" (a provider 20 ms
+    away), queued slow first, by one ``send_mail``. Returns the fast
+    route's msgs/s as its sink saw it (first connection -> last message)."""
+    from django.conf import settings
+    from django.core.mail import get_connection
+
+    env.fresh_db()
+    fast, slow = Sink([]), Sink(slow_args)
+    try:
+        ports = {"fast": fast.port, "slow": slow.port}
+        os.environ["BENCH_ROUTES"] = json.dumps(ports)  # the sender's settings
+        settings.MAILER_ROUTES = {  # this process's (read at use time)
+            name: {"OPTIONS": {"host": "127.0.0.1", "port": port}} for name, port in ports.items()
+        }
+        for route, count in (("slow", n_slow), ("fast", n)):
+            backend = get_connection("mailer.backend.DbBackend", using=route)
+            for start in range(0, count, 500):
+                backend.send_messages(make_emails(route, start, min(500, count - start), SMALL_BODY))
+        t0 = time.perf_counter()
+        proc = start_manage(["send_mail"], {}, env.tmpdir, "routes_" + label)
+        rc, _, tail = wait_child(proc, child_timeout(n + n_slow * 10, 1.0))
+        wall = time.perf_counter() - t0
+        res["checks"].append(simple_check("send_mail exits 0 (%s)" % label, rc == 0, tail[-500:]))
+        fast.wait(n, 10)
+        slow.wait(n_slow, 10)
+        m = res["metrics"]
+        for route, sink, count in (("fast", fast, n), ("slow", slow, n_slow)):
+            records = sink.records()
+            arrivals = check_arrivals(records, [msgid(route, i) for i in range(count)], 2)
+            res["checks"].append(arrival_check(
+                "%s: every %s message arrived once, at the %s sink" % (label, route, route), arrivals))
+            stats = sink.stats()
+            if route == "fast" or count:
+                key = "%s_%s" % (route, label)
+                window = max(r[0] for r in records) - stats["first_connect"] if records else None
+                m[key + "_msgs_per_s"] = (count / window) if window else None
+                m[key + "_duplicates"] = arrivals["duplicates"]
+                m[key + "_lost"] = arrivals["lost"]
+        m["wall_%s_s" % label] = wall
+        left = queue_count()
+        res["checks"].append(simple_check("queue empty afterwards (%s)" % label, left == 0, "%d left" % left))
+        return m.get("fast_%s_msgs_per_s" % label)
+    finally:
+        os.environ.pop("BENCH_ROUTES", None)
+        fast.close()
+        slow.close()
+
+
+def sc_routes(env, p, res):
+    """Two routes drained by one worker: "slow" (the provider scenario's
+    sink, 20 ms away) and "fast" (a local sink). The fast route's throughput
+    with the slow route's mail on the same queue, ahead of it in sending
+    order, against its throughput alone (target: at least 0.9); every
+    message must arrive once, at its own route's sink.
+
+    params: n (fast messages), slow (slow messages), latency as for provider.
+    """
+    n, n_slow = int(p["n"]), int(p["slow"])
+    lat = p["latency"]
+    slow_args = [
+        "--connect-delay", str(lat["connect"]),
+        "--reply-delay", str(lat["reply"]),
+        "--data-delay", str(lat["data_end"]),
+    ]
+    alone = _routes_phase(env, n, 0, slow_args, res, "alone")
+    together = _routes_phase(env, n, n_slow, slow_args, res, "with_slow")
+    if alone and together:
+        res["metrics"]["fast_ratio"] = together / alone
+
+
 SCENARIOS = {
     "enqueue": sc_enqueue,
     "drain": sc_drain,
@@ -1329,6 +1401,7 @@ SCENARIOS = {
     "attachments": sc_attachments,
     "provider": sc_provider,
     "latency": sc_provider,  # the same drain, behind a latency line (run.py)
+    "routes": sc_routes,
 }
 
 

@@ -57,25 +57,42 @@ def _deliver(
     connection: Any = None,
     send_at: Any = None,
 ) -> int:
-    """Queue ``emails``, or hand them to the mailer the caller named.
+    """Queue ``emails`` (``using``: for that route), or hand them to the
+    backend instance the caller gave (``connection``, not a ``DbBackend``).
 
     ``send_at``: not sent before then (on the queue; a mailer named by the
     caller gets it as the message's ``send_at`` attribute, anymail's way).
     """
     queue_emails, db_backend = _queueing()
-    priority = get_priority(priority)
     if using is not None:
-        from django.core.mail import mailers  # type: ignore[attr-defined]  # Django 6.1+
+        # A route, or (Django 6.1) a queue alias of MAILERS: queued for
+        # delivery through that route (see mailer.routes).
+        from mailer.routes import resolve_using
 
-        connection = mailers[using]
+        target = resolve_using(using)
+        return queue_emails(
+            emails,
+            priority=get_priority(target.priority if priority is None else priority),
+            batch_size=target.batch_size,
+            send_at=send_at,
+            route=target.route,
+        )
+    priority = get_priority(priority)
     if connection is not None and not isinstance(connection, db_backend):
         # The caller asked for this mailer explicitly: send through it.
         if send_at is not None:
             for email in emails:
                 email.send_at = send_at
         return connection.send_messages(list(emails)) or 0
-    batch_size = connection.batch_size if connection is not None else None
-    return queue_emails(emails, priority=priority, batch_size=batch_size, send_at=send_at)
+    if connection is None:
+        return queue_emails(emails, priority=priority, send_at=send_at)
+    return queue_emails(
+        emails,
+        priority=priority,
+        batch_size=connection.batch_size,
+        send_at=send_at,
+        route=connection.route,
+    )
 
 
 def _make_email(

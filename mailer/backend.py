@@ -18,8 +18,9 @@ class DbBackend(BaseEmailBackend):
     Use it as ``EMAIL_BACKEND = "mailer.backend.DbBackend"`` or, on Django
     6.1+, as a ``MAILERS`` entry. Options (``OPTIONS`` in ``MAILERS``, or
     keyword arguments): ``batch_size`` (bulk insert batch size, default
-    ``MAILER_MESSAGES_BATCH_SIZE``) and ``priority`` (``1``-``4`` or a label,
-    default medium).
+    ``MAILER_MESSAGES_BATCH_SIZE``), ``priority`` (``1``-``4`` or a label,
+    default medium) and ``using`` (the route: the alias the queued mail is
+    delivered through, see :mod:`mailer.routes`; default: as before).
     """
 
     def __init__(
@@ -28,6 +29,7 @@ class DbBackend(BaseEmailBackend):
         *,
         batch_size: int | None = None,
         priority: int | str | None = None,
+        using: str | None = None,
         **kwargs: Any,
     ) -> None:
         if HAS_MAILERS:
@@ -41,6 +43,13 @@ class DbBackend(BaseEmailBackend):
         self.fail_silently = fail_silently
         self.batch_size = batch_size
         self.priority = get_priority(priority)
+        # DEP 0018's wrapper option: the route (alias) this queue's mail is
+        # delivered through; None: the delivery backend chosen as before.
+        self.route = using
+        if using is not None:
+            from mailer.routes import require_route
+
+            require_route(using)
 
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
         """Store the messages on the queue; return how many were stored."""
@@ -54,4 +63,5 @@ class DbBackend(BaseEmailBackend):
             email_messages,
             priority=self.priority,
             batch_size=self.batch_size,
+            route=self.route,
         )

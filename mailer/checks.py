@@ -454,3 +454,11 @@ def check_stored_form(app_configs: Any = None, **kwargs: Any) -> list[checks.Che
                 )
             )
     return errors
+
+
+@checks.register("mailer")
+def check_routes(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``MAILER_ROUTES`` and ``DbBackend``'s ``using`` option (see mailer.routes)."""
+    from mailer.routechecks import route_checks
+
+    return route_checks()

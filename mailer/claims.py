@@ -13,6 +13,7 @@ from django.db.models import signals
 from django.utils import timezone
 
 from mailer import attachments
+from mailer.conf import conf
 from mailer.cursors import kept_cursor
 from mailer.models import (
     PRIORITY_DEFERRED,
@@ -72,6 +73,9 @@ class _PassQueries:
             else None
         )
         self.use_orm = False
+        # MariaDB/MySQL: the index the claim must walk (FORCE INDEX), so that
+        # it locks no row another claim wants (see mailer.routelanes).
+        self.index_hint: str | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -111,6 +115,9 @@ class _PassQueries:
             qs = qs.select_for_update(skip_locked=skip)
         compiler = qs.values_list(*self.FIELDS)[:1].query.get_compiler(self.db)
         sql, params = compiler.as_sql()
+        if self.index_hint and self.connection.vendor == "mysql":
+            table_sql = f"FROM {table}"
+            sql = sql.replace(table_sql, f"{table_sql} FORCE INDEX ({quote(self.index_hint)})", 1)
         params = list(params)
         positions = [next(i for i, p in enumerate(params) if p is m) for m in markers]
         converters = compiler.get_converters([col for col, _, _ in compiler.select])
@@ -190,3 +197,28 @@ def _release_due_retries(db: str) -> None:
     released = Message.objects.using(db).release_due_retries()
     if released:
         logger.info("%s deferred message(s) due for an automatic retry back on the queue", released)
+
+
+#: Shortest idle wait for a message already due (a race with the "is anything
+#: sendable" check): a second look soon, never a busy loop.
+MIN_DUE_WAIT = 0.05
+
+
+def idle_wait(cap: float, until_due: float | None) -> float:
+    """How long an idle loop sleeps: ``cap``, or less when something falls due."""
+    if until_due is None:
+        return cap
+    return min(cap, max(until_due, MIN_DUE_WAIT))
+
+
+def seconds_until_due(queryset: MessageQuerySet | None = None) -> float | None:
+    """Seconds until the earliest scheduled message or automatic retry, or None.
+
+    The loops sleep at most this long (``MAILER_EMPTY_QUEUE_SLEEP`` caps it).
+    """
+    if queryset is None:
+        queryset = Message.objects.all()
+    when = queryset.next_due(retries=conf.AUTO_RETRY)
+    if when is None:
+        return None
+    return max((when - timezone.now()).total_seconds(), 0.0)

@@ -60,12 +60,19 @@ def implicit_delivery_alias(mailers: dict[str, dict[str, Any]]) -> str | None:
 
     ``"default"`` when it is not a ``DbBackend`` (a new Django 6.1 project:
     mail queued with ``mailer.send_mail`` goes out the way Django would send
-    it); otherwise the only entry that is not a ``DbBackend``. ``None`` when
+    it); else the route ``"default"`` names (its ``OPTIONS["using"]``);
+    otherwise the only entry that is not a ``DbBackend``. ``None`` when
     there is no such entry or several (the project must choose).
     """
     default = mailers.get("default")
     if default is not None and mailer_backend(default) != DB_BACKEND:
         return "default"
+    if default is not None:
+        # A "default" queue that names its route (DbBackend's option
+        # "using"): mail queued without a route goes the same way.
+        route = (default.get("OPTIONS") or {}).get("using")
+        if isinstance(route, str) and route in mailers and mailer_backend(mailers[route]) != DB_BACKEND:
+            return route
     real = [alias for alias, config in mailers.items() if mailer_backend(config) != DB_BACKEND]
     return real[0] if len(real) == 1 else None
 

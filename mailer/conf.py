@@ -13,6 +13,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 DB_BACKEND = "mailer.backend.DbBackend"
+# The longest route name (a MAILERS alias or MAILER_ROUTES key) a row can hold.
+ROUTE_MAX_LENGTH = 100
 DEFAULT_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
 DEFAULT_ERROR_HANDLER = "mailer.engine.handle_delivery_exception"
 # Seconds the worker lets Django's SMTP backend wait for the server when the
@@ -167,6 +169,11 @@ class MailerSettings:
     def CONCURRENCY(self) -> int:
         """SMTP connections one worker process keeps busy at once."""
         return _get("CONCURRENCY", 1)
+
+    @property
+    def ROUTES(self) -> dict[str, Any]:
+        """Route name -> ``{"BACKEND", "OPTIONS", "CONCURRENCY"}`` (see mailer.routes)."""
+        return _get("ROUTES", {})
 
     @property
     def ATTACHMENT_STORAGE(self) -> str | None:

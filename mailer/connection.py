@@ -12,9 +12,8 @@ from typing import Any
 
 from django.core.mail import EmailMessage
 
-from mailer import attachments, pipelining, smtpdeadline, smtpstream
+from mailer import attachments, pipelining, routes, smtpdeadline, smtpstream
 from mailer.claims import _PassQueries
-from mailer.compat import get_sending_backend
 from mailer.conf import conf
 from mailer.errors import _error_text
 from mailer.models import Message, MessageQuerySet, get_message_id
@@ -28,7 +27,8 @@ class _Sender:
 
     Django's SMTP backend drops what ``smtplib`` says about recipients the
     server refused while accepting the others; ``refused`` collects it
-    (address -> (code, reply)) for the message being sent.
+    (address -> (code, reply)) for the message being sent. ``route``: the
+    route it delivers (see :mod:`mailer.routes`; None: as before).
 
     With RFC 2920 pipelining (:mod:`mailer.pipelining`) two threads of a
     lane share one sender: the connection is theirs, and what concerns the
@@ -36,7 +36,8 @@ class _Sender:
     each thread's own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, route: str | None = None) -> None:
+        self.route = route
         self.backend: Any = None
         # kept: the connection was kept open after a pass (set by Session).
         self.kept = False
@@ -98,7 +99,7 @@ class _Sender:
         with self._lock:
             self.reused, self.kept = self.kept and self.backend is not None, False
             if self.backend is None:
-                self.backend = self.used = get_sending_backend()
+                self.backend = self.used = routes.new_backend(self.route)
                 smtpdeadline.open_backend(self.backend)
             self.watch_refusals()
             self.used = self.backend
@@ -252,13 +253,14 @@ class Session:
         self._senders: list[tuple[float, _Sender]] = []
         self._queries: dict[tuple[str, bool], _PassQueries] = {}
 
-    def sender(self) -> _Sender:
-        """A kept sender still within its time, else a new one."""
+    def sender(self, route: str | None = None) -> _Sender:
+        """A kept sender of ``route`` still within its time, else a new one."""
         self.close_expired()
         with self._lock:
-            if self._senders:
-                return self._senders.pop()[1]
-        return _Sender()
+            for index in range(len(self._senders) - 1, -1, -1):
+                if self._senders[index][1].route == route:
+                    return self._senders.pop(index)[1]
+        return _Sender(route)
 
     def keep(self, sender: _Sender) -> None:
         """Keep ``sender``'s open connection for the next pass."""

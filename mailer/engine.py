@@ -23,12 +23,12 @@ kept session in :mod:`mailer.connection`, the recording of each outcome in
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import smtplib
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from email.utils import make_msgid
 from typing import Any
 
@@ -39,8 +39,16 @@ from django.db import connections, models, router, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from mailer import attachments, locking, retry, smtpstream
-from mailer.claims import _claims_with_row_locks, _first_key, _PassQueries, _release_due_retries
+from mailer import attachments, locking, retry, routelanes, smtpstream
+from mailer.claims import (  # idle_wait, MIN_DUE_WAIT, seconds_until_due: re-exported
+    MIN_DUE_WAIT,
+    _claims_with_row_locks,
+    _first_key,
+    _PassQueries,
+    _release_due_retries,
+    idle_wait,
+    seconds_until_due,
+)
 from mailer.compat import require_no_backend_loop
 from mailer.conf import conf
 from mailer.connection import (
@@ -73,7 +81,7 @@ from mailer.outcomes import (
     _record_unusable,
     _signal_handled,
 )
-from mailer.pool import Claims, PassState, SecondThread, SharedCursor, run_lanes
+from mailer.pool import Claims, PassResult, PassState, SecondThread, SharedCursor, run_lanes
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +106,19 @@ def _setting(name: str) -> Any:
 
 
 __all__ = [
+    "MIN_DUE_WAIT",
     "PassResult",
     "Session",
     "acquire_lock",
     "ensure_message_id",
     "handle_delivery_exception",
+    "has_sendable",
+    "idle_wait",
     "prioritize",
     "release_lock",
     "send_all",
     "send_loop",
+    "seconds_until_due",
 ]
 
 DEFERRABLE_ERRORS = (
@@ -116,39 +128,6 @@ DEFERRABLE_ERRORS = (
     smtplib.SMTPSenderRefused,
     socket.error,
 )
-
-
-@dataclass
-class PassResult:
-    """What one ``send_all`` pass did."""
-
-    sent: int = 0
-    deferred: int = 0
-    failed: int = 0
-    dont_send: int = 0
-    seconds: float = 0.0
-    locked_out: bool = False
-    # The server stopped answering: every further message would wait the
-    # whole SMTP timeout too, so the pass ends (the rest stays queued).
-    timed_out: bool = False
-    # The pass ended because it found nothing more to send.
-    drained: bool = False
-    # Deferrals because the mail server couldn't be reached (refused,
-    # unreachable, timed out, hung up), and how the last one was put.
-    unreachable: int = 0
-    unreachable_error: str = ""
-
-    @property
-    def attempted(self) -> int:
-        return self.sent + self.deferred + self.failed + self.dont_send
-
-    def __str__(self) -> str:
-        if self.locked_out:
-            return "lock held elsewhere, nothing sent"
-        text = f"sent {self.sent}, deferred {self.deferred}, failed {self.failed}"
-        if self.dont_send:
-            text += f", don't send {self.dont_send}"
-        return f"{text} in {self.seconds:.2f}s"
 
 
 # --- compat helpers ------------------------------------------------------------
@@ -306,6 +285,8 @@ def _deliver_one(
     Returns an unexpected exception (the error handler raised) for the
     caller to re-raise once the pass is over.
     """
+    if message.route is not None and routelanes.defer_unroutable(message, result):
+        return None
     email, problem, reason = _prepare(message)
     if email is None:
         if problem == _UNAVAILABLE:
@@ -392,6 +373,7 @@ def send_all(
     sleep: Callable[[float], Any] | None = None,
     concurrency: int | None = None,
     session: Session | None = None,
+    routes: list[str] | None = None,
 ) -> PassResult:
     """One pass over the queue (or over ``queryset``); see the module doc.
 
@@ -403,6 +385,7 @@ def send_all(
     ``MAILER_CONCURRENCY``); see :mod:`mailer.pool`. ``session``: what a
     worker keeps between passes (SMTP connections, compiled statements);
     without one, everything is opened for this pass and closed after it.
+    ``routes``: serve only these routes (None: all; see :mod:`mailer.routelanes`).
     """
     require_no_backend_loop()
     conf.require_booleans()  # before anything is sent
@@ -429,15 +412,29 @@ def send_all(
         lock_rows = _claims_with_row_locks(db)
         if conf.AUTO_RETRY:
             _release_due_retries(db)
-        # Without row locks (SQLite) the lanes share one claim position.
-        shared = SharedCursor(_first_key(db)) if lanes > 1 and not lock_rows else None
-        lane = _Lane(queryset, db, lock_rows, error_handler, state, shared, sleep, lanes)
-        lane.session = session
-        lane.reuse_queries = session is not None and default_queue and lanes == 1
         # A second thread sees only what is committed: not a pass called
         # inside a transaction (an atomic block, a TestCase).
-        lane.pairable = not connections[db].in_atomic_block
-        run_lanes(lanes, lane.run, state)
+        pairable = not connections[db].in_atomic_block
+        groups = routelanes.plan(queryset, routes, concurrency)
+        if groups is None:
+            # Without row locks (SQLite) the lanes share one claim position.
+            shared = SharedCursor(_first_key(db)) if lanes > 1 and not lock_rows else None
+            lane = _Lane(queryset, db, lock_rows, error_handler, state, shared, sleep, lanes)
+            lane.session = session
+            lane.reuse_queries = session is not None and default_queue and lanes == 1
+            lane.pairable = pairable
+            run_lanes(lanes, lane.run, state)
+        else:
+
+            def lane_for(g: routelanes.RouteGroup, own: PassState, threaded: bool) -> Any:
+                shared = SharedCursor(_first_key(db)) if not lock_rows else None
+                lane = _Lane(g.queryset, db, lock_rows, error_handler, own, shared, sleep, g.lanes)
+                lane.session = session
+                lane.pairable = pairable
+                return routelanes.route_lane(lane, g, threaded)
+
+            own = functools.partial(PassState, should_stop=should_stop, limits_reached=_limits_reached)
+            routelanes.run_route_groups(groups, lane_for, state, lambda: own(PassResult()))
     finally:
         if lock is not None:
             release_lock(lock)
@@ -499,47 +496,51 @@ class _Lane:
         self.session: Session | None = None
         self.reuse_queries = False
         self.pairable = True
+        self.index_hint: str | None = None  # see _PassQueries.index_hint
+        self.recheck: Callable[[], bool] | None = None  # see routelanes.Recheck
 
     def run(self) -> None:
         session = self.session
-        sender = session.sender() if session is not None else _Sender()
+        senders = routelanes.LaneSenders(session)
         if self.reuse_queries and session is not None:
             queries = session.queries(self.queryset, self.db, self.lock_rows)
         else:
             queries = _PassQueries(self.queryset, self.db, self.lock_rows)
+            queries.index_hint = self.index_hint
         claims = Claims(queries.first_key(), self.shared)
         partner = SecondThread(
             self.state,
             after=self.PAIR_AFTER,
-            due=lambda: self.pairable and sender.may_pair(),
-            prepare=lambda: self._partner(sender, claims.pair(self.lock_rows)),
+            due=lambda: self.pairable and senders.may_pair(),
+            prepare=lambda: self._partner(senders, claims.pair(self.lock_rows)),
         )
         done = False
         try:
-            self._loop(sender, queries, claims, partner.start_if_due)
+            self._loop(senders, queries, claims, partner.start_if_due)
             done = True
         finally:
             if not done:
                 self.state.finish()
             partner.join()  # it finishes and records what it has in flight
             if done and session is not None:
-                session.keep(sender)
+                senders.keep()
                 if self.reuse_queries:
                     session.keep_queries(queries)
             else:
-                sender.close()
+                senders.close()
             if self.pooled:
                 connections.close_all()  # this thread's own connections
         if partner.error is not None:
             raise partner.error
 
-    def _partner(self, sender: _Sender, claims: Claims) -> Callable[[], None]:
-        """The second thread's loop: this connection, its own database one."""
+    def _partner(self, senders: routelanes.LaneSenders, claims: Claims) -> Callable[[], None]:
+        """The second thread's loop: these connections, its own database one."""
 
         def run() -> None:
             try:
                 queries = _PassQueries(self.queryset, self.db, self.lock_rows)
-                self._loop(sender, queries, claims)
+                queries.index_hint = self.index_hint
+                self._loop(senders, queries, claims)
             finally:
                 connections.close_all()  # this thread's own connections
 
@@ -547,7 +548,7 @@ class _Lane:
 
     def _loop(
         self,
-        sender: _Sender,
+        senders: routelanes.LaneSenders,
         queries: _PassQueries,
         claims: Claims,
         after_message: Callable[[], None] | None = None,
@@ -567,10 +568,15 @@ class _Lane:
                 with atomic or contextlib.nullcontext():
                     message = claims.next(queries)
                     if message is None:
+                        if self.recheck is not None and self.recheck():
+                            claims.after = queries.first_key()  # skipped, not gone
+                            continue
                         state.result.drained = True
                         state.finish()
                         break
                     outcome = PassResult()
+                    # One connection per route the lane meets.
+                    sender = senders.get(message.route)
                     unexpected = _deliver_one(
                         message, queries, dont_send, sender, self.error_handler, outcome
                     )
@@ -605,31 +611,6 @@ def has_sendable(queryset: MessageQuerySet | None = None) -> bool:
     if messages.filter(due_q(now)).exists():
         return True
     return conf.AUTO_RETRY and Message.objects.retrying().filter(not_before__lte=now).exists()
-
-
-#: Shortest idle wait for a message already due (a race with the "is anything
-#: sendable" check): a second look soon, never a busy loop.
-MIN_DUE_WAIT = 0.05
-
-
-def idle_wait(cap: float, until_due: float | None) -> float:
-    """How long an idle loop sleeps: ``cap``, or less when something falls due."""
-    if until_due is None:
-        return cap
-    return min(cap, max(until_due, MIN_DUE_WAIT))
-
-
-def seconds_until_due(queryset: MessageQuerySet | None = None) -> float | None:
-    """Seconds until the earliest scheduled message or automatic retry, or None.
-
-    The loops sleep at most this long (``MAILER_EMPTY_QUEUE_SLEEP`` caps it).
-    """
-    if queryset is None:
-        queryset = Message.objects.all()
-    when = queryset.next_due(retries=conf.AUTO_RETRY)
-    if when is None:
-        return None
-    return max((when - timezone.now()).total_seconds(), 0.0)
 
 
 def send_loop() -> None:

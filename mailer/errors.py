@@ -37,8 +37,13 @@ def server_of(connection: Any) -> str | None:
     return f"{host}:{port}" if port else host
 
 
-def server_settings() -> str:
-    """Which settings name the server the worker delivers to."""
+def server_settings(connection: Any = None) -> str:
+    """Which settings name the server the worker delivers to (through
+    ``connection``: a route's backend names its route's entry)."""
+    route = getattr(connection, "mailer_route", None)
+    if isinstance(route, str):
+        where = "MAILERS" if mailers_configured() else "MAILER_ROUTES"
+        return f"{where}[{route!r}]['OPTIONS'] host/port"
     if mailers_configured() and not conf.EMAIL_BACKEND_IS_SET:
         try:
             return f"MAILERS[{delivery_alias()!r}]['OPTIONS'] host/port"
@@ -53,7 +58,7 @@ def describe_delivery_error(exc: BaseException, connection: Any = None) -> str:
     server = server_of(connection)
     if server is None:
         return text
-    where = server_settings()
+    where = server_settings(connection)
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         return f"{text} ({server}, {where})"
     if isinstance(exc, smtplib.SMTPException):

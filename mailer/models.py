@@ -15,7 +15,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from mailer import attachments, taskhook, wakeup
-from mailer.conf import conf
+from mailer.conf import ROUTE_MAX_LENGTH, conf
 from mailer.mysql import packet_limit
 
 # The priorities (mailer.priorities), importable here as in 2.3.2.
@@ -272,6 +272,9 @@ class Message(_EmailProperties, models.Model):
     attachment_bundle = models.CharField(
         max_length=200, null=True, blank=True, editable=False, db_index=True
     )
+    # The alias it is delivered through (see mailer.routes); NULL: the
+    # delivery backend chosen as before (2.3.2's rows, sites without routes).
+    route = models.CharField(max_length=ROUTE_MAX_LENGTH, null=True, blank=True, editable=False)
 
     objects = MessageManager()
 
@@ -280,6 +283,10 @@ class Message(_EmailProperties, models.Model):
         verbose_name_plural = _("messages")
         indexes = [
             models.Index(fields=["priority", "when_added", "id"], name="mailer_msg_sending_order"),
+            # The claim of a pass's lanes for one route (mailer.routes).
+            models.Index(
+                fields=["route", "priority", "when_added", "id"], name="mailer_msg_route_order"
+            ),
             # The workers' "when is the next message due" and the release of
             # due retries: a range at the start of this index.
             models.Index(fields=["not_before"], name="mailer_msg_not_before"),
@@ -535,6 +542,8 @@ class MessageLog(_EmailProperties, models.Model):
     attachment_bundle = models.CharField(
         max_length=200, null=True, blank=True, editable=False, db_index=True
     )
+    # The message's route (see mailer.routes); NULL: the default delivery.
+    route = models.CharField(max_length=ROUTE_MAX_LENGTH, null=True, blank=True, editable=False)
 
     objects = MessageLogManager()
 
@@ -618,6 +627,7 @@ class MessageLog(_EmailProperties, models.Model):
             attachment_bundle=message.attachment_bundle if data else None,
             when_added=message.when_added,
             priority=message.priority,
+            route=message.route,
             result=result_code,
             log_message=log_message,
         )

@@ -85,6 +85,8 @@ class MessageStatus:
     #: Sent, but the server refused some recipients: who, and its reply
     #: ("Refused by the server for some recipients: a@example.com (550 ...)").
     refused: str | None = None
+    #: Its route: the alias it is delivered through (None: the default delivery).
+    route: str | None = None
 
     @property
     def done(self) -> bool:
@@ -118,21 +120,21 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
     row = (
         queue.filter(message_id=message_id)
         .order_by("-id")
-        .values_list("priority", "not_before")
+        .values_list("priority", "not_before", "route")
         .first()
     )
     log = MessageLog.objects.all() if using is None else MessageLog.objects.using(using)
     entries = list(
         log.filter(message_id=message_id)
         .order_by("-id")
-        .values_list("result", "priority", "when_attempted", "log_message")
+        .values_list("result", "priority", "when_attempted", "log_message", "route")
     )
     if row is None and not entries:
         return None
     attempts = sum(1 for result, *_ in entries if result != RESULT_DONT_SEND)
     last_attempt = entries[0][2] if entries else None
     error = refused = None
-    for result, _priority, _when, text in entries:
+    for result, _priority, _when, text, _route in entries:
         if result == RESULT_FAILURE:
             error = text or None
             break
@@ -141,7 +143,7 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
         if result in (RESULT_SUCCESS, RESULT_DONT_SEND):
             break
     if row is not None:
-        priority, next_attempt = row
+        priority, next_attempt, route = row
         now = timezone.now()
         if priority == PRIORITY_DEFERRED:
             state = DEFERRED
@@ -151,14 +153,14 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
             state = QUEUED
             next_attempt = None
         return MessageStatus(
-            message_id, state, attempts, last_attempt, next_attempt, error, priority
+            message_id, state, attempts, last_attempt, next_attempt, error, priority, route=route
         )
-    result, priority, _when, text = entries[0]
+    result, priority, _when, text, route = entries[0]
     state = {"sent": SENT, "dont_send": DONT_SEND}.get(outcome_of(result, priority), FAILED)
     if state != FAILED:
         error = None
     return MessageStatus(
-        message_id, state, attempts, last_attempt, None, error, refused=refused
+        message_id, state, attempts, last_attempt, None, error, refused=refused, route=route
     )
 
 

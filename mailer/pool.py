@@ -20,9 +20,43 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 logger = logging.getLogger("mailer.engine")
+
+
+@dataclass
+class PassResult:
+    """What one ``send_all`` pass did."""
+
+    sent: int = 0
+    deferred: int = 0
+    failed: int = 0
+    dont_send: int = 0
+    seconds: float = 0.0
+    locked_out: bool = False
+    # The server stopped answering: every further message would wait the
+    # whole SMTP timeout too, so the pass ends (the rest stays queued).
+    timed_out: bool = False
+    # The pass ended because it found nothing more to send.
+    drained: bool = False
+    # Deferrals because the mail server couldn't be reached (refused,
+    # unreachable, timed out, hung up), and how the last one was put.
+    unreachable: int = 0
+    unreachable_error: str = ""
+
+    @property
+    def attempted(self) -> int:
+        return self.sent + self.deferred + self.failed + self.dont_send
+
+    def __str__(self) -> str:
+        if self.locked_out:
+            return "lock held elsewhere, nothing sent"
+        text = f"sent {self.sent}, deferred {self.deferred}, failed {self.failed}"
+        if self.dont_send:
+            text += f", don't send {self.dont_send}"
+        return f"{text} in {self.seconds:.2f}s"
 
 
 class Outcome(Protocol):

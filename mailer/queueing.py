@@ -145,6 +145,7 @@ def queue_emails(
     priority: int = PRIORITY_MEDIUM,
     batch_size: int | None = None,
     send_at: Any = None,
+    route: str | None = None,
 ) -> int:
     """Store messages on the queue in one bulk insert; return how many.
 
@@ -158,6 +159,8 @@ def queue_emails(
 
     ``send_at`` (or a message's own ``send_at`` attribute, django-anymail's
     convention): not sent before that time; see ``mailer.retry.not_before_from``.
+    ``route``: the alias the messages are delivered through (see
+    ``mailer.routes``; ``None``: the delivery backend chosen as before).
     """
     # Python's cycle collector is off while a batch is queued. Queueing
     # makes a few dozen small containers per message, none in a reference
@@ -169,7 +172,7 @@ def queue_emails(
     if enabled:
         gc.disable()
     try:
-        return _queue_emails(emails, priority, batch_size, send_at)
+        return _queue_emails(emails, priority, batch_size, send_at, route)
     finally:
         if enabled:
             gc.enable()
@@ -204,7 +207,11 @@ def _base_values(
 
 
 def _queue_emails(
-    emails: Iterable[EmailMessage], priority: int, batch_size: int | None, send_at: Any
+    emails: Iterable[EmailMessage],
+    priority: int,
+    batch_size: int | None,
+    send_at: Any,
+    route: str | None = None,
 ) -> int:
     # Every message is checked before anything is stored: one bad message
     # refuses the whole batch.
@@ -231,6 +238,8 @@ def _queue_emails(
     now = timezone.now()
     connection = inserter.connection  # this thread's: looked up once
     base = _base_values(inserter, priority, now, connection)
+    if route is not None:
+        base[inserter.index["route"]] = inserter.prepare(inserter.index["route"], route)
     at = inserter.index
     data, not_before_at = at["message_data"], at["not_before"]
     recipients_at, subject_at, id_at = at["recipients"], at["subject_text"], at["message_id"]
@@ -254,7 +263,9 @@ def _queue_emails(
                 continue
             if not email.recipients():
                 continue
-            row = _new_row({**_row_template(), "priority": priority, "when_added": now})
+            row = _new_row(
+                {**_row_template(), "priority": priority, "when_added": now, "route": route}
+            )
             row.not_before = not_before
             stored, row.attachment_bundle = attachments.store(email, written)
             row.email = stored

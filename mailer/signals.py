@@ -1,7 +1,9 @@
 """Signals about what happened to a queued message.
 
 Each is sent with ``sender=Message`` and the keyword arguments
-``message_id`` (the Message-ID header, as the recipient sees it), ``email``
+``message_id`` (the Message-ID header, as the recipient sees it), ``route``
+(the alias it is delivered through, ``None`` for the default delivery; see
+:mod:`mailer.routes`), ``email``
 (the ``EmailMessage``, or ``None`` when the stored data can't be decoded;
 attachments kept in ``MAILER_ATTACHMENT_STORAGE`` appear in it as
 ``mailer.attachments.StoredAttachment`` references) and,
@@ -62,7 +64,11 @@ def send_outcome(
         email = for_log(email)
     if message_id is None:
         message_id = get_message_id(email) or message.message_id
-    kwargs: dict[str, Any] = {"message_id": message_id, "email": email}
+    kwargs: dict[str, Any] = {
+        "message_id": message_id,
+        "email": email,
+        "route": getattr(message, "route", None),
+    }
     if signal is not message_sent:
         kwargs["error"] = error or ""
 

@@ -57,15 +57,15 @@ _task_lock = threading.Lock()
 def _send_queued_mail(context: Any, route: str | None = None) -> dict[str, Any]:
     """One bounded delivery pass; a successor is enqueued when mail is left.
 
-    ``route``: routes are not in this version; only ``None`` (all mail) is
-    accepted, so that a task enqueued for a route fails loudly instead of
-    sending other mail.
+    ``route``: serve only this route (see :mod:`mailer.routes`; ``None``:
+    all mail). A name that is no route raises ``UnknownRoute``, sending
+    nothing. A successor serves all mail.
     """
+    routes = None
     if route is not None:
-        raise ValueError(
-            f"send_queued_mail(route={route!r}): this version of django-mailer has no "
-            "routes; enqueue it without a route (all queued mail)."
-        )
+        from mailer.routelanes import require_served
+
+        routes = require_served([route])
     alias = getattr(getattr(context, "task_result", None), "backend", None) or conf.TASK_BACKEND
     if conf.PAUSE_SEND:
         logger.info("MAILER_PAUSE_SEND is set: not sending.")
@@ -73,7 +73,7 @@ def _send_queued_mail(context: Any, route: str | None = None) -> dict[str, Any]:
         return {"paused": True, "successor": successor}
     budget = _Budget(TASK_BATCH if conf.EMAIL_MAX_BATCH is None else None)
     with _lock_refusal_as_info():
-        result = engine.send_all(should_stop=budget)
+        result = engine.send_all(should_stop=budget, routes=routes)
     if result.locked_out:
         # Another pass (cron, runmailer, another task) holds the lock: it
         # sends what is due as it walks the queue. A look again shortly

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.db import InterfaceError, OperationalError, close_old_connections, connections
 
-from mailer import engine
+from mailer import engine, routelanes
 from mailer.conf import conf
 from mailer.locking import LockPathError
 
@@ -63,8 +63,10 @@ class Worker:
         max_passes: int | None = None,
         install_signal_handlers: bool = True,
         concurrency: int | None = None,
+        routes: list[str] | None = None,
     ) -> None:
         self.sleep = sleep
+        self.routes = routes  # None: every route (--route restricts it)
         self.max_passes = max_passes
         self.concurrency = concurrency  # None: MAILER_CONCURRENCY
         self.install_signal_handlers = install_signal_handlers
@@ -124,6 +126,8 @@ class Worker:
         return float(engine.EMPTY_QUEUE_SLEEP) if self.sleep is None else self.sleep
 
     def has_work(self) -> bool:
+        if self.routes is not None:
+            return engine.has_sendable(routelanes.served_rows(None, self.routes))
         return engine.has_sendable()
 
     def refresh_connections(self) -> None:
@@ -134,6 +138,8 @@ class Worker:
 
     def seconds_until_due(self) -> float | None:
         """Seconds until the earliest scheduled message or automatic retry."""
+        if self.routes is not None:
+            return engine.seconds_until_due(routelanes.served_rows(None, self.routes))
         return engine.seconds_until_due()
 
     def idle_wait(self) -> float:
@@ -148,6 +154,14 @@ class Worker:
 
     def run_pass(self) -> Any:
         # Looked up at each pass, so patching mailer.engine.send_all works.
+        if self.routes is not None:
+            return engine.send_all(
+                should_stop=self.should_stop,
+                sleep=self.wait,
+                concurrency=self.concurrency,
+                session=self.session,
+                routes=self.routes,
+            )
         if self.concurrency is None:
             return engine.send_all(
                 should_stop=self.should_stop, sleep=self.wait, session=self.session

@@ -203,6 +203,18 @@ def smtp_server():
         controller.stop()
 
 
+@pytest.fixture
+def second_smtp_server():
+    """Another real SMTP server (a second provider, for routes)."""
+    server = SMTPServer(port=free_port())
+    controller = Controller(server, hostname=server.host, port=server.port)
+    controller.start()
+    try:
+        yield server
+    finally:
+        controller.stop()
+
+
 class SilentServer:
     """Accepts TCP connections and never says a word (a hung provider)."""
 

@@ -640,6 +640,7 @@ STATUS_KEYS = {
     "now",
     "ok",
     "problems",
+    "routes",
 }
 
 

@@ -56,12 +56,16 @@ def test_whole_flow_without_warnings(mailers, smtp_server):
     assert MessageLog.objects.count() == 8
 
 
-def test_mailer_send_mail_using_a_real_mailer_sends_now(mailers, smtp_server):
+def test_mailer_send_mail_using_a_real_mailer_queues_for_that_route(mailers, smtp_server):
+    """mailer.send_mail queues: using= names the route (issue 28), it no
+    longer sends at once (a backend instance as connection= still does)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        mailer.send_mail("direct", "b", "f@example.com", ["t@example.com"], using="smtp")
-    assert smtp_server.subjects() == ["direct"]
-    assert not Message.objects.exists()
+        mailer.send_mail("routed", "b", "f@example.com", ["t@example.com"], using="smtp")
+    assert smtp_server.subjects() == []
+    assert Message.objects.get().route == "smtp"
+    call_command("send_mail", verbosity=0)
+    assert smtp_server.subjects() == ["routed"]
 
 
 def test_mailer_send_mail_using_a_queue_alias(mailers):

@@ -275,8 +275,24 @@ def test_paused_the_task_sends_nothing_and_looks_again_later(dummy, settings, sm
     assert run_after > timezone.now() + timedelta(seconds=25)
 
 
-def test_routes_are_not_in_this_version(dummy):
-    with pytest.raises(ValueError, match="no routes"):
+def test_a_task_for_one_route(dummy, settings, smtp_settings, smtp_server, second_smtp_server):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from mailer.compat import HAS_MAILERS
+
+    ses = {
+        "BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+        "OPTIONS": {"host": "127.0.0.1", "port": second_smtp_server.port, "timeout": 10},
+    }
+    if HAS_MAILERS:
+        settings.MAILERS = {**settings.MAILERS, "ses": ses}
+    else:
+        settings.MAILER_ROUTES = {"ses": ses}
+    mailer.send_mail("plain", "b", "f@example.com", ["t@example.com"])
+    mailer.send_mail("ses", "b", "f@example.com", ["t@example.com"], using="ses")
+    tasks.send_queued_mail.call(_context(), route="ses")
+    assert second_smtp_server.subjects() == ["ses"] and smtp_server.messages == []
+    with pytest.raises(ImproperlyConfigured, match="'transactional' is not a route"):
         tasks.send_queued_mail.call(_context(), route="transactional")
 
 

@@ -30,6 +30,7 @@ from mailer.admin.display import (
 )
 from mailer.admin.filters import NextAttemptFilter, PriorityFilter
 from mailer.admin.overview import overview
+from mailer.admin.routes import RouteColumns
 from mailer.engine import send_all
 from mailer.models import (
     PRIORITY_DEFERRED,
@@ -45,7 +46,7 @@ from mailer.models import (
 logger = logging.getLogger(__name__)
 
 
-class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
+class MessageAdmin(RouteColumns, DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
     list_display = [
         "id",
         "recipients_display",
@@ -71,6 +72,7 @@ class MessageAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
                 "fields": (
                     "id",
                     "priority_display",
+                    "route_display",
                     "retry_count_display",
                     "next_attempt",
                     "when_added_display",

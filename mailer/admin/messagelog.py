@@ -18,6 +18,7 @@ from django.utils.translation import ngettext
 from mailer.admin.changelist import LargeTableAdmin
 from mailer.admin.display import EMPTY, DenormalisedColumns, StoredEmailDisplay, _pre, when
 from mailer.admin.filters import ResultFilter, WhenAttemptedFilter
+from mailer.admin.routes import RouteColumns
 from mailer.models import (
     PRIORITY_DEFERRED,
     PRIORITY_MEDIUM,
@@ -33,7 +34,7 @@ from mailer.validation import validate_email
 REQUEUE_CHUNK = 500
 
 
-class MessageLogAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
+class MessageLogAdmin(RouteColumns, DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
     # What happened comes first; the long Message-ID is shortened (in full in
     # its tooltip and on the detail page) so the row fits a laptop screen.
     list_display = [
@@ -62,6 +63,7 @@ class MessageLogAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
                     "full_log_message",
                     "message_id_display",
                     "priority_display",
+                    "route_display",
                     "when_added_display",
                     "all_recipients",
                 )
@@ -114,11 +116,12 @@ class MessageLogAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
 
         The new queue entry keeps the logged priority (a message logged while
         deferred goes back at medium priority), goes through the don't-send
-        list like any new message, and carries the same ``Message-ID`` so the
-        receiver can tell it is a resend.
+        list like any new message, keeps its route, and carries the same
+        ``Message-ID`` so the receiver can tell it is a resend.
         """
         queued = not_kept = undecodable = invalid = 0
-        groups: dict[int, list[EmailMessage]] = defaultdict(list)
+        # By (priority, route): the resend goes the way the message went.
+        groups: dict[tuple[int, str | None], list[EmailMessage]] = defaultdict(list)
 
         def flush() -> int:
             # Queueing no longer consults the don't-send list (delivery
@@ -129,18 +132,20 @@ class MessageLogAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
             )
             count = 0
             with transaction.atomic(using=queryset.db):
-                for priority, emails in groups.items():
+                for (priority, route), emails in groups.items():
                     wanted = [
                         e
                         for e in emails
                         if not all(DontSendEntry.matches(a, blocked) for a in e.recipients())
                     ]
-                    count += queue_emails(wanted, priority=priority)
+                    count += queue_emails(wanted, priority=priority, route=route)
             groups.clear()
             return count
 
         offered = 0
-        rows = queryset.order_by("id").only("id", "message_data", "message_id", "priority")
+        rows = queryset.order_by("id").only(
+            "id", "message_data", "message_id", "priority", "route"
+        )
         for log in rows.iterator(chunk_size=REQUEUE_CHUNK):
             if not log.message_data:
                 not_kept += 1
@@ -157,7 +162,7 @@ class MessageLogAdmin(DenormalisedColumns, StoredEmailDisplay, LargeTableAdmin):
                 invalid += 1
                 continue
             priority = log.priority if log.priority != PRIORITY_DEFERRED else PRIORITY_MEDIUM
-            groups[priority].append(email)
+            groups[priority, log.route].append(email)
             offered += 1
             if offered % REQUEUE_CHUNK == 0:
                 queued += flush()

@@ -66,6 +66,32 @@ class MailerCommand(BaseCommand):
             raise CommandError("--concurrency must be 1 or more.")
         return value
 
+    def add_route_argument(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--route",
+            action="append",
+            default=None,
+            metavar="NAME",
+            help="Serve only this route (repeatable; default: every route). "
+            "Unrouted mail is served by the alias it is delivered through "
+            "(MAILERS) or 'default'.",
+        )
+
+    def routes(self, options: dict[str, Any]) -> list[str] | None:
+        """The ``--route`` names, checked (None: every route)."""
+        names = options.get("route")
+        if not names:
+            return None
+        from django.core.exceptions import ImproperlyConfigured
+        from django.core.management.base import CommandError
+
+        from mailer.routelanes import require_served
+
+        try:
+            return require_served(names)
+        except ImproperlyConfigured as err:
+            raise CommandError(f"--route: {err}") from err
+
     def require_delivery_settings(self) -> None:
         """Refuse to deliver with settings that can't (``mailer.E003``,
         ``E004``, ``E005``): a ``CommandError`` naming the problem and the fix.

@@ -24,6 +24,8 @@ BENCH_APP                 "mailer" (default) or "post_office": the provider
 BENCH_PO_THREADS          post_office: THREADS_PER_PROCESS (default 10)
 BENCH_PO_BATCH            post_office: BATCH_SIZE (default 100, its default)
 BENCH_SMTP_PIPELINING     "0": MAILER_SMTP_PIPELINING = False (latency scenario)
+BENCH_ROUTES              JSON {route: SMTP sink port}: MAILER_ROUTES, each
+                          route Django's SMTP backend to its sink (routes)
 """
 
 import os
@@ -108,6 +110,17 @@ if os.environ.get("BENCH_ATTACHMENT_DIR"):
         },
     }
     MAILER_ATTACHMENT_STORAGE = "mailer"
+
+if os.environ.get("BENCH_ROUTES"):
+    import json as _json
+
+    MAILER_ROUTES = {
+        name: {
+            "BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+            "OPTIONS": {"host": "127.0.0.1", "port": port, "timeout": 60},
+        }
+        for name, port in _json.loads(os.environ["BENCH_ROUTES"]).items()
+    }
 
 # bench/tasks.py: Django's tasks framework with django-tasks-db's database
 # backend ("mail"); BENCH_TASK_BACKEND -> MAILER_TASK_BACKEND (the db_worker

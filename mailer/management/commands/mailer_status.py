@@ -8,6 +8,7 @@ from django.core.management.base import CommandError, CommandParser
 
 from mailer.management.base import MailerCommand
 from mailer.monitoring import queue_summary, summary_problems, summary_text
+from mailer.routestatus import route_lines, route_summary
 
 
 def _non_negative(value: str) -> int:
@@ -55,6 +56,7 @@ class Command(MailerCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         summary = queue_summary()
+        by_route = route_summary(summary.now)
         problems = summary_problems(
             summary,
             max_age=options["max_age"],
@@ -65,8 +67,9 @@ class Command(MailerCommand):
             data = summary.as_dict()
             data["ok"] = not problems
             data["problems"] = problems
+            data["routes"] = by_route
             self.stdout.write(json.dumps(data, sort_keys=True))
         else:
-            self.stdout.write(summary_text(summary, problems))
+            self.stdout.write("\n".join([summary_text(summary, problems), *route_lines(by_route)]))
         if problems:
             raise CommandError("; ".join(problems), returncode=1)

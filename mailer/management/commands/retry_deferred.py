@@ -3,9 +3,12 @@
 import logging
 from typing import Any
 
+from django.core.management.base import CommandParser
+
 from mailer.conf import conf
 from mailer.management.base import MailerCommand
 from mailer.models import Message
+from mailer.routelanes import served_filter
 
 logger = logging.getLogger("mailer.commands")
 
@@ -14,9 +17,17 @@ class Command(MailerCommand):
     help = "Put deferred messages back on the queue (for cron)."
     accepts_cron = True
 
+    def add_arguments(self, parser: CommandParser) -> None:
+        super().add_arguments(parser)
+        self.add_route_argument(parser)
+
     def handle(self, *args: Any, **options: Any) -> None:
         self.setup_logging(options)
-        count = Message.objects.retry_deferred()
+        routes = self.routes(options)
+        messages = Message.objects.all()
+        if routes is not None:
+            messages = messages.filter(served_filter(routes))
+        count = messages.retry_deferred()
         self.report(
             options,
             f"retry_deferred: {count} message(s) back on the queue",
@@ -27,7 +38,7 @@ class Command(MailerCommand):
         )
         max_retries = conf.EMAIL_MAX_RETRIES
         if max_retries is not None:
-            left = Message.objects.deferred().filter(retry_count__gte=max_retries).count()
+            left = messages.deferred().filter(retry_count__gte=max_retries).count()
             if left:
                 self.report(
                     options,

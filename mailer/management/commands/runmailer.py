@@ -17,6 +17,7 @@ class Command(MailerCommand):
             "--max-passes", type=int, default=None, help="Stop after this many passes."
         )
         self.add_concurrency_argument(parser)
+        self.add_route_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.setup_logging(options, debug=options["debug"])
@@ -26,6 +27,8 @@ class Command(MailerCommand):
             )
         self.require_delivery_settings()
         passes = Worker(
-            max_passes=options["max_passes"], concurrency=self.concurrency(options)
+            max_passes=options["max_passes"],
+            concurrency=self.concurrency(options),
+            routes=self.routes(options),
         ).run()
         self.say(options, f"runmailer: stopped after {passes} pass(es)")

@@ -32,6 +32,7 @@ class Command(MailerCommand):
             f"SELECT 1 (default {PROBE_INTERVAL:g}).",
         )
         self.add_concurrency_argument(parser)
+        self.add_route_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         from mailer.postgres import (
@@ -53,6 +54,7 @@ class Command(MailerCommand):
             worker = PostgresWorker(
                 probe_interval=options["probe_interval"],
                 concurrency=self.concurrency(options),
+                routes=self.routes(options),
             )
             passes = worker.run()
         except (ImproperlyConfigured, PostgresUnavailable, TriggerInstallError) as exc:

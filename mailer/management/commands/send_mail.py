@@ -17,6 +17,7 @@ class Command(MailerCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         super().add_arguments(parser)
         self.add_concurrency_argument(parser)
+        self.add_route_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.setup_logging(options)
@@ -26,7 +27,13 @@ class Command(MailerCommand):
             return
         try:
             concurrency = self.concurrency(options)
-            result = send_all() if concurrency is None else send_all(concurrency=concurrency)
+            routes = self.routes(options)
+            if routes is not None:
+                result = send_all(concurrency=concurrency, routes=routes)
+            elif concurrency is None:
+                result = send_all()
+            else:
+                result = send_all(concurrency=concurrency)
         except LockPathError as err:
             raise CommandError(str(err)) from None
         self.say(options, f"send_mail: {result}")
