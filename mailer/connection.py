@@ -44,6 +44,9 @@ class _Sender:
         # The last message went out through a pipeline (mailer.pipelining).
         self.pipelining = False
         self._lock = threading.RLock()
+        # Taken by each thread of a paired lane around a message when this
+        # connection doesn't pipeline (routelanes.LaneSenders.turn).
+        self.serial = threading.Lock()
         self._local = threading.local()
 
     # What concerns this thread's message ------------------------------------------
@@ -99,8 +102,11 @@ class _Sender:
         with self._lock:
             self.reused, self.kept = self.kept and self.backend is not None, False
             if self.backend is None:
-                self.backend = self.used = routes.new_backend(self.route)
-                smtpdeadline.open_backend(self.backend)
+                backend = self.used = routes.new_backend(self.route)
+                smtpdeadline.open_backend(backend)
+                # Kept only once open: a failed open leaves nothing for the
+                # lane's other thread to pick up half made.
+                self.backend = backend
             self.watch_refusals()
             self.used = self.backend
             return self.backend

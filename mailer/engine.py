@@ -413,7 +413,8 @@ def send_all(
         if conf.AUTO_RETRY:
             _release_due_retries(db)
         # A second thread sees only what is committed: not a pass called
-        # inside a transaction (an atomic block, a TestCase).
+        # inside a transaction (an atomic block, a TestCase); no pipelining
+        # partner then, and route groups run one after another.
         pairable = not connections[db].in_atomic_block
         groups = routelanes.plan(queryset, routes, concurrency)
         if groups is None:
@@ -433,8 +434,14 @@ def send_all(
                 lane.pairable = pairable
                 return routelanes.route_lane(lane, g, threaded)
 
-            own = functools.partial(PassState, should_stop=should_stop, limits_reached=_limits_reached)
-            routelanes.run_route_groups(groups, lane_for, state, lambda: own(PassResult()))
+            # MAILER_EMAIL_THROTTLE is the process's rate: every route's lanes
+            # take their slots from the pass's state.
+            own = functools.partial(
+                PassState, should_stop=should_stop, limits_reached=_limits_reached, pacer=state
+            )
+            routelanes.run_route_groups(
+                groups, lane_for, state, lambda: own(PassResult()), threads=pairable
+            )
     finally:
         if lock is not None:
             release_lock(lock)
@@ -497,7 +504,7 @@ class _Lane:
         self.reuse_queries = False
         self.pairable = True
         self.index_hint: str | None = None  # see _PassQueries.index_hint
-        self.recheck: Callable[[], bool] | None = None  # see routelanes.Recheck
+        self.recheck: routelanes.Recheck | None = None
 
     def run(self) -> None:
         session = self.session
@@ -536,6 +543,8 @@ class _Lane:
     def _partner(self, senders: routelanes.LaneSenders, claims: Claims) -> Callable[[], None]:
         """The second thread's loop: these connections, its own database one."""
 
+        senders.paired = True
+
         def run() -> None:
             try:
                 queries = _PassQueries(self.queryset, self.db, self.lock_rows)
@@ -555,9 +564,13 @@ class _Lane:
     ) -> None:
         dont_send = DontSendSnapshot()  # read again by every pass
         state = self.state
+        look_again = False
         while state.reserve():
             outcome: PassResult | None = None
             unexpected: BaseException | None = None
+            if look_again and self.recheck is not None:
+                time.sleep(self.recheck.wait)  # outside the transaction
+            look_again = False
             try:
                 throttle = conf.EMAIL_THROTTLE
                 if throttle and self.pooled:
@@ -570,6 +583,7 @@ class _Lane:
                     if message is None:
                         if self.recheck is not None and self.recheck():
                             claims.after = queries.first_key()  # skipped, not gone
+                            look_again = True
                             continue
                         state.result.drained = True
                         state.finish()
@@ -577,9 +591,10 @@ class _Lane:
                     outcome = PassResult()
                     # One connection per route the lane meets.
                     sender = senders.get(message.route)
-                    unexpected = _deliver_one(
-                        message, queries, dont_send, sender, self.error_handler, outcome
-                    )
+                    with senders.turn(sender):
+                        unexpected = _deliver_one(
+                            message, queries, dont_send, sender, self.error_handler, outcome
+                        )
             finally:
                 state.settle(outcome, unexpected)
             if throttle and not self.pooled and outcome is not None and outcome.sent:

@@ -199,7 +199,8 @@ class MessageQuerySet(models.QuerySet):
             priority=new_priority, retry_count=models.F("retry_count") + 1, not_before=None
         )
         if moved:
-            wakeup.became_sendable(self.db)
+            # The database written to (self.db would be the read one).
+            wakeup.became_sendable(self._db or router.db_for_write(Message))  # type: ignore[attr-defined]
         return moved
 
     def due(self, now: datetime | None = None) -> MessageQuerySet:

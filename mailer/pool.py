@@ -46,6 +46,17 @@ class PassResult:
     unreachable: int = 0
     unreachable_error: str = ""
 
+    def add(self, other: Any) -> None:
+        """Add ``other``'s counts (one message's, or a route group's)."""
+        self.sent += other.sent
+        self.deferred += other.deferred
+        self.failed += other.failed
+        self.dont_send += other.dont_send
+        self.timed_out = self.timed_out or other.timed_out
+        if other.unreachable:
+            self.unreachable += other.unreachable
+            self.unreachable_error = other.unreachable_error
+
     @property
     def attempted(self) -> int:
         return self.sent + self.deferred + self.failed + self.dont_send
@@ -71,6 +82,8 @@ class Outcome(Protocol):
     unreachable: int  # deferred because the mail server couldn't be reached
     unreachable_error: str  # how the last of those was put
 
+    def add(self, other: Any) -> None: ...
+
 
 class PassState:
     """Shared by the lanes of one pass; every method is thread-safe.
@@ -87,8 +100,11 @@ class PassState:
         *,
         should_stop: Callable[[], bool] | None = None,
         limits_reached: Callable[[Any, int], bool] | None = None,
+        pacer: PassState | None = None,
     ) -> None:
         self.result = result
+        # Whose throttle slots this state takes (a route group's: the pass's).
+        self.pacer = pacer
         self.should_stop = should_stop
         self.limits_reached = limits_reached
         self.lock = threading.Lock()
@@ -121,14 +137,7 @@ class PassState:
         with self.lock:
             self.in_flight -= 1
             if outcome is not None:
-                self.result.sent += outcome.sent
-                self.result.deferred += outcome.deferred
-                self.result.failed += outcome.failed
-                self.result.dont_send += outcome.dont_send
-                self.result.timed_out = self.result.timed_out or outcome.timed_out
-                if outcome.unreachable:
-                    self.result.unreachable += outcome.unreachable
-                    self.result.unreachable_error = outcome.unreachable_error
+                self.result.add(outcome)
             if unexpected is not None and self.pending is None:
                 self.pending = unexpected
 
@@ -141,6 +150,9 @@ class PassState:
         """``MAILER_EMAIL_THROTTLE`` for the whole process: one message per
         ``throttle`` seconds however many lanes run (slots are handed out in
         turn, so lanes don't wake together)."""
+        if self.pacer is not None:
+            self.pacer.pace(throttle, sleep)
+            return
         with self.lock:
             now = time.monotonic()
             slot = max(now, self._next_slot)

@@ -11,9 +11,9 @@ route it meets).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -170,13 +170,12 @@ class Recheck:
         self.wait = wait
 
     def __call__(self) -> bool:
+        """Look again? (The lane waits ``wait`` seconds first, outside its
+        transaction, so the claim's locks are gone meanwhile.)"""
         if self.tries <= 0:
             return False
         self.tries -= 1
-        if not self.queryset.filter(due_q(timezone.now())).exists():
-            return False
-        time.sleep(self.wait)
-        return True
+        return self.queryset.filter(due_q(timezone.now())).exists()
 
 
 def _has_rows(queryset: MessageQuerySet) -> bool:
@@ -195,32 +194,36 @@ def run_route_groups(
     lane_for: Callable[[RouteGroup, PassState, bool], Callable[[], None]],
     state: PassState,
     new_state: Callable[[], PassState],
+    threads: bool = True,
 ) -> None:
     """Run one group of lanes per route, each with its own totals and limits
     (``new_state()``: a route that times out or reaches
     ``MAILER_EMAIL_MAX_DEFERRED`` stops only its own lanes); their totals go
     to ``state.result``. ``lane_for(group, its state, threaded)``: a lane's
-    body (``threaded``: it runs in a thread of its own)."""
+    body (``threaded``: it runs in a thread of its own). ``threads`` False
+    (a pass inside a transaction, whose rows other threads can't see): the
+    groups run one after another in this thread, one lane each."""
     result: Any = state.result
     if not groups:
         result.drained = True
         return
-    threaded = len(groups) > 1 or groups[0].lanes > 1
+    threaded = threads and (len(groups) > 1 or groups[0].lanes > 1)
     runs = []
     for group in groups:
         own = new_state()
-        runs.append((group.lanes, lane_for(group, own, threaded), own))
+        lanes = group.lanes if threads else 1
+        runs.append((lanes, lane_for(group, own, threaded), own))
     try:
-        run_groups(runs)
+        if threads:
+            run_groups(runs)
+        else:
+            for lanes, lane, own in runs:
+                run_lanes(lanes, lane, own)
     finally:
         drained = True
         for _, _, own in runs:
             part: Any = own.result
-            result.sent += part.sent
-            result.deferred += part.deferred
-            result.failed += part.failed
-            result.dont_send += part.dont_send
-            result.timed_out = result.timed_out or part.timed_out
+            result.add(part)
             drained = drained and part.drained
             if own.pending is not None and state.pending is None:
                 state.pending = own.pending
@@ -261,6 +264,9 @@ class LaneSenders:
         self.session = session
         self.senders: dict[str | None, _Sender] = {}
         self.last: _Sender | None = None
+        # A second thread shares these senders (the lane's connection
+        # pipelines); one that doesn't pipeline is then used in turn.
+        self.paired = False
         self._lock = threading.Lock()
 
     def get(self, route: str | None) -> _Sender:
@@ -272,6 +278,14 @@ class LaneSenders:
                 self.senders[route] = sender
             self.last = sender
             return sender
+
+    def turn(self, sender: _Sender) -> contextlib.AbstractContextManager[Any]:
+        """Hold while a message goes through ``sender``: nothing, or, once
+        the lane has two threads, the sender's own lock if its connection
+        doesn't pipeline (a backend need not be safe for two threads)."""
+        if self.paired and not sender.may_pair():
+            return sender.serial
+        return contextlib.nullcontext()
 
     def may_pair(self) -> bool:
         """May a second thread join the lane? (The connection of its last

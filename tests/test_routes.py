@@ -3,15 +3,19 @@ MAILER_ROUTES on 4.2-6.0), against real SMTP servers."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from django.core import checks, mail
 from django.core.management import CommandError, call_command
+from django.db import transaction
 
 import mailer
 from mailer.compat import HAS_MAILERS
 from mailer.engine import send_all
 from mailer.models import PRIORITY_DEFERRED, PRIORITY_LOW, Message, MessageLog
 from mailer.routes import UnknownRoute
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -439,3 +443,51 @@ def test_runmailer_pg_serves_only_its_routes(two_providers, settings):
     assert list(Message.objects.values_list("subject_text", flat=True)) == ["plain"]
     with pytest.raises(CommandError, match="'nope' is not a route"):
         call_command("runmailer_pg", route=["nope"], verbosity=0)
+
+
+def test_an_outage_of_every_route_is_one_warning(settings, smtp_server, caplog):
+    """Two routes down: the pass's outage warning (heard at -v 0) still comes,
+    counting both routes' deferrals."""
+    down = free_port()
+    configure(settings, smtp_server, smtp_server)
+    if HAS_MAILERS:
+        settings.MAILERS["smtp"]["OPTIONS"]["port"] = down
+        settings.MAILERS["ses"]["OPTIONS"]["port"] = down
+    else:
+        settings.EMAIL_PORT = down
+        for route in settings.MAILER_ROUTES.values():
+            route["OPTIONS"]["port"] = down
+    caplog.set_level(logging.INFO, logger="mailer")
+    _send("ses", using="ses")
+    _send("smtp", using="smtp")
+    result = send_all()
+    assert (result.deferred, result.unreachable) == (2, 2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(w.startswith("No mail went out: 2 message(s) deferred") for w in warnings), warnings
+
+
+def test_the_throttle_is_the_process_rate_across_routes(two_providers, settings):
+    """MAILER_EMAIL_THROTTLE paces the whole process: with two routes' lanes
+    running at once the slots are handed out in turn, not per route."""
+    settings.MAILER_EMAIL_THROTTLE = 0.5
+    for i in range(2):
+        _send(f"ses {i}", using="ses")
+        _send(f"smtp {i}", using="smtp")
+    asked: list[float] = []
+    result = send_all(sleep=asked.append)  # records the waits, sleeps none
+    assert result.sent == 4
+    # Four slots half a second apart: the last is about 1.5 s away (per
+    # route it would be 0.5 s).
+    assert max(asked) > 1.0, asked
+
+
+def test_a_pass_inside_a_transaction_sends_every_route(two_providers):
+    """Threads can't see an open transaction's rows: inside one, the route
+    groups run one after another in the calling thread."""
+    smtp_server, ses_server = two_providers
+    with transaction.atomic():
+        _send("ses", using="ses")
+        _send("smtp", using="smtp")
+        result = send_all()
+    assert result.sent == 2
+    assert ses_server.subjects() == ["ses"] and smtp_server.subjects() == ["smtp"]

@@ -8,6 +8,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets
+from django.db import router
 from django.db.models import F, Max, QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
@@ -365,7 +366,8 @@ class MessageAdmin(RouteColumns, DenormalisedColumns, StoredEmailDisplay, LargeT
         )
         brought_forward = queryset.scheduled().update(not_before=None)  # type: ignore[attr-defined]
         if moved or brought_forward:
-            wakeup.became_sendable(queryset.db)  # runmailer_pg, MAILER_TASK_BACKEND
+            # runmailer_pg, MAILER_TASK_BACKEND; on the database written to.
+            wakeup.became_sendable(queryset._db or router.db_for_write(Message))  # type: ignore[attr-defined]
         if brought_forward:
             self.message_user(
                 request,
