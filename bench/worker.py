@@ -257,14 +257,26 @@ class Sink:
             "first_connect": float(first),
         }
 
-    def records(self):
-        """List of (arrival time.time(), subject, message_id)."""
+    def records(self, monotonic=False):
+        """List of (arrival time.time(), subject, message_id); with
+        ``monotonic``, (arrival time.monotonic(), subject, message_id)."""
         self.cmd("DUMP " + self.dump_path)
         out = []
         with open(self.dump_path, encoding="utf-8") as fh:
             for line in fh:
-                ts, subject, msgid = line.rstrip("\n").split("\t")
-                out.append((float(ts), subject, msgid))
+                ts, subject, msgid, mono = line.rstrip("\n").split("\t")
+                out.append((float(mono if monotonic else ts), subject, msgid))
+        os.remove(self.dump_path)
+        return out
+
+    def rejects(self):
+        """List of (time.monotonic(), stage, message_id), one per 421 given."""
+        self.cmd("REJECTS " + self.dump_path)
+        out = []
+        with open(self.dump_path, encoding="utf-8") as fh:
+            for line in fh:
+                mono, stage, msgid = line.rstrip("\n").split("\t")
+                out.append((float(mono), stage, msgid))
         os.remove(self.dump_path)
         return out
 
