@@ -57,6 +57,9 @@ Control protocol (one command per line, one reply line each):
     REJECTS <path>       -> "<n>"                 writes "mono\\tstage\\tmsgid" lines
                                                   to <path>, one per 421 given
                                                   (msgid empty at MAIL FROM)
+    MAILS <path>         -> "<n>"                 writes the time.monotonic() of
+                                                  every MAIL FROM accepted, one a
+                                                  line (transactions begun)
     STATS                -> "<messages> <connections> <max open> <first connect ts>"
                                                   connections accepted, the most
                                                   open at once, time.time() of the
@@ -93,6 +96,7 @@ class Recorder:
     def reset(self):
         self.records = []
         self.rejects = []  # (monotonic, stage, msgid) per 421 given
+        self.mails = []  # time.monotonic() of every MAIL FROM accepted
         self.counted = 0  # ends of DATA (or MAIL FROMs) seen, for --reject-every
         self.connections = 0
         self.open = 0
@@ -112,6 +116,7 @@ class Recorder:
             return REJECT_REPLY
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        self.mails.append(time.monotonic())
         return "250 OK"
 
     def connected(self):
@@ -192,6 +197,12 @@ class Recorder:
             for mono, stage, msgid in rejects:
                 fh.write("%.6f\t%s\t%s\n" % (mono, stage, msgid.decode("utf-8", "replace").replace("\t", " ")))
         return len(rejects)
+
+    def dump_mails(self, path):
+        mails = self.mails
+        with open(path, "w") as fh:
+            fh.writelines("%.6f\n" % t for t in mails)
+        return len(mails)
 
 
 class PipeliningRecorder(Recorder):
@@ -329,6 +340,8 @@ async def main(opts):
                     reply = str(recorder.dump(arg))
                 elif cmd == "REJECTS":
                     reply = str(recorder.dump_rejects(arg))
+                elif cmd == "MAILS":
+                    reply = str(recorder.dump_mails(arg))
                 elif cmd == "STATS":
                     reply = "%d %d %d %.6f" % (
                         len(recorder.records),
