@@ -39,7 +39,7 @@ from django.db import connections, models, router, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from mailer import attachments, locking, retry, routelanes, smtpstream
+from mailer import attachments, locking, pushback, quotas, retry, routelanes, smtpstream
 from mailer.claims import (  # idle_wait, MIN_DUE_WAIT, seconds_until_due: re-exported
     MIN_DUE_WAIT,
     _claims_with_row_locks,
@@ -59,11 +59,12 @@ from mailer.connection import (
     _send,
     _Sender,
 )
+from mailer.dontsend import DONT_SEND_REFRESH_SECONDS, DontSendSnapshot
 from mailer.errors import _error_text, _is_connection_failure, describe_delivery_error
 from mailer.models import (
     RESULT_FAILURE,
     RESULT_SUCCESS,
-    DontSendEntry,
+    DontSendEntry,  # noqa: F401  - 2.3.2 imported it here
     Message,
     MessageLog,
     MessageQuerySet,
@@ -203,50 +204,6 @@ def handle_delivery_exception(
 # --- the pass ------------------------------------------------------------------
 
 
-#: How long a pass trusts its copy of the don't-send list before reading it again.
-DONT_SEND_REFRESH_SECONDS = 30.0
-
-
-class DontSendSnapshot:
-    """The don't-send list as a pass sees it, applied to each claimed message.
-
-    Read with one query when the pass meets its first message, and again
-    whenever the copy is older than ``DONT_SEND_REFRESH_SECONDS``: no query
-    per message, and an address added during a long pass is honoured for
-    every message whose turn comes at least that long after it was added
-    (and for every message of the next pass).
-    """
-
-    def __init__(self, refresh_seconds: float | None = None) -> None:
-        self.refresh_seconds = refresh_seconds
-        self.addresses: frozenset[str] | None = None
-        self.loaded_at = 0.0
-        self.loads = 0
-
-    def current(self) -> frozenset[str]:
-        refresh = DONT_SEND_REFRESH_SECONDS if self.refresh_seconds is None else self.refresh_seconds
-        now = time.monotonic()
-        if self.addresses is None or now - self.loaded_at >= refresh:
-            self.addresses = DontSendEntry.objects.all_addresses()
-            self.loaded_at = now
-            self.loads += 1
-        return self.addresses
-
-    def apply(self, email: EmailMessage) -> list[str]:
-        """Drop listed addresses from ``email``'s To, Cc and Bcc; return them."""
-        blocked = self.current()
-        if not blocked:
-            return []
-        dropped: list[str] = []
-        for field in ("to", "cc", "bcc"):
-            values = list(getattr(email, field, None) or [])
-            kept = [a for a in values if not DontSendEntry.matches(a, blocked)]
-            if len(kept) != len(values):
-                dropped.extend(str(a) for a in values if DontSendEntry.matches(a, blocked))
-                setattr(email, field, kept)
-        return dropped
-
-
 def _prepare(message: Message) -> tuple[EmailMessage | None, str, str]:
     """The claimed row's message ready to send, or ``(None, problem, reason)``.
 
@@ -279,6 +236,7 @@ def _deliver_one(
     sender: _Sender,
     error_handler: Callable[..., tuple[Any, str]],
     result: PassResult,
+    gate: quotas.Gate | None = None,
 ) -> BaseException | None:
     """Send one claimed message and record the outcome; never stop the pass.
 
@@ -321,6 +279,14 @@ def _deliver_one(
         _record_unavailable(message, result, str(exc))
         return None
     except Exception as exc:
+        push = pushback.classify(exc) if gate is not None else None
+        if push is not None and gate is not None:
+            # "Slow down": the route pauses, the message stays queued as it
+            # was (no attempt counted) and goes out after the pause.
+            sender.discard(sender.used)
+            gate.pause(push)
+            result.held += 1
+            return None
         result.timed_out = _is_timeout(exc)
         try:
             with transaction.atomic(using=message._state.db):
@@ -417,6 +383,7 @@ def send_all(
         # partner then, and route groups run one after another.
         pairable = not connections[db].in_atomic_block
         groups = routelanes.plan(queryset, routes, concurrency)
+        paused = quotas.paused_routes(db)
         if groups is None:
             # Without row locks (SQLite) the lanes share one claim position.
             shared = SharedCursor(_first_key(db)) if lanes > 1 and not lock_rows else None
@@ -424,6 +391,7 @@ def send_all(
             lane.session = session
             lane.reuse_queries = session is not None and default_queue and lanes == 1
             lane.pairable = pairable
+            lane.gate = quotas.gate(routelanes.unrouted_name(), db, paused)
             run_lanes(lanes, lane.run, state)
         else:
 
@@ -432,6 +400,7 @@ def send_all(
                 lane = _Lane(g.queryset, db, lock_rows, error_handler, own, shared, sleep, g.lanes)
                 lane.session = session
                 lane.pairable = pairable
+                lane.gate = quotas.gate(g.route or routelanes.unrouted_name(), db, paused)
                 return routelanes.route_lane(lane, g, threaded)
 
             # MAILER_EMAIL_THROTTLE is the process's rate: every route's lanes
@@ -505,6 +474,7 @@ class _Lane:
         self.pairable = True
         self.index_hint: str | None = None  # see _PassQueries.index_hint
         self.recheck: routelanes.Recheck | None = None
+        self.gate: quotas.Gate | None = None  # the route's quota and pause
 
     def run(self) -> None:
         session = self.session
@@ -537,6 +507,8 @@ class _Lane:
                 senders.close()
             if self.pooled:
                 connections.close_all()  # this thread's own connections
+            if self.gate is not None and self.gate.held_for is not None:
+                self.state.hold(self.gate.held_for)
         if partner.error is not None:
             raise partner.error
 
@@ -562,12 +534,15 @@ class _Lane:
         claims: Claims,
         after_message: Callable[[], None] | None = None,
     ) -> None:
-        dont_send = DontSendSnapshot()  # read again by every pass
+        # read again by every pass (mailer.engine.DONT_SEND_REFRESH_SECONDS: a patch point)
+        dont_send = DontSendSnapshot(DONT_SEND_REFRESH_SECONDS)
         state = self.state
         look_again = False
+        gate = self.gate
         while state.reserve():
             outcome: PassResult | None = None
             unexpected: BaseException | None = None
+            slot: quotas.Slot | None = None
             if look_again and self.recheck is not None:
                 time.sleep(self.recheck.wait)  # outside the transaction
             look_again = False
@@ -575,6 +550,13 @@ class _Lane:
                 throttle = conf.EMAIL_THROTTLE
                 if throttle and self.pooled:
                     state.pace(throttle, self.sleep)
+                if gate is not None:
+                    # A slot of the route's quota, outside the claim's
+                    # transaction: the route's row is locked for one statement.
+                    slot = gate.take(self.sleep, state.asked_to_stop)
+                    if slot is None:  # held: its mail waits for the next pass
+                        state.finish()
+                        break
                 # Row-locking databases: claim, send and record in one
                 # transaction. SQLite: no transaction around the SMTP talk.
                 atomic = transaction.atomic(using=self.db) if self.lock_rows else None
@@ -593,14 +575,25 @@ class _Lane:
                     sender = senders.get(message.route)
                     with senders.turn(sender):
                         unexpected = _deliver_one(
-                            message, queries, dont_send, sender, self.error_handler, outcome
+                            message, queries, dont_send, sender, self.error_handler, outcome, gate
                         )
             finally:
                 state.settle(outcome, unexpected)
+                if slot is not None and gate is not None and not _handed(outcome):
+                    gate.give_back(slot)
+            if outcome is not None and outcome.held:
+                state.finish()  # the route is paused: the others stop too
             if throttle and not self.pooled and outcome is not None and outcome.sent:
                 self.sleep(throttle)  # 2.3.2: a nap after each sent message
             if after_message is not None:
                 after_message()
+
+
+def _handed(outcome: PassResult | None) -> bool:
+    """Did the message reach the provider (so its quota slot is used)?"""
+    if outcome is None:
+        return False
+    return bool(outcome.sent or outcome.held or outcome.deferred > outcome.unreachable)
 
 
 def _as_queryset(messages: Any) -> MessageQuerySet:

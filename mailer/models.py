@@ -642,3 +642,6 @@ class MessageLog(_EmailProperties, models.Model):
             entry.subject_text = message.subject_text or ""
             entry.message_id = message.message_id
         return entry
+
+
+from mailer.routequota import RouteQuota  # noqa: E402,F401  - a model of this app

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import connections
-from django.db.models import Count, Max, Min, Q
+from django.db.models import Count, Max, Min, OuterRef, Q, Subquery, Value
 from django.db.models.functions import Coalesce, TruncHour
 from django.utils import timezone
 
@@ -87,6 +87,9 @@ class MessageStatus:
     refused: str | None = None
     #: Its route: the alias it is delivered through (None: the default delivery).
     route: str | None = None
+    #: Queued, but held: ``"rate limit"`` (its route's quota is used up) or
+    #: ``"provider pause"`` (the provider asked to slow down); else None.
+    waiting_for: str | None = None
 
     @property
     def done(self) -> bool:
@@ -112,15 +115,18 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
 
     ``message_id`` as in the header, with its angle brackets. Two queries,
     each over a Message-ID index: the queue row (the newest, if it was
-    requeued), then its log entries.
+    requeued, with its route's quota row for ``waiting_for``), then its log
+    entries.
     """
     if not _storable(message_id):
         return None
     queue = Message.objects.all() if using is None else Message.objects.using(using)
+    quota = _quota_columns()
     row = (
         queue.filter(message_id=message_id)
         .order_by("-id")
-        .values_list("priority", "not_before", "route")
+        .annotate(**quota)
+        .values_list("priority", "not_before", "route", *quota)
         .first()
     )
     log = MessageLog.objects.all() if using is None else MessageLog.objects.using(using)
@@ -143,7 +149,7 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
         if result in (RESULT_SUCCESS, RESULT_DONT_SEND):
             break
     if row is not None:
-        priority, next_attempt, route = row
+        priority, next_attempt, route, *quota_values = row
         now = timezone.now()
         if priority == PRIORITY_DEFERRED:
             state = DEFERRED
@@ -152,8 +158,17 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
         else:
             state = QUEUED
             next_attempt = None
+        held = _held_by(route, quota_values) if state == QUEUED else None
         return MessageStatus(
-            message_id, state, attempts, last_attempt, next_attempt, error, priority, route=route
+            message_id,
+            state,
+            attempts,
+            last_attempt,
+            next_attempt,
+            error,
+            priority,
+            route=route,
+            waiting_for=held,
         )
     result, priority, _when, text, route = entries[0]
     state = {"sent": SENT, "dont_send": DONT_SEND}.get(outcome_of(result, priority), FAILED)
@@ -162,6 +177,35 @@ def message_status(message_id: str, *, using: str | None = None) -> MessageStatu
     return MessageStatus(
         message_id, state, attempts, last_attempt, None, error, refused=refused, route=route
     )
+
+
+#: The columns of a route's quota row that say what holds its mail.
+_QUOTA_FIELDS = (
+    "slot_at", "m_window", "m_count", "h_window", "h_count", "d_window", "d_count", "paused_until"
+)
+
+
+def _quota_columns() -> dict[str, Any]:
+    """The queue row's route's quota row, as columns of the same query (so
+    that ``status`` stays at two queries)."""
+    from mailer.routelanes import unrouted_name
+    from mailer.routequota import RouteQuota
+
+    own = RouteQuota.objects.filter(route=Coalesce(OuterRef("route"), Value(unrouted_name())))
+    return {f"quota_{name}": Subquery(own.values(name)[:1]) for name in _QUOTA_FIELDS}
+
+
+def _held_by(route: str | None, values: list[Any]) -> str | None:
+    """What holds the queued mail of ``route`` now (its quota, a pause), if anything."""
+    from mailer.quotastatus import waiting_for
+    from mailer.routelanes import unrouted_name
+    from mailer.routequota import RouteQuota
+
+    if not values or values[0] is None:
+        return None  # no row: never limited nor paused
+    key = unrouted_name() if route is None else route
+    row = RouteQuota(route=key, **dict(zip(_QUOTA_FIELDS, values, strict=True)))
+    return waiting_for(key, row)
 
 
 # --- the queue -------------------------------------------------------------------------

@@ -45,9 +45,17 @@ class PassResult:
     # unreachable, timed out, hung up), and how the last one was put.
     unreachable: int = 0
     unreachable_error: str = ""
+    # Messages put back because their provider asked to slow down (no
+    # attempt counted), and the seconds until a route held by its quota or
+    # a pause may send again (None: no route was held).
+    held: int = 0
+    held_for: float | None = None
 
     def add(self, other: Any) -> None:
         """Add ``other``'s counts (one message's, or a route group's)."""
+        self.held += other.held
+        if other.held_for is not None:
+            self.hold(other.held_for)
         self.sent += other.sent
         self.deferred += other.deferred
         self.failed += other.failed
@@ -56,6 +64,10 @@ class PassResult:
         if other.unreachable:
             self.unreachable += other.unreachable
             self.unreachable_error = other.unreachable_error
+
+    def hold(self, seconds: float) -> None:
+        """A route is held for ``seconds`` (the earliest of all is kept)."""
+        self.held_for = seconds if self.held_for is None else min(self.held_for, seconds)
 
     @property
     def attempted(self) -> int:
@@ -67,6 +79,8 @@ class PassResult:
         text = f"sent {self.sent}, deferred {self.deferred}, failed {self.failed}"
         if self.dont_send:
             text += f", don't send {self.dont_send}"
+        if self.held:
+            text += f", put back for a provider's pause {self.held}"
         return f"{text} in {self.seconds:.2f}s"
 
 
@@ -81,8 +95,12 @@ class Outcome(Protocol):
     drained: bool  # the pass found nothing more to send
     unreachable: int  # deferred because the mail server couldn't be reached
     unreachable_error: str  # how the last of those was put
+    held: int  # put back: the provider asked to slow down
+    held_for: float | None  # seconds until a held route may send again
 
     def add(self, other: Any) -> None: ...
+
+    def hold(self, seconds: float) -> None: ...
 
 
 class PassState:
@@ -132,6 +150,10 @@ class PassState:
             self.in_flight += 1
             return True
 
+    def asked_to_stop(self) -> bool:
+        """Is the pass ending (the worker asked to stop, or a lane broke)?"""
+        return self.stopping or (self.should_stop is not None and self.should_stop())
+
     def settle(self, outcome: Outcome | None, unexpected: BaseException | None = None) -> None:
         """The reserved message is done (``outcome`` None: nothing was claimed)."""
         with self.lock:
@@ -140,6 +162,11 @@ class PassState:
                 self.result.add(outcome)
             if unexpected is not None and self.pending is None:
                 self.pending = unexpected
+
+    def hold(self, seconds: float) -> None:
+        """A route of this pass is held for ``seconds`` (its quota, a pause)."""
+        with self.lock:
+            self.result.hold(seconds)
 
     def finish(self) -> None:
         """No lane claims anything more (the queue is empty, or a lane broke)."""

@@ -10,13 +10,14 @@ from django.utils.module_loading import import_string
 
 from mailer.compat import mailer_backend, mailers_configured
 from mailer.conf import DB_BACKEND, ROUTE_MAX_LENGTH, conf
-from mailer.routes import ROUTE_KEYS
+from mailer.quotas import parse_rate
+from mailer.routes import ROUTE_KEYS, UNROUTED_NAME
 
 
 def route_checks() -> list[checks.CheckMessage]:
     """Every route error: ``mailer.E030`` (shape), ``E031`` (a queue's
     ``using``), ``E032`` (``MAILER_ROUTES`` next to ``MAILERS``), ``E033``
-    (a route's backend)."""
+    (a route's backend), ``E034`` (a route's ``RATE``)."""
     errors = _check_shape()
     if errors:
         return errors
@@ -72,6 +73,17 @@ def _check_shape() -> list[checks.CheckMessage]:
                     30,
                 )
             )
+        try:
+            parse_rate(entry.get("RATE"))
+        except ValueError as err:
+            errors.append(
+                _error(
+                    f"{where}['RATE']: {err}.",
+                    'Give one limit or a list, one per unit: "RATE": ["14/s", "50000/d"] '
+                    "(see the Several providers page).",
+                    34,
+                )
+            )
         options = entry.get("OPTIONS", {})
         if not isinstance(options, dict):
             errors.append(_error(f"{where}['OPTIONS'] must be a dict; it is {options!r}.", hint, 30))
@@ -109,7 +121,7 @@ def _check_queue_aliases() -> list[checks.CheckMessage]:
 
 
 def _check_routes_with_mailers() -> list[checks.CheckMessage]:
-    """Django 6.1: ``MAILER_ROUTES`` only adds ``CONCURRENCY`` to ``MAILERS`` aliases."""
+    """Django 6.1: ``MAILER_ROUTES`` only adds ``CONCURRENCY`` and ``RATE`` to ``MAILERS`` aliases."""
     mailers: dict[str, Any] = settings.MAILERS
     errors: list[checks.CheckMessage] = []
     for name, entry in conf.ROUTES.items():
@@ -120,7 +132,7 @@ def _check_routes_with_mailers() -> list[checks.CheckMessage]:
                 _error(
                     f"{where} has {' and '.join(carried)}, but with MAILERS a route's backend "
                     "comes from MAILERS.",
-                    f"Move them to MAILERS[{name!r}] and keep only CONCURRENCY here.",
+                    f"Move them to MAILERS[{name!r}] and keep only CONCURRENCY and RATE here.",
                     32,
                 )
             )
@@ -139,6 +151,19 @@ def _check_route_backends() -> list[checks.CheckMessage]:
     """Django 4.2-6.0: each route's ``BACKEND`` imports and is not ``DbBackend``."""
     errors: list[checks.CheckMessage] = []
     for name, entry in conf.ROUTES.items():
+        if name == UNROUTED_NAME and "BACKEND" not in entry:
+            # The settings of unrouted mail (CONCURRENCY, RATE), not a route.
+            if "OPTIONS" in entry:
+                errors.append(
+                    _error(
+                        f"MAILER_ROUTES[{name!r}] has OPTIONS but no BACKEND: without BACKEND "
+                        "it holds only CONCURRENCY and RATE for unrouted mail, which is "
+                        "delivered through MAILER_EMAIL_BACKEND.",
+                        "Remove OPTIONS, or add the BACKEND they are for.",
+                        33,
+                    )
+                )
+            continue
         path = mailer_backend(entry)
         where = f"MAILER_ROUTES[{name!r}]['BACKEND']"
         if path == DB_BACKEND:

@@ -24,7 +24,7 @@ from django.db import connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from mailer import routes
+from mailer import quotas, routes
 from mailer.compat import delivery_alias, mailers_configured
 from mailer.conf import conf
 from mailer.connection import Session, _Sender
@@ -36,7 +36,7 @@ logger = logging.getLogger("mailer.engine")
 
 #: The name ``--route`` gives the unrouted mail (``route`` NULL) on Django
 #: 4.2-6.0; with ``MAILERS`` it is the alias that mail is delivered through.
-UNROUTED_NAME = "default"
+UNROUTED_NAME = routes.UNROUTED_NAME
 
 
 def unrouted_name() -> str:
@@ -129,7 +129,9 @@ def plan(
         if not others:
             return None
         present = [name for name in others if _has_rows(queryset.filter(route=name))]
-        if not present:
+        if not present and not quotas.rated_routes():
+            # (With a RATE anywhere, a lane serves one route only: routed
+            # mail queued during the pass waits for its own group.)
             return None
         if routes.is_route(unrouted) and _has_rows(queryset.filter(route=unrouted)):
             present.insert(0, unrouted)

@@ -9,7 +9,7 @@ sites that never route behave exactly as they did.
 * Django 6.1 with ``MAILERS``: a route is an alias of a ``MAILERS`` entry
   that is not a ``DbBackend``; a ``DbBackend`` entry names the route of what
   it queues with its ``OPTIONS`` key ``using`` (DEP 0018's wrapper option).
-  ``MAILER_ROUTES[name]`` may add ``CONCURRENCY`` only.
+  ``MAILER_ROUTES[name]`` may add ``CONCURRENCY`` and ``RATE`` only.
 * Otherwise (Django 4.2-6.0): ``MAILER_ROUTES`` maps a route name to
   ``{"BACKEND": ..., "OPTIONS": {...}, "CONCURRENCY": N}`` (``MAILERS``'
   shape; ``BACKEND`` defaults to Django's SMTP backend).
@@ -36,8 +36,20 @@ from mailer.compat import (
 from mailer.conf import DB_BACKEND, conf
 
 #: The keys a ``MAILER_ROUTES`` entry may have (``BACKEND``/``OPTIONS`` only
-#: without ``MAILERS``).
-ROUTE_KEYS = frozenset({"BACKEND", "OPTIONS", "CONCURRENCY"})
+#: without ``MAILERS``; ``RATE``: see :mod:`mailer.quotas`).
+ROUTE_KEYS = frozenset({"BACKEND", "OPTIONS", "CONCURRENCY", "RATE"})
+
+
+#: Django 4.2-6.0: the ``--route`` name of unrouted mail (``route`` NULL);
+#: ``MAILER_ROUTES[UNROUTED_NAME]`` without ``BACKEND`` gives that mail its
+#: ``CONCURRENCY`` and ``RATE`` (it is delivered through the backend chosen
+#: as before) rather than naming a route of its own.
+UNROUTED_NAME = "default"
+
+
+def _unrouted_entry(name: str, entry: Any) -> bool:
+    """Is ``MAILER_ROUTES[name]`` the settings of unrouted mail (no MAILERS)?"""
+    return name == UNROUTED_NAME and isinstance(entry, dict) and "BACKEND" not in entry
 
 
 class UnknownRoute(ImproperlyConfigured):
@@ -54,7 +66,9 @@ def route_names() -> list[str]:
         mailers = settings.MAILERS
         return sorted(a for a, c in mailers.items() if mailer_backend(c) != DB_BACKEND)
     routes = conf.ROUTES
-    return sorted(routes) if isinstance(routes, dict) else []
+    if not isinstance(routes, dict):
+        return []
+    return sorted(name for name, entry in routes.items() if not _unrouted_entry(name, entry))
 
 
 def is_route(name: str) -> bool:
@@ -63,7 +77,7 @@ def is_route(name: str) -> bool:
         config = settings.MAILERS.get(name)
         return config is not None and mailer_backend(config) != DB_BACKEND
     routes = conf.ROUTES
-    return isinstance(routes, dict) and name in routes
+    return isinstance(routes, dict) and name in routes and not _unrouted_entry(name, routes[name])
 
 
 def require_route(name: str) -> str:
@@ -156,8 +170,14 @@ def concurrency(route: str | None, override: int | None = None) -> int:
     if override is not None:
         return override
     routes = conf.ROUTES
-    if route is None or not isinstance(routes, dict):
+    if not isinstance(routes, dict):
         return conf.CONCURRENCY
+    if route is None:
+        if mailers_configured():
+            return conf.CONCURRENCY
+        route = UNROUTED_NAME  # its entry, if any, has no BACKEND (see above)
+        if not _unrouted_entry(route, routes.get(route)):
+            return conf.CONCURRENCY
     entry = routes.get(route) or {}
     value = entry.get("CONCURRENCY") if isinstance(entry, dict) else None
     return conf.CONCURRENCY if value is None else value

@@ -8,7 +8,7 @@ from typing import Any
 from django.db.models import Count, Min, Q
 from django.db.models.functions import Coalesce
 
-from mailer import routes
+from mailer import quotas, quotastatus, routes
 from mailer.models import PRIORITY_DEFERRED, Message, due_q
 from mailer.monitoring import duration
 from mailer.routelanes import unrouted_name
@@ -22,8 +22,11 @@ def route_summary(now: dt.datetime, using: str | None = None) -> dict[str, dict[
     """Per route name (unrouted mail under :func:`~mailer.routelanes.unrouted_name`,
     the ``--route`` name that serves it): ``queued``, ``scheduled``,
     ``deferred``, ``oldest_queued_seconds``, ``oldest_deferred_seconds`` and
-    ``configured`` (False: mail waits for a route no longer in the settings).
-    One query; every configured route is listed, with or without mail.
+    ``configured`` (False: mail waits for a route no longer in the settings),
+    and its quota: ``limits`` (each with its use in the current window),
+    ``paused``, ``paused_for_seconds``, ``pause_reason``, ``waiting_for``
+    (see :mod:`mailer.quotastatus`). Two queries; every configured route is
+    listed, with or without mail.
     """
     queue = Message.objects.all() if using is None else Message.objects.using(using)
     deferred = Q(priority=PRIORITY_DEFERRED)
@@ -69,6 +72,13 @@ def route_summary(now: dt.datetime, using: str | None = None) -> dict[str, dict[
     for name, (first, first_deferred) in oldest.items():
         summary[name]["oldest_queued_seconds"] = _age(now, first)
         summary[name]["oldest_deferred_seconds"] = _age(now, first_deferred)
+    quota_rows = quotastatus.rows(using)
+    for name in quota_rows:
+        if name in summary or routes.is_route(name):
+            entry(name)
+    at = int(now.timestamp() * quotas.US)
+    for name, counts in summary.items():
+        counts.update(quotastatus.quota_state(name, quota_rows.get(name), at))
     return dict(sorted(summary.items()))
 
 
@@ -81,7 +91,8 @@ def _earliest(a: dt.datetime | None, b: dt.datetime | None) -> dt.datetime | Non
 def route_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     """``mailer_status``'s text lines, one per route (none when the site has
     no route but the default delivery)."""
-    if len(summary) <= 1:
+    shown = len(summary) > 1 or any(c["limits"] or c["paused"] for c in summary.values())
+    if not shown:
         return []
     lines = []
     for name, counts in summary.items():
@@ -93,5 +104,8 @@ def route_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
         )
         if not counts["configured"]:
             text += " (NOT CONFIGURED: this mail waits until the route is added back)"
+        quota = quotastatus.quota_line(name, counts)
+        if quota:
+            text += f"; {quota}"
         lines.append(text)
     return lines

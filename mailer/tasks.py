@@ -83,6 +83,10 @@ def _send_queued_mail(context: Any, route: str | None = None) -> dict[str, Any]:
         delay = None  # nothing due is left; later mail has its own runs
     elif result.timed_out or _deferred_limit(result):
         delay = conf.EMPTY_QUEUE_SLEEP  # the server is in trouble: not at once
+    elif result.held_for is not None and not budget.spent():
+        # A route waits for its quota or its provider's pause (and nothing
+        # else stopped the pass): the successor runs when it is free.
+        delay = min(max(result.held_for, engine.MIN_DUE_WAIT), conf.EMPTY_QUEUE_SLEEP)
     else:
         delay = 0.0  # the batch ran out: go on
     successor = None if delay is None else _successor(alias, delay)
@@ -93,6 +97,8 @@ def _send_queued_mail(context: Any, route: str | None = None) -> dict[str, Any]:
         "dont_send": result.dont_send,
         "locked_out": result.locked_out,
         "drained": result.drained,
+        "held": result.held,
+        "held_for": result.held_for,
         "successor": successor,
     }
 
@@ -145,6 +151,10 @@ class _Budget:
         with self.lock:
             self.asked += 1
             return self.asked > self.limit
+
+    def spent(self) -> bool:
+        """Did the pass end because its budget ran out?"""
+        return self.limit is not None and self.asked > self.limit
 
 
 def _deferred_limit(result: Any) -> bool:

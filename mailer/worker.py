@@ -202,10 +202,16 @@ class Worker:
         drained = self.notified_of_new_mail and getattr(result, "drained", False)
         if result.locked_out:
             return self.idle_seconds()
+        held_for = getattr(result, "held_for", None)
         if result.attempted == 0 or drained:
             # One indexed look for the earliest scheduled message or retry
             # (the notification of a queued message doesn't say when it is due).
-            return self.idle_wait()
+            wait = self.idle_wait()
+            if held_for is not None:
+                # A route waits for its quota or its provider's pause: look
+                # again when it is free (at most the idle period).
+                wait = min(wait, max(held_for, engine.MIN_DUE_WAIT))
+            return wait
         return None
 
     def database_failed(self, exc: BaseException) -> float:

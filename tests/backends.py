@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 from django.core.files.storage import FileSystemStorage
+from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.backends.smtp import EmailBackend
 
 
@@ -80,3 +81,27 @@ if _DummyTaskBackend is not None:
 
     class NoDeferTaskBackend(_DummyTaskBackend):
         supports_defer = False
+
+
+class TooFastOnce(BaseEmailBackend):
+    """An API backend playing a provider that answers its first request of
+    the process with HTTP 429 and ``Retry-After`` (django-anymail's error,
+    as anymail's backends raise it), then accepts; accepted messages are
+    kept in ``sent``."""
+
+    calls = 0
+    sent: list = []
+    retry_after = "0.3"
+
+    def send_messages(self, email_messages):
+        import requests
+        from anymail.exceptions import AnymailAPIError
+
+        type(self).calls += 1
+        if type(self).calls == 1:
+            response = requests.Response()
+            response.status_code = 429
+            response.headers["Retry-After"] = self.retry_after
+            raise AnymailAPIError("Too many requests", status_code=429, response=response)
+        type(self).sent.extend(email_messages)
+        return len(email_messages)

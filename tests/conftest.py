@@ -18,6 +18,7 @@ from aiosmtpd.controller import Controller
 from django.db import connection
 
 from mailer.compat import HAS_MAILERS
+from mailer.models import PRIORITY_LOW
 from tests.settings import smtp_mailers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +76,7 @@ class Received(dict):
 class SMTPServer:
     """An aiosmtpd server on loopback that records what it receives.
 
-    ``fail_with``: an SMTP reply (e.g. "451 try later") to give to DATA;
+    ``fail_with``: an SMTP reply (e.g. "451 4.3.0 Temporary failure") to give to DATA;
     ``fail_first``: answer DATA with ``fail_first_reply`` (451) that many
     times, then accept (a provider busy for a while; ``attempts`` counts
     every DATA, with the time it came in ``attempt_times``);
@@ -577,6 +578,46 @@ def manage(transactional_db, tmp_path, smtp_server):
         PYTHONUNBUFFERED="1",
     )
     return Manage(env=env)
+
+
+# --- routes: several providers ----------------------------------------------------------
+
+SMTP = "django.core.mail.backends.smtp.EmailBackend"
+
+
+def _smtp(server, timeout=10):
+    return {"BACKEND": SMTP, "OPTIONS": {"host": "127.0.0.1", "port": server.port, "timeout": timeout}}
+
+
+def configure(settings, smtp_server, ses_server, *, ses_timeout=10, routes=None):
+    """Two providers (tests/test_routes.py, tests/test_quotas.py): unrouted and "smtp" mail to ``smtp_server``, "ses"
+    (and the "bulk" queue alias on 6.1) to ``ses_server``."""
+    if HAS_MAILERS:
+        settings.MAILERS = {
+            "default": {"BACKEND": "mailer.backend.DbBackend", "OPTIONS": {"using": "smtp"}},
+            "bulk": {
+                "BACKEND": "mailer.backend.DbBackend",
+                "OPTIONS": {"using": "ses", "priority": PRIORITY_LOW},
+            },
+            "smtp": _smtp(smtp_server),
+            "ses": _smtp(ses_server, ses_timeout),
+        }
+        settings.MAILER_ROUTES = routes or {}
+    else:
+        settings.MAILER_EMAIL_BACKEND = SMTP
+        settings.EMAIL_HOST = "127.0.0.1"
+        settings.EMAIL_PORT = smtp_server.port
+        settings.EMAIL_TIMEOUT = 10
+        settings.MAILER_ROUTES = {"smtp": _smtp(smtp_server), "ses": _smtp(ses_server, ses_timeout)}
+        for name, extra in (routes or {}).items():
+            settings.MAILER_ROUTES[name] = {**settings.MAILER_ROUTES[name], **extra}
+
+
+@pytest.fixture
+def two_providers(settings, smtp_server, second_smtp_server):
+    configure(settings, smtp_server, second_smtp_server)
+    return smtp_server, second_smtp_server
+
 
 
 # --- stored attachments ----------------------------------------------------------------

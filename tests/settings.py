@@ -177,6 +177,12 @@ if os.environ.get("MAILER_TEST_SMTP_PORT"):
         MAILER_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
         EMAIL_HOST = "127.0.0.1"
         EMAIL_PORT = int(os.environ["MAILER_TEST_SMTP_PORT"])
+# Subprocess workers whose unrouted mail has a quota (mailer.quotas).
+if os.environ.get("MAILER_TEST_RATE"):
+    import django
+
+    _rated = "smtp" if django.VERSION >= (6, 1) else "default"
+    MAILER_ROUTES = {_rated: {"RATE": os.environ["MAILER_TEST_RATE"].split(",")}}
 if os.environ.get("MAILER_TEST_LOCK_PATH"):
     MAILER_LOCK_PATH = os.environ["MAILER_TEST_LOCK_PATH"]
 for _name in ("EMPTY_QUEUE_SLEEP", "EMAIL_THROTTLE", "RETRY_DELAY"):

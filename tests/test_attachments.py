@@ -350,7 +350,7 @@ def test_purge_deletes_files_exactly_when_the_last_reference_goes(
     attachment_storage, smtp_settings, smtp_server, settings
 ):
     queue_emails([message_with_attachments()])
-    smtp_server.fail_with = "451 try later"
+    smtp_server.fail_with = "451 4.3.0 Temporary failure"
     assert send_all().deferred == 1  # a failure entry refers to the files
     Message.objects.update(priority=2)
     smtp_server.fail_with = None
@@ -372,7 +372,7 @@ def test_purge_deletes_files_exactly_when_the_last_reference_goes(
 
 def test_purge_keeps_files_a_queue_row_refers_to(attachment_storage, smtp_settings, smtp_server):
     queue_emails([message_with_attachments()])
-    smtp_server.fail_with = "451 try later"
+    smtp_server.fail_with = "451 4.3.0 Temporary failure"
     assert send_all().deferred == 1
     MessageLog.objects.update(when_attempted=MessageLog.objects.get().when_attempted.replace(year=2000))
     call_command("purge_mail_log", "1", "--result", "all")

@@ -89,6 +89,7 @@ def test_only_our_additive_migrations_are_pending(old_database):
         "0010_message_not_before",
         "0011_message_id_and_outcome_indexes",
         "0012_route",
+        "0013_routequota",
     ]
 
 

@@ -15,6 +15,7 @@ import pytest
 from django.core.mail import EmailMessage
 
 import mailer
+from mailer import quotas
 from mailer.compat import HAS_MAILERS
 from mailer.engine import send_all
 from mailer.models import (
@@ -135,18 +136,25 @@ def test_a_5xx_to_data_defers_that_message_only(settings, scripted_server):
     assert set(scripted_server.message_ids()) | {deferred.email.extra_headers["Message-ID"]} == set(ids)
 
 
-def test_421_mid_group_defers_that_message_and_the_rest_go_on_a_new_connection(
-    settings, scripted_server
-):
+def test_421_mid_group_pauses_the_route_and_nothing_is_lost(settings, scripted_server, monkeypatch):
+    """A 421 to a RCPT inside a group is the provider's "slow down": the
+    route pauses, that message goes back on the queue without an attempt
+    counted (no failure logged), and after the pause it and the rest go out
+    on a new connection, each exactly once."""
+    monkeypatch.setattr(quotas, "PAUSE_FIRST", 0.3)
     use(settings, scripted_server)
     scripted_server.script[("RCPT", 3)] = "421 4.3.2 shutting down"
     ids = queue(5, to=["a@example.com", "b@example.com"])
     result = send_all()
-    assert (result.sent, result.deferred) == (4, 1)
-    assert scripted_server.connections == 2
-    assert len(set(scripted_server.message_ids())) == 4
-    left = Message.objects.get().email.extra_headers["Message-ID"]
-    assert set(scripted_server.message_ids()) | {left} == set(ids)
+    assert result.held == 1 and (result.deferred, result.failed) == (0, 0)
+    assert result.held_for is not None
+    assert not MessageLog.objects.filter(result=RESULT_FAILURE).exists()
+    assert not Message.objects.filter(retry_count__gt=0).exists()
+    assert Message.objects.non_deferred().count() == 5 - len(scripted_server.message_ids())
+    time.sleep(0.5)
+    assert send_all().held == 0
+    assert scripted_server.connections >= 2
+    assert sorted(scripted_server.message_ids()) == sorted(ids)  # each exactly once
 
 
 def test_connection_closed_after_the_last_group(settings, scripted_server):

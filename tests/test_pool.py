@@ -99,7 +99,7 @@ def test_max_batch_counts_across_the_lanes(smtp_settings, smtp_server, settings)
 
 def test_max_deferred_stops_the_pool(smtp_settings, smtp_server, settings):
     settings.MAILER_EMAIL_MAX_DEFERRED = 2
-    smtp_server.fail_with = "451 try later"
+    smtp_server.fail_with = "451 4.3.0 Temporary failure"
     smtp_server.delay = 0.1
     queue(20)
     result = send_all(concurrency=3)

@@ -15,46 +15,9 @@ from mailer.compat import HAS_MAILERS
 from mailer.engine import send_all
 from mailer.models import PRIORITY_DEFERRED, PRIORITY_LOW, Message, MessageLog
 from mailer.routes import UnknownRoute
-from tests.conftest import free_port
+from tests.conftest import SMTP, _smtp, configure, free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-SMTP = "django.core.mail.backends.smtp.EmailBackend"
-
-
-def _smtp(server, timeout=10):
-    return {"BACKEND": SMTP, "OPTIONS": {"host": "127.0.0.1", "port": server.port, "timeout": timeout}}
-
-
-def configure(settings, smtp_server, ses_server, *, ses_timeout=10, routes=None):
-    """The issue's example: unrouted and "smtp" mail to ``smtp_server``, "ses"
-    (and the "bulk" queue alias on 6.1) to ``ses_server``."""
-    if HAS_MAILERS:
-        settings.MAILERS = {
-            "default": {"BACKEND": "mailer.backend.DbBackend", "OPTIONS": {"using": "smtp"}},
-            "bulk": {
-                "BACKEND": "mailer.backend.DbBackend",
-                "OPTIONS": {"using": "ses", "priority": PRIORITY_LOW},
-            },
-            "smtp": _smtp(smtp_server),
-            "ses": _smtp(ses_server, ses_timeout),
-        }
-        settings.MAILER_ROUTES = routes or {}
-    else:
-        settings.MAILER_EMAIL_BACKEND = SMTP
-        settings.EMAIL_HOST = "127.0.0.1"
-        settings.EMAIL_PORT = smtp_server.port
-        settings.EMAIL_TIMEOUT = 10
-        settings.MAILER_ROUTES = {"smtp": _smtp(smtp_server), "ses": _smtp(ses_server, ses_timeout)}
-        for name, extra in (routes or {}).items():
-            settings.MAILER_ROUTES[name] = {**settings.MAILER_ROUTES[name], **extra}
-
-
-@pytest.fixture
-def two_providers(settings, smtp_server, second_smtp_server):
-    configure(settings, smtp_server, second_smtp_server)
-    return smtp_server, second_smtp_server
-
 
 def _send(subject, **kwargs):
     return mailer.send_mail(subject, "body", "f@example.com", ["t@example.com"], **kwargs)
@@ -136,7 +99,7 @@ def test_each_route_goes_to_its_provider(two_providers):
 
 def test_a_refusing_provider_defers_only_its_own_mail(two_providers):
     smtp_server, ses_server = two_providers
-    ses_server.fail_with = "451 4.3.0 try later"
+    ses_server.fail_with = "451 4.3.0 Temporary failure"
     for i in range(3):
         _send(f"ses {i}", using="ses")
         _send(f"smtp {i}")
@@ -235,7 +198,8 @@ def test_unrouted_queue_keeps_todays_pass(settings, smtp_server):
     with CaptureQueriesContext(connection) as queries:
         assert send_all().sent == (2 if HAS_MAILERS else 1)
     selects = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT")]
-    assert not [sql for sql in selects if "route" in sql.split("WHERE")[-1]]
+    claims = [sql for sql in selects if "mailer_routequota" not in sql]  # one look for pauses
+    assert not [sql for sql in claims if "route" in sql.split("WHERE")[-1]]
     assert "plain" in smtp_server.subjects()
 
 
@@ -247,7 +211,7 @@ ROUTE_IDS = {"mailer.E030", "mailer.E031", "mailer.E032", "mailer.E033"}
 
 
 def test_checks_route_shape(settings, two_providers):
-    settings.MAILER_ROUTES = {"ses": {"CONCURRENCY": 0, "RATE": "14/s"}}
+    settings.MAILER_ROUTES = {"ses": {"CONCURRENCY": 0, "SPEED": "14/s"}}
     assert _errors(ROUTE_IDS) == ["mailer.E030", "mailer.E030"]
     settings.MAILER_ROUTES = ["ses"]
     assert _errors(ROUTE_IDS) == ["mailer.E030"]
@@ -358,7 +322,7 @@ def test_signals_pass_the_route(two_providers):
     def receiver(sender, **kwargs):
         seen.append((kwargs["email"].subject, kwargs["route"]))
 
-    two_providers[1].fail_with = "451 try later"
+    two_providers[1].fail_with = "451 4.3.0 Temporary failure"
     message_sent.connect(receiver)
     message_deferred.connect(receiver)
     try:

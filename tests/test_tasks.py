@@ -26,6 +26,7 @@ from django.utils import timezone
 
 import mailer
 from mailer import engine, taskhook, tasks
+from mailer.conf import conf
 from mailer.models import Message, MessageLog
 from tests import settings as test_settings
 
@@ -207,6 +208,23 @@ def test_a_task_pass_is_bounded_and_enqueues_its_successor(dummy, smtp_settings,
     assert [o["successor"] for o in outcomes] == ["now", "now", None]
     assert _runs(dummy) == [None, None]  # each on the backend the task ran on
     assert len(smtp_server.messages) == 7 and Message.objects.count() == 0
+
+
+def test_a_route_over_its_quota_gets_a_successor_when_it_is_free(dummy, settings, smtp_settings,
+                                                                  smtp_server):
+    """Not at once (the worker would spin on the held route): when the quota
+    frees, at most MAILER_EMPTY_QUEUE_SLEEP later."""
+    from mailer.compat import HAS_MAILERS
+
+    settings.MAILER_ROUTES = {("smtp" if HAS_MAILERS else "default"): {"RATE": "2/d"}}
+    mailer.send_mass_mail([("s", "b", "f@example.com", ["t@example.com"])] * 3)
+    dummy.clear()
+    before = timezone.now()
+    outcome = tasks.send_queued_mail.call(_context())
+    assert outcome["sent"] == 2 and outcome["held_for"] > 0
+    assert outcome["successor"] != "now"
+    (run_after,) = _runs(dummy)
+    assert before < run_after <= timezone.now() + timedelta(seconds=conf.EMPTY_QUEUE_SLEEP)
 
 
 def test_max_batch_bounds_the_task_pass(dummy, settings, smtp_settings, smtp_server):

@@ -4,7 +4,9 @@ Counts by state, and a chart of outcomes (sent / deferred / failed) per hour
 over the last 48 hours, drawn here as inline SVG: no JavaScript, nothing
 loaded from anywhere. Two queries whatever the size of the queue and the
 log (see :mod:`mailer.monitoring`): the queue's counts stop at
-``COUNT_CAP`` rows each, as the list's own count does.
+``COUNT_CAP`` rows each, as the list's own count does. A third reads the
+routes' quota rows: a route paused by its provider or over its quota is
+named, with the reason.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
+from mailer import quotastatus
 from mailer.models import PRIORITY_DEFERRED
 from mailer.monitoring import capped_state_counts, hourly_outcomes
 
@@ -182,7 +185,8 @@ def _count(template_one: str, template_many: str, count: int, cap: int) -> str:
 def overview(
     changelist_url: str, now: dt.datetime | None = None, cap: int | None = None
 ) -> SafeString:
-    """The counts and the chart, as HTML for the top of the message list (two queries)."""
+    """The counts, held routes and the chart, as HTML for the top of the message list
+    (three queries)."""
     cap = COUNT_CAP if cap is None else cap
     now = now or timezone.now()
     counts = capped_state_counts(now, cap)
@@ -207,10 +211,44 @@ def overview(
     )
     return format_html(
         '<div class="mailer-overview module" style="padding: 0.5em 1em; margin-bottom: 1em">'
-        '<p class="mailer-states" style="margin: 0 0 0.5em">{}</p>{}'
+        '<p class="mailer-states" style="margin: 0 0 0.5em">{}</p>{}{}'
         '<p class="mailer-legend-line" style="margin: 0.25em 0 0; font-size: 0.9em">{}</p>'
         "</div>",
         states,
+        held_routes(),
         outcome_chart(hours),
         _legend(),
+    )
+
+
+def held_routes() -> SafeString:
+    """A line per route whose mail waits for its provider's pause or its
+    quota, saying why and for how long (one query of the routes' rows)."""
+    lines = []
+    for name, row in sorted(quotastatus.rows().items()):
+        state = quotastatus.quota_state(name, row)
+        if state["paused"]:
+            text = _(
+                "Route %(route)s is paused for %(seconds)ss more at its provider's request "
+                "(%(reason)s): its mail waits on the queue."
+            ) % {
+                "route": name,
+                "seconds": f"{state['paused_for_seconds']:.0f}",
+                "reason": state["pause_reason"] or _("pushback"),
+            }
+        elif state["waiting_for"] == "rate limit":
+            used = ", ".join(f"{lim['used']} of {lim['rate']}" for lim in state["limits"])
+            text = _("Route %(route)s has used its quota (%(used)s): its mail waits on the queue.") % {
+                "route": name,
+                "used": used,
+            }
+        else:
+            continue
+        lines.append((text,))
+    if not lines:
+        return SafeString("")
+    return format_html_join(
+        "",
+        '<p class="mailer-held" style="margin: 0 0 0.5em; color: #ba2121"><strong>{}</strong></p>',
+        lines,
     )
