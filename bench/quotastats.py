@@ -77,6 +77,21 @@ def gaps_after(events, starts):
     return out
 
 
+def starts_after(events, starts, lo, hi):
+    """How many starts fall ``lo`` to ``hi`` seconds after some event (each
+    start counted once, however many events it follows): transactions a
+    provider saw begin while the route should have been paused."""
+    ev = sorted(events)
+    n = 0
+    for s in starts:
+        # Some event in (s - hi, s - lo] iff the latest one at or before
+        # s - lo is after s - hi.
+        k = bisect.bisect_right(ev, s - lo)
+        if k and ev[k - 1] > s - hi:
+            n += 1
+    return n
+
+
 def count_paused(lines):
     """Lines that mention a pause ("paused", any case): the workers' pause
     WARNINGs, whose exact wording is not fixed."""
@@ -126,6 +141,14 @@ def self_check():
     assert (c["duplicates"], c["missing"], c["unexpected"], c["unique"]) == (1, 1, 1, 3), c
     assert c["duplicated_ids"] == ["b"] and c["missing_ids"] == ["c"]
     assert gaps_after([1.0, 5.0], [0.5, 1.0, 2.5, 3.0]) == [1.5, None]
+    assert starts_after([1.0], [1.1, 1.3, 1.79, 1.8, 2.5], 0.2, 0.8) == 2
+    assert starts_after([1.0, 1.5], [1.3, 1.8, 2.2, 2.4], 0.2, 0.8) == 3  # 1.8 once
+    assert starts_after([], [1.0], 0.2, 0.8) == 0
+    for _ in range(200):
+        ev = [rnd.uniform(0, 5) for _ in range(rnd.randint(0, 6))]
+        st = [rnd.uniform(0, 6) for _ in range(rnd.randint(0, 40))]
+        want = sum(1 for x in st if any(t + 0.2 <= x < t + 0.8 for t in ev))
+        assert starts_after(ev, st, 0.2, 0.8) == want, (ev, st)
     assert count_paused(["WARNING route 'q' paused for 1.2 s", "Paused", "sent", ""]) == 2
     return True
 

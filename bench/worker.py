@@ -1441,7 +1441,8 @@ def sc_quota(env, p, res):
       reject_every (> 0: the sink answers 421 and hangs up at every Nth end
       of DATA, or of MAIL FROM with reject_stage "mail"), file_lock (SQLite:
       keep MAILER_USE_FILE_LOCK on), settle (s to wait for late duplicates
-      after the last message arrived).
+      after the last message arrived), pause_check [lo, hi]: count the MAIL
+      FROMs lo..hi s after a 421 (the route should be paused then).
 
     The workers run until every message arrived (or a time limit), then get
     SIGTERM and must exit 0.
@@ -1550,6 +1551,9 @@ def sc_quota(env, p, res):
         m["paused_lines_per_worker"] = paused
         all_gaps = quotastats.gaps_after([r[0] for r in rejects], mails)
         gaps = [g for g in all_gaps if g is not None]
+        if rejects:
+            lo, hi = p.get("pause_check", (0.2, 0.8))
+            m["mails_in_pause"] = quotastats.starts_after([r[0] for r in rejects], mails, lo, hi)
         if gaps:
             m["quiet_after_421_min_s"] = min(gaps)
             m["quiet_after_421_median_s"] = statistics.median(gaps)
@@ -1567,6 +1571,7 @@ def sc_quota(env, p, res):
             "arrivals_s": [round(t - t_first, 6) for t in times],
             "rejects": [(round(t - t_first, 6), stage, mid) for t, stage, mid in rejects],
             "quiet_after_421_s": [None if g is None else round(g, 3) for g in all_gaps],
+            "mail_from_s": [round(t - t_first, 6) for t in mails],
             "pause_lines": pause_lines[:50],
         }
     finally:
