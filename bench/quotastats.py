@@ -92,10 +92,13 @@ def starts_after(events, starts, lo, hi):
     return n
 
 
-def count_paused(lines):
+def count_paused(lines, level=None):
     """Lines that mention a pause ("paused", any case): the workers' pause
-    WARNINGs, whose exact wording is not fixed."""
-    return sum(1 for line in lines if "paused" in line.lower())
+    WARNINGs, whose exact wording is not fixed (``level``: only the lines
+    that also name that log level, e.g. "WARNING")."""
+    return sum(
+        1 for line in lines if "paused" in line.lower() and (level is None or level.lower() in line.lower())
+    )
 
 
 # --------------------------------------------------------------------------
@@ -150,6 +153,7 @@ def self_check():
         want = sum(1 for x in st if any(t + 0.2 <= x < t + 0.8 for t in ev))
         assert starts_after(ev, st, 0.2, 0.8) == want, (ev, st)
     assert count_paused(["WARNING route 'q' paused for 1.2 s", "Paused", "sent", ""]) == 2
+    assert count_paused(["WARNING route 'q' paused for 1.2 s", "INFO q is paused", "sent"], "WARNING") == 1
     return True
 
 

@@ -1549,6 +1549,7 @@ def sc_quota(env, p, res):
         m["rejects_421"] = len(rejects)
         m["paused_lines"] = sum(paused)
         m["paused_lines_per_worker"] = paused
+        m["paused_warnings"] = sum(quotastats.count_paused(lines, "WARNING") for lines in logs)
         all_gaps = quotastats.gaps_after([r[0] for r in rejects], mails)
         gaps = [g for g in all_gaps if g is not None]
         if rejects:
