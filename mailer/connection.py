@@ -249,6 +249,9 @@ class Session:
     * The compiled statements of a single lane over the default queue, so a
       pass does not compile them again (the don't-send list is still read
       once per pass).
+    * The routes paused by their providers, read at most every
+      ``mailer.quotas.PAUSE_LOOK_SECONDS`` (and again after a pass that
+      paused one).
 
     Lanes of one pass may run in threads: every method is thread-safe.
     """
@@ -258,6 +261,8 @@ class Session:
         self._lock = threading.Lock()
         self._senders: list[tuple[float, _Sender]] = []
         self._queries: dict[tuple[str, bool], _PassQueries] = {}
+        # The routes paused by their providers, as last read (mailer.quotas).
+        self.pauses: dict[str, Any] = {}
 
     def sender(self, route: str | None = None) -> _Sender:
         """A kept sender of ``route`` still within its time, else a new one."""

@@ -383,7 +383,7 @@ def send_all(
         # partner then, and route groups run one after another.
         pairable = not connections[db].in_atomic_block
         groups = routelanes.plan(queryset, routes, concurrency)
-        paused = quotas.paused_routes(db)
+        paused = quotas.paused_routes(db, session.pauses if session is not None else None)
         if groups is None:
             # Without row locks (SQLite) the lanes share one claim position.
             shared = SharedCursor(_first_key(db)) if lanes > 1 and not lock_rows else None
@@ -415,6 +415,8 @@ def send_all(
         if lock is not None:
             release_lock(lock)
         result.seconds = time.monotonic() - start
+        if result.held and session is not None:
+            session.pauses.clear()  # a route paused: the next pass reads them
     if result.timed_out:
         logger.warning(
             "The email server did not answer in time; stopped this pass "

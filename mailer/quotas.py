@@ -402,10 +402,24 @@ def pause_seconds(in_a_row: int, retry_after: float | None) -> float:
     return min(PAUSE_MAX, base * random.uniform(*PAUSE_JITTER))
 
 
-def paused_routes(db: str) -> dict[str, tuple[int, str]]:
-    """Routes paused now: key -> (paused until, µs; the reason). One query."""
+#: A worker (``runmailer``, ``runmailer_pg``) reads the routes paused by
+#: their providers at most this often; a pass without a worker's session
+#: (cron's ``send_mail``, a task) reads them once.
+PAUSE_LOOK_SECONDS = 5.0
+
+
+def paused_routes(db: str, kept: dict[str, Any] | None = None) -> dict[str, tuple[int, str]]:
+    """Routes paused now: key -> (paused until, µs; the reason). One query,
+    or none when ``kept`` (a worker's session's) holds a recent read."""
+    if kept is not None:
+        seen = kept.get(db)
+        if seen is not None and time.monotonic() - seen[0] < PAUSE_LOOK_SECONDS:
+            return dict(seen[1])
     rows = RouteQuota.objects.using(db).filter(paused_until__gt=now_us())
-    return {r.route: (r.paused_until, r.pause_reason) for r in rows}
+    paused = {r.route: (r.paused_until, r.pause_reason) for r in rows}
+    if kept is not None:
+        kept[db] = (time.monotonic(), paused)
+    return paused
 
 
 def gate(key: str, db: str, paused: dict[str, tuple[int, str]]) -> Gate:

@@ -187,6 +187,21 @@ def test_the_worker_sleeps_until_the_route_is_free(settings):
     assert worker.pause_after(PassResult(held_for=3600)) == 30
 
 
+def test_a_worker_waits_out_a_pause_set_elsewhere(settings, smtp_settings, smtp_server):
+    """Another worker's pause holds this one's mail (an unlimited route):
+    runmailer's loop sleeps until it ends, then sends."""
+    quotas.ensure_row("default", UNROUTED)
+    RouteQuota.objects.update(
+        paused_until=quotas.now_us() + int(0.8 * quotas.US), pause_reason="421 elsewhere"
+    )
+    queue(2)
+    worker = Worker(sleep=5, max_passes=2, install_signal_handlers=False)
+    started = time.monotonic()
+    worker.run()
+    assert len(smtp_server.messages) == 2
+    assert 0.7 <= time.monotonic() - started < 4
+
+
 # --- pushback --------------------------------------------------------------------------
 
 
