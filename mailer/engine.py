@@ -401,6 +401,7 @@ def send_all(
                 lane.session = session
                 lane.pairable = pairable
                 lane.gate = quotas.gate(g.route or routelanes.unrouted_name(), db, paused)
+                lane.route = g.route
                 return routelanes.route_lane(lane, g, threaded)
 
             # MAILER_EMAIL_THROTTLE is the process's rate: every route's lanes
@@ -477,6 +478,7 @@ class _Lane:
         self.index_hint: str | None = None  # see _PassQueries.index_hint
         self.recheck: routelanes.Recheck | None = None
         self.gate: quotas.Gate | None = None  # the route's quota and pause
+        self.route: str | None = None  # the route group's (None: unrouted mail)
 
     def run(self) -> None:
         session = self.session
@@ -494,6 +496,8 @@ class _Lane:
             prepare=lambda: self._partner(senders, claims.pair(self.lock_rows)),
         )
         done = False
+        if self.gate is not None and self.gate.limits:
+            senders.warm(self.route)  # a slot's message goes at its time
         try:
             self._loop(senders, queries, claims, partner.start_if_due)
             done = True

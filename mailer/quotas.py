@@ -175,6 +175,7 @@ class Gate:
         self.reason = reason
         self.held_for: float | None = None  # seconds until free, when held
         self.lock = threading.Lock()
+        self.turn = threading.Lock()  # one lane reserves (and waits) at a time
         self._said = False
 
     # -- reserving --------------------------------------------------------------
@@ -186,24 +187,34 @@ class Gate:
         when the route is held (paused, or its quota used for longer than
         :data:`HORIZON`; ``held_for`` says how long) or the worker is
         stopping (``stopping()``, asked when ``sleep`` returns early)."""
-        while True:
-            if self.paused_until and self.paused_until > now_us():
-                self._held((self.paused_until - now_us()) / US, "provider pause")
-                return None
-            if not self.limits:
-                return FREE
-            slot = self._reserve()
-            if slot is not None:
-                if not self._wait_until(slot.at, sleep, stopping):
-                    self.give_back(slot)
+        if not self.limits:
+            return None if self._paused() else FREE
+        # The lanes of this process take their slots one at a time: at most
+        # one reserved slot per process is not due yet, so a pause the
+        # provider asks for stops every worker within a slot or two.
+        with self.turn:
+            while True:
+                if self._paused():
                     return None
-                return slot
-            wait, why = self._free_in()
-            if wait > HORIZON:
-                self._held(wait, why)
-                return None
-            if not self._wait_until(time.time() + wait, sleep, stopping):
-                return None
+                slot = self._reserve()
+                if slot is not None:
+                    if not self._wait_until(slot.at, sleep, stopping) or self._paused():
+                        self.give_back(slot)
+                        return None
+                    return slot
+                wait, why = self._free_in()
+                if wait > HORIZON:
+                    self._held(wait, why)
+                    return None
+                if not self._wait_until(time.time() + wait, sleep, stopping):
+                    return None
+
+    def _paused(self) -> bool:
+        """Paused as far as this process knows (noted as held if so)?"""
+        if self.paused_until and self.paused_until > now_us():
+            self._held((self.paused_until - now_us()) / US, "provider pause")
+            return True
+        return False
 
     @staticmethod
     def _wait_until(
@@ -237,7 +248,7 @@ class Gate:
                 logger.info(
                     "Route %s has used its quota (%s); its mail waits %.1fs on the queue.",
                     self.key,
-                    ", ".join(map(str, self.limits)),
+                    why,
                     seconds,
                 )
         return None
@@ -314,15 +325,17 @@ class Gate:
         if row.paused_until > now:
             self.paused_until, self.reason = row.paused_until, row.pause_reason
             return (row.paused_until - now) / US, "provider pause"
-        free = now
-        if self.per_second is not None:
-            free = max(free, row.slot_at - int(HORIZON * US))
+        free, used_up = now, []
+        if self.per_second is not None and row.slot_at - int(HORIZON * US) > now:
+            free = row.slot_at - int(HORIZON * US)
+            used_up.append(f"{self.per_second}: slots taken {HORIZON:.0f}s ahead")
         for limit in self.windows:
             number = window_of(limit, now)
             used = getattr(row, f"{limit.unit}_count")
             if getattr(row, f"{limit.unit}_window") == number and used >= limit.count:
                 free = max(free, (number + 1) * limit.seconds * US)
-        return max(free - now, 0) / US + 0.001, "rate limit"
+                used_up.append(f"{limit}: {used} sent this {UNIT_NAMES[limit.unit]}")
+        return max(free - now, 0) / US + 0.001, "; ".join(used_up) or "rate limit"
 
     def give_back(self, slot: Slot) -> None:
         """``slot`` was not used: count it out again (a slot taken after it

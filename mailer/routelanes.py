@@ -281,6 +281,12 @@ class LaneSenders:
             self.last = sender
             return sender
 
+    def warm(self, route: str | None) -> None:
+        """Open ``route``'s connection now, before a quota slot is waited
+        for (a failure is met again, and recorded, when a message is sent)."""
+        with contextlib.suppress(Exception):
+            self.get(route).get()
+
     def turn(self, sender: _Sender) -> contextlib.AbstractContextManager[Any]:
         """Hold while a message goes through ``sender``: nothing, or, once
         the lane has two threads, the sender's own lock if its connection

@@ -141,7 +141,7 @@ def test_a_route_over_its_quota_waits_and_the_others_go_on(settings, two_provide
         ("ses", True, 0)
     ] * 2
     assert MessageLog.objects.filter(route="ses").count() == 3
-    assert "Route ses has used its quota (3/m)" in caplog.text
+    assert "Route ses has used its quota (3/m: 3 sent this minute)" in caplog.text
     # The count is the database's: the next pass (any worker) sends none.
     again = send_all()
     assert again.sent == 0 and again.held_for is not None
