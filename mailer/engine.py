@@ -284,7 +284,7 @@ def _deliver_one(
             # "Slow down": the route pauses, the message stays queued as it
             # was (no attempt counted) and goes out after the pause.
             sender.discard(sender.used)
-            gate.pause(push)
+            gate.pause(push, message.route or routelanes.unrouted_name())
             result.held += 1
             return None
         result.timed_out = _is_timeout(exc)
@@ -324,10 +324,12 @@ def _limits_reached(result: PassResult, in_flight: int = 0) -> bool:
     max_batch = conf.EMAIL_MAX_BATCH
     if max_batch is not None and result.sent + in_flight >= max_batch:
         logger.info("EMAIL_MAX_BATCH (%s) reached, stopping for this round", max_batch)
+        result.limited = True
         return True
     max_deferred = conf.EMAIL_MAX_DEFERRED
     if max_deferred is not None and result.deferred >= max_deferred:
         logger.warning("EMAIL_MAX_DEFERRED (%s) reached, stopping for this round", max_deferred)
+        result.limited = True
         return True
     return False
 
@@ -402,6 +404,7 @@ def send_all(
                 lane.pairable = pairable
                 lane.gate = quotas.gate(g.route or routelanes.unrouted_name(), db, paused)
                 lane.route = g.route
+                lane.others_running = g.others_running if threaded else None
                 return routelanes.route_lane(lane, g, threaded)
 
             # MAILER_EMAIL_THROTTLE is the process's rate: every route's lanes
@@ -479,6 +482,8 @@ class _Lane:
         self.recheck: routelanes.Recheck | None = None
         self.gate: quotas.Gate | None = None  # the route's quota and pause
         self.route: str | None = None  # the route group's (None: unrouted mail)
+        # Are other route groups' lanes still running? (None: no other groups.)
+        self.others_running: Callable[[], bool] | None = None
 
     def run(self) -> None:
         session = self.session
@@ -496,8 +501,6 @@ class _Lane:
             prepare=lambda: self._partner(senders, claims.pair(self.lock_rows)),
         )
         done = False
-        if self.gate is not None and self.gate.limits:
-            senders.warm(self.route)  # a slot's message goes at its time
         try:
             self._loop(senders, queries, claims, partner.start_if_due)
             done = True
@@ -560,8 +563,10 @@ class _Lane:
                     # A slot of the route's quota, outside the claim's
                     # transaction: the route's row is locked for one statement.
                     slot = gate.take(self.sleep, state.asked_to_stop)
-                    if slot is None:  # held: its mail waits for the next pass
-                        state.finish()
+                    if slot is None:
+                        if routelanes.wait_out_hold(gate, state, self.sleep, self.others_running):
+                            continue  # free again: look again
+                        state.finish()  # held: its mail waits for the next pass
                         break
                 # Row-locking databases: claim, send and record in one
                 # transaction. SQLite: no transaction around the SMTP talk.
@@ -585,7 +590,7 @@ class _Lane:
                         )
             finally:
                 state.settle(outcome, unexpected)
-                if slot is not None and gate is not None and not _handed(outcome):
+                if slot is not None and gate is not None and not PassResult.handed(outcome):
                     gate.give_back(slot)
             if outcome is not None and outcome.held:
                 state.finish()  # the route is paused: the others stop too
@@ -593,13 +598,6 @@ class _Lane:
                 self.sleep(throttle)  # 2.3.2: a nap after each sent message
             if after_message is not None:
                 after_message()
-
-
-def _handed(outcome: PassResult | None) -> bool:
-    """Did the message reach the provider (so its quota slot is used)?"""
-    if outcome is None:
-        return False
-    return bool(outcome.sent or outcome.held or outcome.deferred > outcome.unreachable)
 
 
 def _as_queryset(messages: Any) -> MessageQuerySet:
@@ -641,4 +639,7 @@ def send_loop() -> None:
             seconds = idle_wait(_setting("EMPTY_QUEUE_SLEEP"), seconds_until_due())
             logger.debug("sleeping for %s seconds before checking queue again", seconds)
             time.sleep(seconds)
-        send_all()
+        result = send_all()
+        if not result.attempted and result.held_for is not None:
+            # Sendable, but held by its route's quota or provider's pause.
+            time.sleep(idle_wait(_setting("EMPTY_QUEUE_SLEEP"), result.held_for))

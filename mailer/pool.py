@@ -50,10 +50,13 @@ class PassResult:
     # a pause may send again (None: no route was held).
     held: int = 0
     held_for: float | None = None
+    # MAILER_EMAIL_MAX_BATCH or MAX_DEFERRED ended (part of) the pass.
+    limited: bool = False
 
     def add(self, other: Any) -> None:
         """Add ``other``'s counts (one message's, or a route group's)."""
         self.held += other.held
+        self.limited = self.limited or other.limited
         if other.held_for is not None:
             self.hold(other.held_for)
         self.sent += other.sent
@@ -64,6 +67,14 @@ class PassResult:
         if other.unreachable:
             self.unreachable += other.unreachable
             self.unreachable_error = other.unreachable_error
+
+    @staticmethod
+    def handed(outcome: Any) -> bool:
+        """Did the message of ``outcome`` reach the provider (so its quota
+        slot is used)? (None: nothing was claimed.)"""
+        if outcome is None:
+            return False
+        return bool(outcome.sent or outcome.held or outcome.deferred > outcome.unreachable)
 
     def hold(self, seconds: float) -> None:
         """A route is held for ``seconds`` (the earliest of all is kept)."""

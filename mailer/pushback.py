@@ -4,8 +4,9 @@ message failed".
 * SMTP ``421`` (the service is closing the channel: too many connections,
   too fast), at any step;
 * SMTP ``450``, ``451`` or ``452`` whose text speaks of a rate (``rate``,
-  ``throttl``, ``too many``, ``try later``), for the
-  message as a whole (a refusal of some recipients only is theirs);
+  ``throttl``, ``too many``, ``try later``) to the sender or the data (a
+  ``45x`` to a recipient is about that mailbox: the message is deferred as
+  any other);
 * an HTTP ``429`` from an API backend (django-anymail's ``AnymailAPIError``
   and any error with ``status_code`` 429), with its ``Retry-After``.
 
@@ -42,10 +43,11 @@ def classify(exc: BaseException) -> Pushback | None:
             f"HTTP 429 {_first_line(exc)}".strip(), retry_after(headers.get("Retry-After"))
         )
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
-        replies = list(exc.recipients.values())
-        if replies and all(_slow_down(code, text) for code, text in replies):
-            code, text = replies[0]
-            return Pushback(_reply(code, text))
+        # Only a 421 speaks for the server: a 45x to RCPT, "rate" or not, is
+        # about that recipient (a mailbox receiving too fast), not the route.
+        for code, text in exc.recipients.values():
+            if code == 421:
+                return Pushback(_reply(code, text))
         return None
     if isinstance(exc, smtplib.SMTPResponseException):
         if _slow_down(exc.smtp_code, exc.smtp_error):

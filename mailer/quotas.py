@@ -61,6 +61,7 @@ PAUSE_MAX = 300.0
 PAUSE_JITTER = (0.8, 1.2)
 PAUSE_RESET = 60.0
 PAUSE_RETRY_AFTER_MAX = 3600.0
+PAUSE_RETRY_AFTER_MIN = 0.25  # "Retry-After: 0" is no reason to spin
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,22 @@ class Slot:
     windows: dict[str, int] = field(default_factory=dict)
 
 
+#: The pause of each route this process has logged (route -> paused until).
+_TOLD: dict[str, int] = {}
+_TOLD_LOCK = threading.Lock()
+
+
+def _returning(connection: Any) -> bool:
+    """Does this database's ``UPDATE`` take ``RETURNING``?"""
+    if connection.vendor == "postgresql":
+        return True
+    if connection.vendor == "sqlite":
+        import sqlite3
+
+        return sqlite3.sqlite_version_info >= (3, 35)
+    return False
+
+
 #: The slot of a route without limits (nothing reserved, nothing to give back).
 FREE = Slot(at=0.0)
 
@@ -193,7 +210,7 @@ class Gate:
         # one reserved slot per process is not due yet, so a pause the
         # provider asks for stops every worker within a slot or two.
         with self.turn:
-            while True:
+            for tries in range(1000):
                 if self._paused():
                     return None
                 slot = self._reserve()
@@ -203,11 +220,14 @@ class Gate:
                         return None
                     return slot
                 wait, why = self._free_in()
-                if wait > HORIZON:
-                    self._held(wait, why)
+                if wait > HORIZON or tries >= 20:
+                    # (Refused 20 times in a row when it said "soon": the row
+                    # says something this worker can't read; look later.)
+                    self._held(max(wait, 1.0) if tries >= 20 else wait, why)
                     return None
                 if not self._wait_until(time.time() + wait, sleep, stopping):
                     return None
+            return None
 
     def _paused(self) -> bool:
         """Paused as far as this process knows (noted as held if so)?"""
@@ -235,6 +255,11 @@ class Gate:
         with self.lock:
             self.held_for = seconds if self.held_for is None else min(self.held_for, seconds)
             said, self._said = self._said, True
+        if why == "provider pause":
+            # Once per pause in a process (each pass has a new gate).
+            with _TOLD_LOCK:
+                said = said or _TOLD.get(self.key) == self.paused_until
+                _TOLD[self.key] = self.paused_until
         if not said:
             if why == "provider pause":
                 logger.info(
@@ -269,43 +294,50 @@ class Gate:
             win, count = quote(f"{limit.unit}_window"), quote(f"{limit.unit}_count")
             # MariaDB/MySQL assign left to right with the new values: the
             # count first, while the window column still holds the old one.
-            sets.append(f"{count} = CASE WHEN {win} = %s THEN {count} + 1 ELSE 1 END")
-            sets.append(f"{win} = %s")
-            set_params += [number, number]
-            where.append(f"({win} <> %s OR {count} < %s)")
+            # A window only moves forward: a worker whose clock is behind
+            # counts in the window another has already begun.
+            sets.append(f"{count} = CASE WHEN {win} >= %s THEN {count} + 1 ELSE 1 END")
+            sets.append(f"{win} = CASE WHEN {win} > %s THEN {win} ELSE %s END")
+            set_params += [number, number, number]
+            where.append(f"({win} < %s OR {count} < %s)")
             where_params += [number, limit.count]
         if self.per_second is not None:
             step = US // self.per_second.count
             slot = quote("slot_at")
-            later = f"CASE WHEN {slot} > %s THEN {slot} ELSE %s END"
+            later = f"CASE WHEN {slot} > %s THEN {slot} ELSE %s END + %s"
             if connection.vendor == "mysql":
-                later = f"(@mailer_slot := {later})"
-            sets.insert(0, f"{slot} = {later} + %s")
+                # The new value comes back as the statement's insert id (no
+                # RETURNING on MariaDB's UPDATE): still one round trip.
+                later = f"LAST_INSERT_ID({later})"
+            sets.insert(0, f"{slot} = {later}")
             set_params[0:0] = [now, now, step]
             where.append(f"{slot} <= %s")
             where_params.append(now + int(HORIZON * US))
         table = quote(RouteQuota._meta.db_table)
         sql = f"UPDATE {table} SET {', '.join(sets)} WHERE {' AND '.join(where)}"
-        if self.per_second is not None and connection.vendor != "mysql":
+        if self.per_second is not None and _returning(connection):
             sql += f" RETURNING {quote('slot_at')}"
         return sql, set_params + where_params, windows, now
 
     def _reserve(self) -> Slot | None:
         sql, params, windows, now = self._sql()
         for _ in range(2):
-            with connections[self.db].cursor() as cursor:
+            connection = connections[self.db]
+            with connection.cursor() as cursor:
                 cursor.execute(sql, params)
                 got = cursor.rowcount
                 slot_at = None
                 if self.per_second is not None:
-                    if connections[self.db].vendor == "mysql":
-                        if got:
-                            cursor.execute("SELECT @mailer_slot")
-                            slot_at = int(cursor.fetchone()[0]) + US // self.per_second.count
-                    else:
+                    if connection.vendor == "mysql":
+                        slot_at = int(cursor.lastrowid) if got else None
+                    elif _returning(connection):
                         rows = cursor.fetchall()
                         got = len(rows)
                         slot_at = int(rows[0][0]) if rows else None
+                    elif got:  # SQLite before 3.35: no RETURNING
+                        table = connection.ops.quote_name(RouteQuota._meta.db_table)
+                        cursor.execute(f"SELECT slot_at FROM {table} WHERE route = %s", [self.key])
+                        slot_at = int(cursor.fetchone()[0])
             if got:
                 at = now / US
                 if slot_at is not None:
@@ -330,12 +362,12 @@ class Gate:
             free = row.slot_at - int(HORIZON * US)
             used_up.append(f"{self.per_second}: slots taken {HORIZON:.0f}s ahead")
         for limit in self.windows:
-            number = window_of(limit, now)
+            number = max(window_of(limit, now), getattr(row, f"{limit.unit}_window"))
             used = getattr(row, f"{limit.unit}_count")
             if getattr(row, f"{limit.unit}_window") == number and used >= limit.count:
                 free = max(free, (number + 1) * limit.seconds * US)
                 used_up.append(f"{limit}: {used} sent this {UNIT_NAMES[limit.unit]}")
-        return max(free - now, 0) / US + 0.001, "; ".join(used_up) or "rate limit"
+        return max(free - now, 0) / US + 0.01, "; ".join(used_up) or "rate limit"
 
     def give_back(self, slot: Slot) -> None:
         """``slot`` was not used: count it out again (a slot taken after it
@@ -367,10 +399,13 @@ class Gate:
 
     # -- pushback -----------------------------------------------------------------
 
-    def pause(self, push: Pushback) -> float:
-        """The provider asked to slow down: pause the route for every worker
-        (unless another already did) and log it once. Returns the seconds
-        left of the pause."""
+    def pause(self, push: Pushback, key: str | None = None) -> float:
+        """The provider asked to slow down: pause the route (``key``, default
+        this gate's) for every worker (unless another already did) and log
+        it once. Returns the seconds left of the pause."""
+        if key is not None and key != self.key:
+            # A message of another route (queued during a single-group pass).
+            return Gate(key, self.db, route_limits(key)).pause(push)
         ensure_row(self.db, self.key)
         for _ in range(3):
             row = RouteQuota.objects.using(self.db).get(route=self.key)
@@ -400,6 +435,8 @@ class Gate:
         return 0.0
 
     def _note_pause(self, seconds: float) -> float:
+        with _TOLD_LOCK:
+            _TOLD[self.key] = self.paused_until
         with self.lock:
             self.held_for = seconds if self.held_for is None else min(self.held_for, seconds)
             self._said = True  # the pause is logged once, by whoever set it
@@ -410,7 +447,7 @@ def pause_seconds(in_a_row: int, retry_after: float | None) -> float:
     """How long the ``in_a_row``-th pause in a row lasts (``Retry-After``
     when the provider gave one)."""
     if retry_after is not None:
-        return min(max(retry_after, 0.0), PAUSE_RETRY_AFTER_MAX)
+        return min(max(retry_after, PAUSE_RETRY_AFTER_MIN), PAUSE_RETRY_AFTER_MAX)
     base = min(PAUSE_MAX, PAUSE_FIRST * 2 ** min(in_a_row - 1, 30))
     return min(PAUSE_MAX, base * random.uniform(*PAUSE_JITTER))
 

@@ -60,7 +60,7 @@ def waiting_for(key: str, row: RouteQuota | None, now: int | None = None) -> str
         if limit.unit == "s":
             if row.slot_at > now + HORIZON * US:
                 return "rate limit"
-        elif getattr(row, f"{limit.unit}_window") == window_of(limit, now):
+        elif getattr(row, f"{limit.unit}_window") >= window_of(limit, now):
             if getattr(row, f"{limit.unit}_count") >= limit.count:
                 return "rate limit"
     return None

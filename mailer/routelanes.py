@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -89,6 +90,12 @@ class RouteGroup:
     route: str | None
     queryset: MessageQuerySet
     lanes: int
+    # Set by run_route_groups: are other groups' lanes still running?
+    running: Any = None
+
+    def others_running(self) -> bool:
+        running = self.running
+        return running is not None and running.others(self)
 
 
 def route_lane(lane: Any, group: RouteGroup, threaded: bool) -> Callable[[], None]:
@@ -154,6 +161,27 @@ def plan(
     return groups
 
 
+def wait_out_hold(
+    gate: Any, state: PassState, sleep: Callable[[float], Any], others_running: Any
+) -> bool:
+    """A lane of a route held by its quota or its provider's pause
+    (``gate.held_for``) while other routes' lanes still run waits for the
+    hold to end (at most ``MAILER_EMPTY_QUEUE_SLEEP``) rather than for the
+    end of their pass; True once it may try again."""
+    held_for = gate.held_for
+    if held_for is None or others_running is None or state.asked_to_stop():
+        return False
+    if held_for > conf.EMPTY_QUEUE_SLEEP or not others_running():
+        return False
+    until = time.monotonic() + held_for
+    while time.monotonic() < until:
+        if not others_running() or state.asked_to_stop():
+            return False
+        sleep(min(until - time.monotonic(), 1.0))
+    gate.held_for = None
+    return True
+
+
 class Recheck:
     """A route lane's second look before it ends its pass (MariaDB/MySQL,
     several lanes at once).
@@ -210,11 +238,14 @@ def run_route_groups(
         result.drained = True
         return
     threaded = threads and (len(groups) > 1 or groups[0].lanes > 1)
+    running = Running(groups) if threads and len(groups) > 1 else None
     runs = []
     for group in groups:
         own = new_state()
         lanes = group.lanes if threads else 1
-        runs.append((lanes, lane_for(group, own, threaded), own))
+        group.running = running
+        body = lane_for(group, own, threaded)
+        runs.append((lanes, body if running is None else running.wrap(group, body), own))
     try:
         if threads:
             run_groups(runs)
@@ -230,6 +261,28 @@ def run_route_groups(
             if own.pending is not None and state.pending is None:
                 state.pending = own.pending
         result.drained = drained
+
+
+class Running:
+    """How many lanes of each route group of a pass are still running."""
+
+    def __init__(self, groups: Sequence[RouteGroup]) -> None:
+        self.lock = threading.Lock()
+        self.lanes = {id(group): group.lanes for group in groups}
+
+    def wrap(self, group: RouteGroup, body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body()
+            finally:
+                with self.lock:
+                    self.lanes[id(group)] -= 1
+
+        return run
+
+    def others(self, group: RouteGroup) -> bool:
+        with self.lock:
+            return any(n > 0 for key, n in self.lanes.items() if key != id(group))
 
 
 def run_groups(groups: Sequence[tuple[int, Callable[[], None], PassState]]) -> None:
@@ -280,12 +333,6 @@ class LaneSenders:
                 self.senders[route] = sender
             self.last = sender
             return sender
-
-    def warm(self, route: str | None) -> None:
-        """Open ``route``'s connection now, before a quota slot is waited
-        for (a failure is met again, and recorded, when a message is sent)."""
-        with contextlib.suppress(Exception):
-            self.get(route).get()
 
     def turn(self, sender: _Sender) -> contextlib.AbstractContextManager[Any]:
         """Hold while a message goes through ``sender``: nothing, or, once

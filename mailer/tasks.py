@@ -83,7 +83,7 @@ def _send_queued_mail(context: Any, route: str | None = None) -> dict[str, Any]:
         delay = None  # nothing due is left; later mail has its own runs
     elif result.timed_out or _deferred_limit(result):
         delay = conf.EMPTY_QUEUE_SLEEP  # the server is in trouble: not at once
-    elif result.held_for is not None and not budget.spent():
+    elif result.held_for is not None and not budget.spent() and not result.limited:
         # A route waits for its quota or its provider's pause (and nothing
         # else stopped the pass): the successor runs when it is free.
         delay = min(max(result.held_for, engine.MIN_DUE_WAIT), conf.EMPTY_QUEUE_SLEEP)

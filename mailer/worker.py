@@ -206,11 +206,18 @@ class Worker:
         if result.attempted == 0 or drained:
             # One indexed look for the earliest scheduled message or retry
             # (the notification of a queued message doesn't say when it is due).
-            wait = self.idle_wait()
-            if held_for is not None:
-                # A route waits for its quota or its provider's pause: look
-                # again when it is free (at most the idle period).
-                wait = min(wait, max(held_for, engine.MIN_DUE_WAIT))
+            if held_for is None:
+                return self.idle_wait()
+            # A route waits for its quota or its provider's pause: look again
+            # when it is free (at most the idle period), or when a message
+            # scheduled for later falls due (one already due is the held one).
+            wait = min(self.idle_seconds(), max(held_for, engine.MIN_DUE_WAIT))
+            try:
+                until_due = self.seconds_until_due()
+            except Exception:  # the database is away: the pass will say so
+                until_due = None
+            if until_due is not None and until_due > engine.MIN_DUE_WAIT:
+                wait = min(wait, until_due)
             return wait
         return None
 

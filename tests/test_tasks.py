@@ -227,6 +227,21 @@ def test_a_route_over_its_quota_gets_a_successor_when_it_is_free(dummy, settings
     assert before < run_after <= timezone.now() + timedelta(seconds=conf.EMPTY_QUEUE_SLEEP)
 
 
+def test_a_held_route_does_not_delay_a_batch_that_ran_out(dummy, settings, two_providers):
+    """MAILER_EMAIL_MAX_BATCH ended the other route's part: its successor
+    runs at once, whatever the held route waits for."""
+    settings.MAILER_EMAIL_MAX_BATCH = 2
+    settings.MAILER_ROUTES = {
+        **settings.MAILER_ROUTES,
+        "ses": {**settings.MAILER_ROUTES.get("ses", {}), "RATE": "1/d"},
+    }
+    mailer.send_mass_mail([("s", "b", "f@example.com", ["t@example.com"])] * 2, using="ses")
+    mailer.send_mass_mail([("p", "b", "f@example.com", ["t@example.com"])] * 4)
+    dummy.clear()
+    outcome = tasks.send_queued_mail.call(_context())
+    assert outcome["held_for"] is not None and outcome["successor"] == "now"
+
+
 def test_max_batch_bounds_the_task_pass(dummy, settings, smtp_settings, smtp_server):
     settings.MAILER_EMAIL_MAX_BATCH = 2
     mailer.send_mass_mail([("s", "b", "f@example.com", ["t@example.com"])] * 3)
