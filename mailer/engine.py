@@ -548,6 +548,7 @@ class _Lane:
         state = self.state
         look_again = False
         gate = self.gate
+        warmed = [False]  # the lane's connection opened before its first slot is used
         while state.reserve():
             outcome: PassResult | None = None
             unexpected: BaseException | None = None
@@ -562,7 +563,7 @@ class _Lane:
                 if gate is not None:
                     # A slot of the route's quota, outside the claim's
                     # transaction: the route's row is locked for one statement.
-                    slot = gate.take(self.sleep, state.asked_to_stop)
+                    slot = routelanes.take_slot(gate, senders, self.route, self.sleep, state, warmed)
                     if slot is None:
                         if routelanes.wait_out_hold(gate, state, self.sleep, self.others_running):
                             continue  # free again: look again

@@ -229,6 +229,17 @@ class Gate:
                     return None
             return None
 
+    def renew(
+        self, slot: Slot, sleep: Callable[[float], Any], stopping: Callable[[], bool]
+    ) -> Slot | None:
+        """``slot``, or a fresh one if it went by more than one per-second
+        step ago (its window counts are given back; the per-second slot, in
+        the past, is not handed to anyone again)."""
+        if self.per_second is None or time.time() <= slot.at + 1 / self.per_second.count:
+            return slot
+        self.give_back(Slot(at=slot.at, slot_at=None, windows=slot.windows))
+        return self.take(sleep, stopping)
+
     def _paused(self) -> bool:
         """Paused as far as this process knows (noted as held if so)?"""
         if self.paused_until and self.paused_until > now_us():

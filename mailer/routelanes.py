@@ -161,6 +161,28 @@ def plan(
     return groups
 
 
+def take_slot(
+    gate: Any,
+    senders: LaneSenders,
+    route: str | None,
+    sleep: Callable[[float], Any],
+    state: PassState,
+    warmed: list[bool],
+) -> Any:
+    """A slot of ``gate``'s quota for the lane's next message (see
+    :meth:`mailer.quotas.Gate.take`). Before the lane's first slot is used,
+    its connection is opened (not before a slot: never to a route that is
+    paused or used up); a slot that went by meanwhile is not used late, next
+    to the slots after it, but exchanged for a fresh one."""
+    slot = gate.take(sleep, state.asked_to_stop)
+    if slot is None or slot is quotas.FREE or warmed[0]:
+        return slot
+    warmed[0] = True
+    if senders.warm(route):
+        return gate.renew(slot, sleep, state.asked_to_stop)
+    return slot
+
+
 def wait_out_hold(
     gate: Any, state: PassState, sleep: Callable[[float], Any], others_running: Any
 ) -> bool:
@@ -333,6 +355,16 @@ class LaneSenders:
                 self.senders[route] = sender
             self.last = sender
             return sender
+
+    def warm(self, route: str | None) -> bool:
+        """Open ``route``'s connection if it isn't (a failure is met again,
+        and recorded, when the message is sent); True if it was opened now."""
+        sender = self.get(route)
+        if sender.backend is not None:
+            return False
+        with contextlib.suppress(Exception):
+            sender.get()
+        return True
 
     def turn(self, sender: _Sender) -> contextlib.AbstractContextManager[Any]:
         """Hold while a message goes through ``sender``: nothing, or, once
