@@ -36,6 +36,8 @@ def rows(summary: list[dict], scenarios: set[str] | None) -> list[list[str]]:
     for row in summary:
         if scenarios and row["scenario"] not in scenarios:
             continue
+        if "unit" not in row:  # provider, latency, quota: their own tables
+            continue
         unit = row["unit"]
         measure = row["label"] if unit == "x" else f"{row['label']}, {unit}"
         ratio = row.get("ratio_ours_over_dm232")

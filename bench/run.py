@@ -5,6 +5,7 @@
     python3 bench/run.py --quick              # tiny smoke run (< 1 minute)
     python3 bench/run.py --only dm232 --runs 1 --json out.json
     python3 bench/run.py --scenarios provider  # a provider 20 ms away, ~4 min
+    python3 bench/run.py --scenarios quota     # a route limited to 20/s, ours only, ~4 min
 
 Standard library only.  It creates two virtualenvs on first use,
 bench/.venvs/dm232 (django-mailer==2.3.2) and bench/.venvs/ours (this
@@ -48,9 +49,13 @@ SIDES = {
 SIDE_ORDER = ["dm232", "ours"]
 
 SCENARIO_ORDER = ["enqueue", "drain", "dummy", "memory", "runmailer_pg", "workers4", "attachments", "provider",
-                  "latency", "routes"]
+                  "latency", "routes", "quota"]
 # Scenarios of what 2.3.2 doesn't have: measured on our side only.
-OURS_ONLY = {"routes"}
+OURS_ONLY = {"routes", "quota"}
+# Run only when asked for (--scenarios): quota paces itself at 20 msgs/s
+# and sits through the provider's pauses, about 2 minutes per database.
+OPT_IN = {"quota"}
+DEFAULT_SCENARIOS = [s for s in SCENARIO_ORDER if s not in OPT_IN]
 SCENARIO_DBS = {
     "enqueue": ["sqlite", "postgres"],
     "drain": ["sqlite", "postgres"],
@@ -62,6 +67,7 @@ SCENARIO_DBS = {
     "provider": ["sqlite", "postgres"],
     "latency": ["sqlite", "postgres"],
     "routes": ["sqlite", "postgres"],
+    "quota": ["sqlite", "postgres"],
 }
 
 # The provider scenario: an SMTP sink that answers like a provider 20 ms away
@@ -121,11 +127,44 @@ LATENCY_VARIANTS = [
 ]
 LATENCY_QUICK = ["lat_ours_c10_sqlite"]
 
+# The quota scenario (ours only: 2.3.2 and post_office have no quotas): a
+# route limited to QUOTA_RATE, drained by QUOTA_PROCESSES x runmailer
+# --concurrency QUOTA_CONCURRENCY against the provider scenario's sink. A
+# burst of QUOTA_BURST over the rate is allowed in any sliding second; the
+# mean over the run must reach QUOTA_MEAN_FLOOR of the rate. The pushback
+# run's sink answers 421 to every QUOTA_REJECT_EVERY-th message; the
+# route's pauses double (1 s, 2 s, 4 s ...) while the provider keeps
+# pushing back, so that run is short: 6 pauses are about a minute.
+QUOTA_RATE = 20
+QUOTA_BURST = 2
+QUOTA_MEAN_FLOOR = 0.95
+QUOTA_PROCESSES = 3
+QUOTA_CONCURRENCY = 5
+QUOTA_REJECT_EVERY = 10
+# The pushback run counts the transactions (MAIL FROM) that began 0.2 to 0.8 s
+# after a 421: 0.2 s leaves time for one already under way and for the worker
+# to note the pause; 0.8 s is the shortest pause (the feature's first one,
+# 1 s, less its 20 % jitter). The route should be paused all that time.
+QUOTA_PAUSE_CHECK = (0.2, 0.8)
+# (key, db, label, params). SQLite keeps the file lock (docs/settings.rst:
+# "Keep it True on SQLite"; without it three processes sent 281 copies of
+# 100 messages in a trial), so one process sends at a time there.
+QUOTA_VARIANTS = [
+    (kind + "_" + db, db, label, dict(params, file_lock=db == "sqlite"))
+    for db in ("sqlite", "postgres")
+    for kind, label, params in (
+        ("quota", "%d/s, %d x runmailer --concurrency %d" % (QUOTA_RATE, QUOTA_PROCESSES, QUOTA_CONCURRENCY), {}),
+        ("pushback", "the same, sink answers 421 to every %dth" % QUOTA_REJECT_EVERY,
+         {"reject_every": QUOTA_REJECT_EVERY}),
+    )
+]
+
 FULL = {"n": 10000, "sizes": [1000, 10000, 50000], "singles": 200, "burst": 2000, "runs": 3, "mem_runs": 1,
         "att_mb": [20, 100], "provider": {"slow": 12, "c1": 30, "fast": 300},
-        "latency": {"slow": 12, "c1": 40, "fast": 400}}
+        "latency": {"slow": 12, "c1": 40, "fast": 400}, "quota": {"quota": 1200, "pushback": 60}, "quota_runs": 1}
 QUICK = {"n": 200, "sizes": [50, 300], "singles": 10, "burst": 100, "runs": 1, "mem_runs": 1, "att_mb": [2],
-         "provider": {"slow": 3, "c1": 5, "fast": 20}, "latency": {"slow": 3, "c1": 5, "fast": 20}}
+         "provider": {"slow": 3, "c1": 5, "fast": 20}, "latency": {"slow": 3, "c1": 5, "fast": 20},
+         "quota": {"quota": 100, "pushback": 20}, "quota_runs": 1}
 
 # (key, label, unit, higher_is_better)
 METRICS = {
@@ -488,6 +527,8 @@ def short_summary(scenario, res):
         "provider": ["msgs_per_s", "delivered", "duplicates", "connections"],
         "latency": ["msgs_per_s", "delivered", "duplicates", "connections"],
         "routes": ["fast_alone_msgs_per_s", "fast_with_slow_msgs_per_s", "fast_ratio"],
+        "quota": ["max_1s", "mean_rate", "delivered", "duplicates", "rejects_421", "paused_lines",
+                  "quiet_after_421_median_s", "mails_in_pause", "drain_s"],
     }[scenario]
     parts = ["%s=%s" % (k, fmt(m.get(k))) for k in keys]
     bad = [c for c in res.get("checks", []) if not c["ok"]]
@@ -526,7 +567,8 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(
         description="Benchmark django-mailer 2.3.2 against this checkout (see bench/README.md)."
     )
-    ap.add_argument("--scenarios", default=",".join(SCENARIO_ORDER), help="comma list of: " + ",".join(SCENARIO_ORDER))
+    ap.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                    help="comma list of: %s (default: all but %s)" % (",".join(SCENARIO_ORDER), ",".join(sorted(OPT_IN))))
     ap.add_argument("--db", default="sqlite,postgres", help="comma list of sqlite,postgres")
     ap.add_argument("--runs", type=int, default=None, help="runs per scenario, medians reported (default 3)")
     ap.add_argument("--mem-runs", type=int, default=None, help="runs of the memory scenario (default 1)")
@@ -545,6 +587,7 @@ def parse_args(argv):
     conf = dict(QUICK if args.quick else FULL)
     if args.runs is not None:
         conf["runs"] = args.runs
+        conf["quota_runs"] = args.runs
     if args.mem_runs is not None:
         conf["mem_runs"] = args.mem_runs
     if args.messages is not None:
@@ -611,13 +654,22 @@ def main(argv=None):
         keys = LATENCY_QUICK if args.quick else [v[0] for v in LATENCY_VARIANTS]
         latency_variants = [v for v in LATENCY_VARIANTS
                             if v[0] in keys and v[2] in dbs and (not args.only or v[1] == args.only)]
+    quota_variants = []
+    if "quota" in scenarios and args.only in (None, "ours"):
+        quota_variants = [v for v in QUOTA_VARIANTS if v[1] in dbs]
+    # 2.3.2 only for the scenarios it runs in (not for ours-only ones alone).
+    if not any(sc not in OURS_ONLY and sc not in ("provider", "latency") for sc in scenarios):
+        main_sides = [s for s in main_sides if s == "ours"]
     sides = list(main_sides)
+    if quota_variants and "ours" not in sides:
+        sides.append("ours")
     for v in provider_variants + latency_variants:
         if v[1] not in sides:
             sides.append(v[1])
-    log("mailer benchmark: sides=%s scenarios=%s db=%s runs=%d (memory: %d) n=%d sizes=%s singles=%d burst=%d"
-        " provider=%s"
-        % (",".join(sides), ",".join(scenarios), ",".join(dbs), conf["runs"], conf["mem_runs"], conf["n"],
+    log("mailer benchmark: sides=%s scenarios=%s db=%s runs=%d (memory: %d, quota: %d) n=%d sizes=%s singles=%d"
+        " burst=%d provider=%s"
+        % (",".join(sides), ",".join(scenarios), ",".join(dbs), conf["runs"], conf["mem_runs"], conf["quota_runs"],
+           conf["n"],
            ",".join(map(str, conf["sizes"])), conf["singles"], conf["burst"],
            "/".join("%s %d" % kv for kv in conf["provider"].items())))
     if sys.version_info[:2] != (3, 11):
@@ -656,12 +708,14 @@ def main(argv=None):
     # --- plan ---
     plan = []
     for sc in SCENARIO_ORDER:
-        if sc not in scenarios or sc in ("provider", "latency"):
+        if sc not in scenarios or sc in ("provider", "latency", "quota"):
             continue
         for db in ["sqlite", "postgres"]:
             if db in dbs and db in SCENARIO_DBS[sc]:
                 plan.append((sc, db))
-    if not plan and not provider_variants and not latency_variants:
+    if "quota" in scenarios and not quota_variants:
+        log("quota: nothing to run (it measures ours only: 2.3.2 and post_office have no quotas)")
+    if not plan and not provider_variants and not latency_variants and not quota_variants:
         log("nothing to run: no scenario applies to the selected databases")
 
     runs = []  # list of dicts
@@ -689,6 +743,7 @@ def main(argv=None):
                 runs.append({"side": side, "scenario": sc, "db": db, "run": i + 1, "result": res})
     provider_runs = run_provider(provider_variants, side_state, conf, pg_ok)
     provider_runs += run_provider(latency_variants, side_state, conf, pg_ok, scenario="latency")
+    quota_runs = run_quota(quota_variants, side_state, conf, pg_ok)
 
     # --- aggregate ---
     summary, table_rows, failures, errors = aggregate(runs, plan, main_sides, conf)
@@ -743,6 +798,32 @@ def main(argv=None):
             ["configuration", "db", "msgs", "delivered", "dupl.", "conns", "msgs/s", "incl. start-up", "target",
              "status"], l_rows, right=(2, 3, 4, 5, 6, 7), group=False))
         log("'!' after a figure: a run lost or duplicated a message or left the queue non-empty (listed below).")
+    if quota_variants:
+        q_summary, q_rows, q_targets, q_failures, q_errors = aggregate_quota(quota_runs, quota_variants)
+        summary += q_summary
+        failures += q_failures
+        errors += q_errors
+        log("")
+        log("=" * 100)
+        log("QUOTA: route q limited to RATE %d/s, %d worker processes x %d connections (manage.py runmailer --route q"
+            % (QUOTA_RATE, QUOTA_PROCESSES, QUOTA_CONCURRENCY))
+        log("--concurrency %d) against the provider's sink (20 ms away, %.1f msgs/s a connection). Ours only:"
+            % (QUOTA_CONCURRENCY, PROVIDER_CONNECTION_LIMIT))
+        log("django-mailer 2.3.2 and django-post_office have no quotas. SQLite keeps MAILER_USE_FILE_LOCK = True")
+        log("(as the docs say it must): one process sends at a time there, the others find the lock taken;")
+        log("PostgreSQL (file lock off) is the main case. MariaDB: the bench has no MariaDB set-up.")
+        log("max in 1 s = most arrivals at the sink in any sliding second [t, t+1); mean = msgs / (last - first")
+        log("arrival); quiet after 421 = time from each 421 to the next MAIL FROM (min / median / max); begun in")
+        log("pause = MAIL FROMs %.1f-%.1f s after a 421 (the shortest pause is 1 s - 20 %% jitter: should be 0)."
+            % QUOTA_PAUSE_CHECK)
+        log("Worst run shown (most in 1 s, lowest mean, most duplicates / missing).")
+        log("=" * 100)
+        log(render_table(
+            ["run", "db", "msgs", "delivered", "dupl.", "missing", "max in 1 s", "mean msgs/s", "421s",
+             "'paused' lines (WARNING)", "quiet after 421 s", "begun in pause", "drain s"], q_rows,
+            right=tuple(range(2, 13)), group=False))
+        log("")
+        log(render_table(["target", "db", "figure", "status"], q_targets, right=(2,), group=False))
     if failures:
         log("")
         log("!" * 100)
@@ -777,7 +858,7 @@ def main(argv=None):
             "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         },
         "sides": {s: {k: v for k, v in st.items()} for s, st in side_state.items()},
-        "runs": runs + provider_runs,
+        "runs": runs + provider_runs + quota_runs,
         "summary": summary,
     }
     os.makedirs(RESULTS_DIR, exist_ok=True)
@@ -830,6 +911,116 @@ def run_provider(variants, side_state, conf, pg_ok, scenario="provider"):
             runs.append({"side": side, "scenario": scenario, "variant": key, "db": db, "run": i + 1,
                          "params": params, "result": res})
     return runs
+
+
+def quota_params(variant, conf):
+    key, _db, _label, extra = variant
+    kind = key.split("_", 1)[0]
+    params = dict(extra, n=conf["quota"][kind], rate="%d/s" % QUOTA_RATE, processes=QUOTA_PROCESSES,
+                  concurrency=QUOTA_CONCURRENCY, latency=PROVIDER_LATENCY, pause_check=QUOTA_PAUSE_CHECK)
+    # The drain at the quota, 3x, plus every pause the pushback run can take
+    # (1 s doubling, +20 % jitter, at most 300 s each) and start-up.
+    refused = params["n"] // (QUOTA_REJECT_EVERY - 1) + 1 if params.get("reject_every") else 0
+    pauses = sum(min(300.0, 2.0 ** k) * 1.2 for k in range(refused))
+    params["timeout"] = 120 + 3.0 * params["n"] / QUOTA_RATE + pauses
+    return params
+
+
+def run_quota(variants, side_state, conf, pg_ok):
+    """The quota scenario's runs (ours only), run after run."""
+    runs = []
+    st = side_state.get("ours")
+    for i in range(conf["quota_runs"] if variants else 0):
+        for variant in variants:
+            key, db = variant[0], variant[1]
+            params = quota_params(variant, conf)
+            if st is None or st["error"]:
+                err = st["error"] if st else "ours side not set up"
+                res = {"ok": False, "error": err, "metrics": {}, "checks": [], "info": {},
+                       "error_summary": "side not available: " + err.splitlines()[0], "skipped": True}
+            elif db == "postgres" and not pg_ok:
+                res = {"ok": False, "error": "PostgreSQL not reachable", "metrics": {}, "checks": [], "info": {},
+                       "skipped": True}
+            else:
+                t0 = time.time()
+                res = run_worker(st["python"], ["scenario", "quota", "--db", db, "--params", json.dumps(params)],
+                                 params["timeout"] + 300)
+                log("[ours] quota/%s %s run %d/%d: %s  (%.1f s)"
+                    % (db, key, i + 1, conf["quota_runs"], short_summary("quota", res), time.time() - t0))
+            runs.append({"side": "ours", "scenario": "quota", "variant": key, "db": db, "run": i + 1,
+                         "params": params, "result": res})
+    return runs
+
+
+def aggregate_quota(runs, variants):
+    """Rows of the quota table (the worst run of each variant), its targets,
+    the summary, failures and errors."""
+    failures, errors = [], []
+    by_key = {}
+    for r in runs:
+        by_key.setdefault(r["variant"], []).append(r)
+        res = r["result"]
+        if not res.get("ok"):
+            errors.append((r["side"], "quota:" + r["variant"], r["db"], r["run"], _err_text(res)))
+        for c in res.get("checks", []):
+            if not c["ok"]:
+                failures.append((r["side"], "quota:" + r["variant"], r["db"], r["run"], c["name"], c["detail"]))
+    worst_of = {"max_1s": max, "mean_rate": min, "duplicates": max, "lost": max, "delivered": min,
+                "rejects_421": max, "paused_lines": min, "quiet_after_421_min_s": min,
+                "quiet_after_421_median_s": statistics.median, "quiet_after_421_max_s": max, "drain_s": max,
+                "mails_in_pause": max, "paused_warnings": min,
+                "n": max}
+    summary, rows, targets = [], [], []
+    limit = QUOTA_RATE + QUOTA_BURST
+    floor = QUOTA_MEAN_FLOOR * QUOTA_RATE
+    for key, db, label, _ in variants:
+        rs = by_key.get(key, [])
+        bad = any(not c["ok"] for r in rs for c in r["result"].get("checks", []))
+        vals = {}
+        for m, pick in worst_of.items():
+            xs = [r["result"]["metrics"][m] for r in rs if r["result"].get("metrics", {}).get(m) is not None]
+            vals[m] = pick(xs) if xs else None
+        pushback = key.startswith("pushback")
+        mark = "!" if bad else ""
+        quiet = "-"
+        if vals["quiet_after_421_min_s"] is not None:
+            quiet = "%s / %s / %s" % tuple(fmt(vals[k]) for k in (
+                "quiet_after_421_min_s", "quiet_after_421_median_s", "quiet_after_421_max_s"))
+        rows.append([label, db, fmt(vals["n"], "msgs"), fmt(vals["delivered"], "msgs") + mark,
+                     fmt(vals["duplicates"], "msgs") + mark, fmt(vals["lost"], "msgs") + mark,
+                     fmt(vals["max_1s"], "msgs"), fmt(vals["mean_rate"]),
+                     fmt(vals["rejects_421"], "msgs") if pushback else "-",
+                     "%s (%s)" % (fmt(vals["paused_lines"], "msgs"), fmt(vals["paused_warnings"], "msgs")), quiet,
+                     fmt(vals["mails_in_pause"], "msgs") if pushback else "-", fmt(vals["drain_s"])])
+
+        once = None if vals["duplicates"] is None else (vals["duplicates"] == 0 and vals["lost"] == 0)
+        once_fig = "n/a" if once is None else "%s dupl., %s missing" % (fmt(vals["duplicates"], "msgs"),
+                                                                        fmt(vals["lost"], "msgs"))
+        checks = []  # (target, figure, met?, is a correctness target)
+        if not pushback:
+            v = vals["max_1s"]
+            checks.append(("no sliding 1 s holds more than %d + %d" % (QUOTA_RATE, QUOTA_BURST), fmt(v, "msgs"),
+                           None if v is None else v <= limit, False))
+            v = vals["mean_rate"]
+            checks.append(("mean over the run >= %.2f x %d/s (%.0f)" % (QUOTA_MEAN_FLOOR, QUOTA_RATE, floor),
+                           fmt(v), None if v is None else v >= floor, False))
+            checks.append(("every message arrives once", once_fig, once, True))
+        else:
+            v, given = vals["paused_lines"], vals["rejects_421"]
+            checks.append(("421 run: the route pauses ('paused' logged)",
+                           "n/a" if v is None else "%s lines (%s WARNING) for %s 421s" % (
+                               fmt(v, "msgs"), fmt(vals["paused_warnings"], "msgs"), fmt(given, "msgs")),
+                           None if v is None else (v > 0 and bool(given)), True))
+            checks.append(("421 run: every message arrives once", once_fig, once, True))
+        for text, figure, met, correctness in checks:
+            status = "n/a" if met is None else ("MET" if met else "MISSED")
+            if met and bad and not correctness:
+                status = "MISSED (correctness)"
+            targets.append([text, db, figure, status])
+            summary.append({"scenario": "quota", "variant": key, "side": "ours", "db": db, "label": label,
+                            "target": text, "figure": figure, "status": status, "worst_run": vals,
+                            "correctness_failed": bad})
+    return summary, rows, targets, failures, errors
 
 
 def _provider_targets(medians):

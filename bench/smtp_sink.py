@@ -4,7 +4,9 @@ Runs an aiosmtpd SMTP server and a tiny line-based control server, both on
 loopback, both on ports chosen by the OS, in one asyncio loop (no threads).
 
 For every message received (one DATA command) it records a tuple
-``(arrival time.time(), Subject, Message-ID)``.  Parsing is deliberately
+``(arrival time.time(), Subject, Message-ID, arrival time.monotonic())``
+(both clocks read at the end of DATA, when the message is accepted; the
+monotonic one is what the ``quota`` scenario's sliding windows use).  Parsing is deliberately
 minimal: only the header block is scanned with one regular expression.
 It also counts the SMTP connections it accepted.
 
@@ -26,6 +28,16 @@ A latency line instead (the ``latency`` scenario)::
                          2 x MS); the port printed is the relay's
     --pipelining         EHLO offers PIPELINING (RFC 2920)
 
+Pushback (the ``quota`` scenario's second run)::
+
+    --reject-every N     answer "421 4.7.0 Try again later, closing
+                         connection" to every Nth end of DATA (counting every
+                         end of DATA, refused ones too: N-1 accepted, then one
+                         refused) and close the connection; the refused
+                         message is not recorded as received
+    --reject-stage S     "data" (default) or "mail": refuse the Nth MAIL FROM
+                         instead (the message never reaches DATA)
+
 With ``--latency 10 --data-delay 50`` the network, not the server, decides
 what pipelining is worth: smtplib pays four round trips per message (130
 ms), a client that groups its commands and sends the end of one message
@@ -40,8 +52,14 @@ Control protocol (one command per line, one reply line each):
     COUNT                -> "<n>"                 messages received so far
     WAIT <n> <timeout>   -> "<count>"             replies once count >= n or
                                                   after <timeout> seconds
-    DUMP <path>          -> "<n>"                 writes "ts\\tsubject\\tmsgid"
+    DUMP <path>          -> "<n>"                 writes "ts\\tsubject\\tmsgid\\tmono"
                                                   lines to <path>
+    REJECTS <path>       -> "<n>"                 writes "mono\\tstage\\tmsgid" lines
+                                                  to <path>, one per 421 given
+                                                  (msgid empty at MAIL FROM)
+    MAILS <path>         -> "<n>"                 writes the time.monotonic() of
+                                                  every MAIL FROM accepted, one a
+                                                  line (transactions begun)
     STATS                -> "<messages> <connections> <max open> <first connect ts>"
                                                   connections accepted, the most
                                                   open at once, time.time() of the
@@ -64,18 +82,42 @@ from aiosmtpd.smtp import SMTP
 _HEADER_RE = re.compile(rb"^(subject|message-id):[ \t]*([^\r\n]*)", re.I | re.M)
 
 
+REJECT_REPLY = "421 4.7.0 Try again later, closing connection"
+
+
 class Recorder:
-    def __init__(self, data_delay=0.0):
+    def __init__(self, data_delay=0.0, reject_every=0, reject_stage="data"):
         self.data_delay = data_delay
+        self.reject_every = reject_every
+        self.reject_stage = reject_stage
         self.reset()
         self.waiters = []  # list of (threshold, future)
 
     def reset(self):
         self.records = []
+        self.rejects = []  # (monotonic, stage, msgid) per 421 given
+        self.mails = []  # time.monotonic() of every MAIL FROM accepted
+        self.counted = 0  # ends of DATA (or MAIL FROMs) seen, for --reject-every
         self.connections = 0
         self.open = 0
         self.max_open = 0
         self.first_connect = 0.0
+
+    def _refuse(self, stage):
+        """Whether this end of DATA / MAIL FROM is the Nth one, to refuse."""
+        if not self.reject_every or stage != self.reject_stage:
+            return False
+        self.counted += 1
+        return self.counted % self.reject_every == 0
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self._refuse("mail"):
+            self.rejects.append((time.monotonic(), "mail", b""))
+            return REJECT_REPLY
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        self.mails.append(time.monotonic())
+        return "250 OK"
 
     def connected(self):
         self.connections += 1
@@ -90,7 +132,7 @@ class Recorder:
     async def handle_DATA(self, server, session, envelope):
         if self.data_delay:
             await asyncio.sleep(self.data_delay)
-        now = time.time()
+        now, mono = time.time(), time.monotonic()
         content = envelope.original_content or envelope.content or b""
         end = content.find(b"\r\n\r\n")
         if end < 0:
@@ -104,7 +146,10 @@ class Recorder:
                     subject = value
             elif not msgid:
                 msgid = value
-        self.records.append((now, subject, msgid))
+        if self._refuse("data"):
+            self.rejects.append((mono, "data", msgid))
+            return REJECT_REPLY
+        self.records.append((now, subject, msgid, mono))
         if self.waiters:
             self._wake()
         return "250 OK"
@@ -134,16 +179,30 @@ class Recorder:
     def dump(self, path):
         recs = self.records
         with open(path, "w", encoding="utf-8", errors="replace") as fh:
-            for ts, subject, msgid in recs:
+            for ts, subject, msgid, mono in recs:
                 fh.write(
-                    "%.6f\t%s\t%s\n"
+                    "%.6f\t%s\t%s\t%.6f\n"
                     % (
                         ts,
                         subject.decode("utf-8", "replace").replace("\t", " "),
                         msgid.decode("utf-8", "replace").replace("\t", " "),
+                        mono,
                     )
                 )
         return len(recs)
+
+    def dump_rejects(self, path):
+        rejects = self.rejects
+        with open(path, "w", encoding="utf-8", errors="replace") as fh:
+            for mono, stage, msgid in rejects:
+                fh.write("%.6f\t%s\t%s\n" % (mono, stage, msgid.decode("utf-8", "replace").replace("\t", " ")))
+        return len(rejects)
+
+    def dump_mails(self, path):
+        mails = self.mails
+        with open(path, "w") as fh:
+            fh.writelines("%.6f\n" % t for t in mails)
+        return len(mails)
 
 
 class PipeliningRecorder(Recorder):
@@ -236,10 +295,15 @@ class DistantSMTP(SMTP):
         if delay:
             await asyncio.sleep(delay)
         await super().push(status)
+        if status == REJECT_REPLY:
+            # As a provider pushing back does: the reply, then hang up.
+            self.transport.close()
 
 
 async def main(opts):
-    recorder = (PipeliningRecorder if opts.pipelining else Recorder)(data_delay=opts.data_delay / 1000.0)
+    recorder = (PipeliningRecorder if opts.pipelining else Recorder)(
+        data_delay=opts.data_delay / 1000.0, reject_every=opts.reject_every, reject_stage=opts.reject_stage
+    )
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
 
@@ -274,6 +338,10 @@ async def main(opts):
                     reply = str(await recorder.wait_for(int(n), float(timeout)))
                 elif cmd == "DUMP":
                     reply = str(recorder.dump(arg))
+                elif cmd == "REJECTS":
+                    reply = str(recorder.dump_rejects(arg))
+                elif cmd == "MAILS":
+                    reply = str(recorder.dump_mails(arg))
                 elif cmd == "STATS":
                     reply = "%d %d %d %.6f" % (
                         len(recorder.records),
@@ -320,6 +388,10 @@ def parse_args(argv=None):
     ap.add_argument("--latency", type=float, default=0.0, metavar="MS",
                     help="a relay in front holds every byte MS ms in each direction")
     ap.add_argument("--pipelining", action="store_true", help="EHLO offers PIPELINING")
+    ap.add_argument("--reject-every", type=int, default=0, metavar="N",
+                    help="answer 421 and hang up at every Nth end of DATA (or MAIL FROM)")
+    ap.add_argument("--reject-stage", choices=["data", "mail"], default="data",
+                    help="where --reject-every refuses (default: end of DATA)")
     return ap.parse_args(argv)
 
 

@@ -257,14 +257,34 @@ class Sink:
             "first_connect": float(first),
         }
 
-    def records(self):
-        """List of (arrival time.time(), subject, message_id)."""
+    def records(self, monotonic=False):
+        """List of (arrival time.time(), subject, message_id); with
+        ``monotonic``, (arrival time.monotonic(), subject, message_id)."""
         self.cmd("DUMP " + self.dump_path)
         out = []
         with open(self.dump_path, encoding="utf-8") as fh:
             for line in fh:
-                ts, subject, msgid = line.rstrip("\n").split("\t")
-                out.append((float(ts), subject, msgid))
+                ts, subject, msgid, mono = line.rstrip("\n").split("\t")
+                out.append((float(mono if monotonic else ts), subject, msgid))
+        os.remove(self.dump_path)
+        return out
+
+    def mails(self):
+        """time.monotonic() of every MAIL FROM the sink accepted."""
+        self.cmd("MAILS " + self.dump_path)
+        with open(self.dump_path) as fh:
+            out = [float(line) for line in fh if line.strip()]
+        os.remove(self.dump_path)
+        return out
+
+    def rejects(self):
+        """List of (time.monotonic(), stage, message_id), one per 421 given."""
+        self.cmd("REJECTS " + self.dump_path)
+        out = []
+        with open(self.dump_path, encoding="utf-8") as fh:
+            for line in fh:
+                mono, stage, msgid = line.rstrip("\n").split("\t")
+                out.append((float(mono), stage, msgid))
         os.remove(self.dump_path)
         return out
 
@@ -419,6 +439,14 @@ def wait_child(proc, timeout):
     except (OSError, ValueError):
         # Linux reports ru_maxrss in KiB (an upper bound: see RSS_WRAPPER)
         return proc.returncode, ru.ru_maxrss / 1024.0, tail
+
+
+def has_exited(proc):
+    """Whether the child exited, without reaping it (wait_child still can)."""
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def run_manage(args, env_extra, tmpdir, label, timeout):
@@ -1391,6 +1419,168 @@ def sc_routes(env, p, res):
         res["metrics"]["fast_ratio"] = together / alone
 
 
+def _rate_per_s(rate):
+    """"20/s" -> 20.0 (also /m, /h, /d); the first of a list of rates."""
+    if isinstance(rate, (list, tuple)):
+        return min(_rate_per_s(r) for r in rate)
+    count, unit = str(rate).split("/")
+    return float(count) / {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit.strip()[0]]
+
+
+def sc_quota(env, p, res):
+    """A route limited to ``rate`` drained by ``processes`` x ``runmailer
+    --route q --concurrency C`` against the provider scenario's sink; the
+    workers share the route's quota through the database.
+
+    The sink stamps every accepted message with time.monotonic() at the end
+    of DATA (one clock for every process on Linux); bench/quotastats.py
+    turns the stamps into the most messages in any sliding second and the
+    mean rate (messages / (last - first arrival)).
+
+    params: n, rate ("20/s"), processes, concurrency, latency (as provider),
+      reject_every (> 0: the sink answers 421 and hangs up at every Nth end
+      of DATA, or of MAIL FROM with reject_stage "mail"), file_lock (SQLite:
+      keep MAILER_USE_FILE_LOCK on), settle (s to wait for late duplicates
+      after the last message arrived), pause_check [lo, hi]: count the MAIL
+      FROMs lo..hi s after a 421 (the route should be paused then).
+
+    The workers run until every message arrived (or a time limit), then get
+    SIGTERM and must exit 0.
+    """
+    import quotastats
+    from django.apps import apps
+    from django.conf import settings
+    from django.core.mail import get_connection
+
+    n = int(p["n"])
+    rate = p["rate"]
+    per_s = _rate_per_s(rate)
+    processes, concurrency = int(p["processes"]), int(p["concurrency"])
+    lat = p["latency"]
+    reject_every = int(p.get("reject_every") or 0)
+    tag = "quota"
+    sink_args = [
+        "--connect-delay", str(lat.get("connect", 0)),
+        "--reply-delay", str(lat.get("reply", 0)),
+        "--data-delay", str(lat["data_end"]),
+    ]
+    if reject_every:
+        sink_args += ["--reject-every", str(reject_every), "--reject-stage", p.get("reject_stage", "data")]
+    env.fresh_db()
+    sink = Sink(sink_args)
+    procs = []
+    try:
+        os.environ["BENCH_ROUTES"] = json.dumps({"q": sink.port})  # the workers' settings
+        os.environ["BENCH_ROUTE_RATES"] = json.dumps({"q": rate})
+        settings.MAILER_ROUTES = {  # this process's (read at use time)
+            "q": {
+                "BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+                "OPTIONS": {"host": "127.0.0.1", "port": sink.port, "timeout": 60},
+                "RATE": rate,
+            }
+        }
+        backend = get_connection("mailer.backend.DbBackend", using="q")
+        for start in range(0, n, 500):
+            backend.send_messages(make_emails(tag, start, min(500, n - start), SMALL_BODY))
+        queued = queue_count()
+        res["checks"].append(simple_check("queue filled", queued == n, "%d rows, want %d" % (queued, n)))
+        extra = {"BENCH_USE_FILE_LOCK": "1" if p.get("file_lock") else "0"}
+        args = ["runmailer", "--route", "q", "--concurrency", str(concurrency)]
+        t0 = time.perf_counter()
+        procs = [start_manage(args, extra, env.tmpdir, "runmailer_%d" % j) for j in range(processes)]
+        # At the quota the drain takes n / rate; pauses add to it.
+        deadline = time.monotonic() + float(p.get("timeout") or 120 + 3 * n / per_s)
+        got = 0
+        while time.monotonic() < deadline:
+            got = sink.wait(n, min(2.0, max(0.1, deadline - time.monotonic())))
+            if got >= n or all(has_exited(pr) for pr in procs):
+                break
+        drained = time.perf_counter() - t0
+        time.sleep(float(p.get("settle", 2.0)))  # a late second copy would show up here
+        left = queue_count()
+        for pr in procs:
+            if not has_exited(pr):
+                os.kill(pr.pid, signal.SIGTERM)
+        outcomes = [wait_child(pr, 60) for pr in procs]
+        wall = time.perf_counter() - t0
+        bad = [(j, rc, tail[-500:]) for j, (rc, _, tail) in enumerate(outcomes) if rc != 0]
+        res["checks"].append(simple_check("every worker exits 0 on SIGTERM", not bad, repr(bad)[:2000]))
+
+        records = sink.records(monotonic=True)
+        rejects = sink.rejects()
+        mails = sink.mails()
+        stats = sink.stats()
+        times = sorted(r[0] for r in records)
+        counts = quotastats.arrival_counts([r[2] for r in records], [msgid(tag, i) for i in range(n)])
+        res["checks"].append(simple_check(
+            "every message arrived exactly once", counts["duplicates"] == 0 and counts["missing"] == 0
+            and counts["unexpected"] == 0,
+            "received %d, duplicates %d %s, missing %d %s, unexpected %d" % (
+                counts["received"], counts["duplicates"], counts["duplicated_ids"][:5], counts["missing"],
+                counts["missing_ids"][:5], counts["unexpected"])))
+        res["checks"].append(simple_check("queue empty afterwards", left == 0, "%d rows left" % left))
+        logs = []
+        for pr in procs:
+            with open(pr.bench_log, encoding="utf-8", errors="replace") as fh:
+                logs.append(fh.read().splitlines())
+        paused = [quotastats.count_paused(lines) for lines in logs]
+        pause_lines = [ln for lines in logs for ln in lines if "paused" in ln.lower()]
+        log_model = apps.get_model("mailer", "MessageLog")
+        failure_logs = log_model.objects.filter(result="3").count()
+        success_logs = log_model.objects.filter(result="1").count()
+        if reject_every:
+            res["checks"].append(simple_check("the sink answered 421", rejects, "%d 421s" % len(rejects)))
+            res["checks"].append(simple_check(
+                "the route paused (a 'paused' line in the workers' logs)", sum(paused),
+                "%d lines, per worker %s" % (sum(paused), paused)))
+            res["checks"].append(simple_check(
+                "no 421 counted as a failed attempt (no failure in the log)", failure_logs == 0,
+                "%d failure rows" % failure_logs))
+        m = res["metrics"]
+        m["n"] = n
+        m["delivered"] = n - counts["missing"]
+        m["duplicates"] = counts["duplicates"]
+        m["lost"] = counts["missing"]
+        m["max_1s"] = quotastats.max_in_window(times, 1.0) if times else None
+        start, _ = quotastats.busiest_window(times, 1.0)
+        m["busiest_second_at_s"] = (start - times[0]) if times else None
+        m["mean_rate"] = quotastats.mean_rate(times)
+        m["span_s"] = (times[-1] - times[0]) if times else None
+        m["rejects_421"] = len(rejects)
+        m["paused_lines"] = sum(paused)
+        m["paused_lines_per_worker"] = paused
+        m["paused_warnings"] = sum(quotastats.count_paused(lines, "WARNING") for lines in logs)
+        all_gaps = quotastats.gaps_after([r[0] for r in rejects], mails)
+        gaps = [g for g in all_gaps if g is not None]
+        if rejects:
+            lo, hi = p.get("pause_check", (0.2, 0.8))
+            m["mails_in_pause"] = quotastats.starts_after([r[0] for r in rejects], mails, lo, hi)
+        if gaps:
+            m["quiet_after_421_min_s"] = min(gaps)
+            m["quiet_after_421_median_s"] = statistics.median(gaps)
+            m["quiet_after_421_max_s"] = max(gaps)
+        m["failure_logs"] = failure_logs
+        m["success_logs"] = success_logs
+        m["connections"] = stats["connections"]
+        m["max_open_connections"] = stats["max_open"]
+        m["drain_s"] = drained
+        m["wall_s"] = wall
+        m["sender_cpu_s"] = sum(pr.bench_cpu_s for pr in procs)
+        # Raw figures, to recompute or plot: arrival and 421 times from the first arrival.
+        t_first = times[0] if times else 0.0
+        res["raw"] = {
+            "arrivals_s": [round(t - t_first, 6) for t in times],
+            "rejects": [(round(t - t_first, 6), stage, mid) for t, stage, mid in rejects],
+            "quiet_after_421_s": [None if g is None else round(g, 3) for g in all_gaps],
+            "mail_from_s": [round(t - t_first, 6) for t in mails],
+            "pause_lines": pause_lines[:50],
+        }
+    finally:
+        os.environ.pop("BENCH_ROUTES", None)
+        os.environ.pop("BENCH_ROUTE_RATES", None)
+        sink.close()
+
+
 SCENARIOS = {
     "enqueue": sc_enqueue,
     "drain": sc_drain,
@@ -1402,6 +1592,7 @@ SCENARIOS = {
     "provider": sc_provider,
     "latency": sc_provider,  # the same drain, behind a latency line (run.py)
     "routes": sc_routes,
+    "quota": sc_quota,
 }
 
 

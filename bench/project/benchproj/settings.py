@@ -26,6 +26,8 @@ BENCH_PO_BATCH            post_office: BATCH_SIZE (default 100, its default)
 BENCH_SMTP_PIPELINING     "0": MAILER_SMTP_PIPELINING = False (latency scenario)
 BENCH_ROUTES              JSON {route: SMTP sink port}: MAILER_ROUTES, each
                           route Django's SMTP backend to its sink (routes)
+BENCH_ROUTE_RATES         JSON {route: RATE}: that route's "RATE" in
+                          MAILER_ROUTES, e.g. "20/s" (quota)
 """
 
 import os
@@ -121,6 +123,8 @@ if os.environ.get("BENCH_ROUTES"):
         }
         for name, port in _json.loads(os.environ["BENCH_ROUTES"]).items()
     }
+    for _name, _rate in _json.loads(os.environ.get("BENCH_ROUTE_RATES") or "{}").items():
+        MAILER_ROUTES[_name]["RATE"] = _rate
 
 # bench/tasks.py: Django's tasks framework with django-tasks-db's database
 # backend ("mail"); BENCH_TASK_BACKEND -> MAILER_TASK_BACKEND (the db_worker
