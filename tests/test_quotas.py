@@ -298,7 +298,9 @@ def test_http_429_and_retry_after():
     push = pushback.classify(AnymailAPIError("slow", status_code=429, response=response))
     assert push is not None and push.retry_after == 7.0
     assert pushback.retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
-    assert pushback.retry_after("soon") is None
+    assert pushback.retry_after("soon") is None and pushback.retry_after(None) is None
+    # A reply text as str (some backends) reads as bytes does.
+    assert pushback.classify(smtplib.SMTPDataError(451, "4.7.1 rate limited")) is not None
 
 
 def test_pauses_grow_and_are_capped():
@@ -442,3 +444,45 @@ def test_admin_overview_names_a_paused_route(settings, two_providers, admin_clie
     RouteQuota.objects.update(paused_until=0)
     page = admin_client.get(reverse("admin:mailer_message_changelist")).content.decode()
     assert "mailer-held" not in page
+
+
+# --- the gate and what operators see, directly -------------------------------------
+
+
+def test_a_bad_or_missing_rate_limits_nothing(settings):
+    settings.MAILER_ROUTES = {"x": {"RATE": "fast"}, "y": "not a dict"}
+    assert quotas.route_limits("x") == [] and quotas.route_limits("y") == []
+    settings.MAILER_ROUTES = ["x"]
+    assert quotas.rated_routes() == [] and quotas.route_limits("x") == []
+
+
+def test_a_per_second_route_booked_far_ahead_is_held(settings, caplog):
+    """Slots taken more than HORIZON ahead (many workers): the lane doesn't
+    wait in the pass; status and mailer_status say the quota is used up."""
+    from mailer.quotastatus import quota_line, quota_state
+
+    rate(settings, "2/s", "q")
+    quotas.ensure_row("default", "q")
+    ahead = quotas.now_us() + 10 * quotas.US
+    RouteQuota.objects.filter(route="q").update(slot_at=ahead)
+    gate = quotas.Gate("q", "default", quotas.route_limits("q"))
+    with caplog.at_level(logging.INFO, logger="mailer.engine"):
+        assert gate.take(time.sleep) is None
+    assert 7 < gate.held_for < 8.1
+    assert "2/s: slots taken 2s ahead" in caplog.text
+    state = quota_state("q", RouteQuota.objects.get(route="q"))
+    assert state["limits"][0]["used"] == 2 and state["waiting_for"] == "rate limit"
+    assert "its quota is used up" in quota_line("q", state)
+    assert quota_state("q", None)["limits"][0]["used"] == 0
+
+
+def test_a_pause_is_set_once_and_for_the_messages_own_route(caplog):
+    push = pushback.Pushback("421 4.7.0 slow down")
+    gate = quotas.Gate("a", "default", [])
+    with caplog.at_level(logging.WARNING, logger="mailer.engine"):
+        first = gate.pause(push, "b")  # a message of route b through a's lane
+        again = quotas.Gate("b", "default", []).pause(push)
+    assert first > 0 and 0 < again <= first
+    assert caplog.text.count("Route b paused for") == 1
+    assert RouteQuota.objects.get(route="b").pauses == 1
+    assert not RouteQuota.objects.filter(route="a", paused_until__gt=0).exists()
