@@ -23,6 +23,7 @@ from mailer.models import PRIORITY_DEFERRED, Message, MessageLog
 from mailer.pool import PassResult
 from mailer.routequota import RouteQuota
 from mailer.worker import Worker
+from tests import settings as test_settings
 from tests.conftest import Manage
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -486,3 +487,28 @@ def test_a_pause_is_set_once_and_for_the_messages_own_route(caplog):
     assert caplog.text.count("Route b paused for") == 1
     assert RouteQuota.objects.get(route="b").pauses == 1
     assert not RouteQuota.objects.filter(route="a", paused_until__gt=0).exists()
+
+
+def test_a_stopping_worker_gives_its_slot_back(settings):
+    """Woken early (SIGTERM) while waiting for a slot: no message goes, the
+    slot is given back; a paused route without limits is held at once."""
+    rate(settings, "2/s", "q")
+    quotas.ensure_row("default", "q")
+    RouteQuota.objects.filter(route="q").update(slot_at=quotas.now_us() + quotas.US)
+    gate = quotas.Gate("q", "default", quotas.route_limits("q"))
+    assert gate.take(lambda seconds: None, stopping=lambda: True) is None
+    assert RouteQuota.objects.get(route="q").slot_at <= quotas.now_us() + quotas.US
+    paused = quotas.Gate("z", "default", [], paused_until=quotas.now_us() + quotas.US)
+    assert paused.take(time.sleep) is None and paused.held_for is not None
+
+
+@pytest.mark.skipif(test_settings.DB != "sqlite", reason="SQLite's RETURNING")
+def test_sqlite_before_returning_reads_its_slot_back(settings, smtp_settings, smtp_server,
+                                                     monkeypatch):
+    import sqlite3
+
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))  # Ubuntu 20.04's
+    rate(settings, "20/s")
+    queue(3)
+    assert send_all().sent == 3
+    assert most_in_a_second(smtp_server.attempt_times) <= 21
